@@ -1,0 +1,10 @@
+/* Subcommands of the `quillan` front door. Each takes the arguments after its own name
+ * (argv[0] is the subcommand name) and returns the process exit status: 0 on success, 1 for a
+ * runtime failure (bad input, I/O), 2 for a usage error. Every one answers --help. */
+#ifndef QUILLAN_CLI_H
+#define QUILLAN_CLI_H
+
+int cli_config_main(int argc, char **argv);   /* quillan config check FILE [--set a.b=c]... */
+int cli_tokenize_main(int argc, char **argv); /* quillan tokenize [--tokenizer ...] TEXT */
+
+#endif

@@ -1,0 +1,46 @@
+/* quillan: the one front door. Dispatches to subcommands; each lives in its own module. */
+#include "cli.h"
+
+#include <stdio.h>
+#include <string.h>
+
+typedef struct {
+    const char *name;
+    int (*main)(int argc, char **argv);
+    const char *summary;
+} command_t;
+
+static const command_t commands[] = {
+    {"config", cli_config_main, "check a config file and print the resolved config"},
+    {"tokenize", cli_tokenize_main, "encode text to token ids (and decode ids back to text)"},
+};
+
+static void usage(FILE *out) {
+    fprintf(out, "usage: quillan [--help] [--version] COMMAND [ARGS...]\n\n"
+                 "Quillan post-trains a language-model policy with GRPO/DAPO, with rollouts on "
+                 "CPUs.\n\ncommands:\n");
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        fprintf(out, "  %-10s %s\n", commands[i].name, commands[i].summary);
+    fprintf(out, "\nRun 'quillan COMMAND --help' for the options of a command.\n");
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
+        usage(stdout);
+        return 0;
+    }
+    if (strcmp(argv[1], "--version") == 0) {
+        printf("quillan %s\n", QUILLAN_VERSION);
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        if (strcmp(argv[1], commands[i].name) == 0)
+            return commands[i].main(argc - 1, argv + 1);
+    fprintf(stderr, "quillan: unknown command '%s'\n\n", argv[1]);
+    usage(stderr);
+    return 2;
+}
