@@ -1,0 +1,55 @@
+/* Dense matrix products for the CPU reference model.
+ *
+ * One entry point, gemm(), in row-major BLAS semantics over `real` (real.h): CBLAS sgemm for
+ * float and dgemm for double when the core is built with QUILLAN_HAVE_BLAS, otherwise a plain C
+ * fallback (packed, cache-blocked, OpenMP-parallel over output tiles). The fallback is always
+ * compiled as gemm_fallback() so tests can compare it with BLAS, and gemm_naive() is the
+ * triple-loop oracle.
+ *
+ * Threads: BLAS threads and our own OpenMP threads must not fight (on 2 cores an oversubscribed
+ * run was 2x slower). Rules: (1) inside one of our parallel regions gemm() runs on the calling
+ * thread only: the fallback never nests, and the Debian openblas-openmp flavour runs serially
+ * when omp_in_parallel(); (2) outside them, gemm_threads_set() bounds BLAS's own threads; the
+ * process entry point calls it once (1 to pin BLAS, or the core count). */
+#ifndef QUILLAN_GEMM_H
+#define QUILLAN_GEMM_H
+
+#include "real.h"
+
+typedef enum {
+    GEMM_N = 0, /* use the matrix as stored */
+    GEMM_T = 1, /* use its transpose */
+    GEMM_TRANS_COUNT
+} gemm_trans_t;
+
+/* C = alpha * op(A) * op(B) + beta * C, all row-major.
+ * op(A) is M x K: A is [M, lda>=K] (GEMM_N) or [K, lda>=M] (GEMM_T).
+ * op(B) is K x N: B is [K, ldb>=N] (GEMM_N) or [N, ldb>=K] (GEMM_T).
+ * C is [M, ldc>=N]. beta == 0 overwrites C (NaNs already in C are ignored, as in BLAS).
+ * M, N or K == 0 is allowed (K == 0 scales C by beta). C must not alias A or B.
+ * The linear layer y = x W^T with W stored [out, in] is gemm(GEMM_N, GEMM_T, ...). */
+void gemm(gemm_trans_t ta, gemm_trans_t tb, int M, int N, int K, real alpha, const real *A, int lda,
+          const real *B, int ldb, real beta, real *C, int ldc);
+
+/* Same contract, always the plain C code. Each element of C is summed over k in increasing
+ * order, independent of the thread count, so it is deterministic run to run. */
+void gemm_fallback(gemm_trans_t ta, gemm_trans_t tb, int M, int N, int K, real alpha, const real *A,
+                   int lda, const real *B, int ldb, real beta, real *C, int ldc);
+
+/* Same contract, a naive triple loop accumulating in double: the test oracle. */
+void gemm_naive(gemm_trans_t ta, gemm_trans_t tb, int M, int N, int K, real alpha, const real *A,
+                int lda, const real *B, int ldb, real beta, real *C, int ldc);
+
+/* 1 when gemm() goes through CBLAS, 0 when it uses the fallback. */
+int gemm_has_blas(void);
+
+/* Sets the number of threads BLAS may use for calls made outside our parallel regions and
+ * returns the previous value (n >= 1). Without BLAS it only records n (the fallback follows
+ * OpenMP's own setting) and returns the previous record. Not thread-safe: call it from the
+ * main thread between parallel phases. */
+int gemm_threads_set(int n);
+
+/* The current BLAS thread count (or the recorded value without BLAS). */
+int gemm_threads_get(void);
+
+#endif
