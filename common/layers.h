@@ -17,9 +17,16 @@
 
 #define RMSNORM_EPS 1e-6 /* MODEL.md: RMSNorm(x) = g * x / sqrt(mean(x^2) + 1e-6) */
 
-/* Head chunking: logits exist only as [HEAD_ROWS, HEAD_VCHUNK] tiles, never [BT, V]. */
+/* Head chunking: logits exist only as [HEAD_ROWS, HEAD_VCHUNK] tiles, never [BT, V]. The
+ * double (gradient-check) build uses tiny chunks so finite differences on a small vocabulary
+ * cross chunk boundaries. */
+#if REAL_IS_DOUBLE
+#define HEAD_VCHUNK 8
+#define HEAD_ROWS 4
+#else
 #define HEAD_VCHUNK 1024 /* vocabulary entries per chunk */
 #define HEAD_ROWS 128    /* token rows per chunk */
+#endif
 
 /* ---- Embedding ---- */
 

@@ -1,0 +1,204 @@
+#include "gemm.h"
+
+#include <stddef.h>
+#include <string.h>
+
+#include "error.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#define OMP_PRAGMA(x) _Pragma(#x)
+#else
+#define OMP_PRAGMA(x)
+#endif
+
+#ifdef QUILLAN_HAVE_BLAS
+#include <cblas.h>
+#endif
+
+/* Fallback blocking: a tile of C is MC x NC, summed over K in slices of KC. The packed blocks
+ * (A MC x KC, B KC x NC) and the tile accumulator live on the thread's stack: 96 KiB in float,
+ * 192 KiB in double. */
+enum { MC = 32, NC = 128, KC = 128 };
+/* Below this many multiply-adds the fallback runs on one thread: a fork costs more. */
+#define GEMM_PARALLEL_MIN_WORK (1 << 18)
+
+static int g_threads_recorded; /* the value gemm_threads_set recorded; 0 = never set */
+
+/* op(X)[r][c] of a row-major X with leading dimension ld. */
+static inline real at(const real *X, int ld, gemm_trans_t t, int r, int c) {
+    return t == GEMM_N ? X[(size_t)r * ld + c] : X[(size_t)c * ld + r];
+}
+
+static void scale_c(int M, int N, real beta, real *C, int ldc) {
+    for (int i = 0; i < M; i++) {
+        real *row = C + (size_t)i * ldc;
+        if (beta == 0)
+            memset(row, 0, sizeof(real) * (size_t)N);
+        else if (beta != 1)
+            for (int j = 0; j < N; j++)
+                row[j] *= beta;
+    }
+}
+
+static void check_args(gemm_trans_t ta, gemm_trans_t tb, int M, int N, int K, int lda, int ldb,
+                       int ldc) {
+    Q_ASSERT(M >= 0 && N >= 0 && K >= 0);
+    Q_ASSERT(ta < GEMM_TRANS_COUNT && tb < GEMM_TRANS_COUNT);
+    Q_ASSERT(lda >= (ta == GEMM_N ? K : M) && ldb >= (tb == GEMM_N ? N : K) && ldc >= N);
+}
+
+void gemm_naive(gemm_trans_t ta, gemm_trans_t tb, int M, int N, int K, real alpha, const real *A,
+                int lda, const real *B, int ldb, real beta, real *C, int ldc) {
+    check_args(ta, tb, M, N, K, lda, ldb, ldc);
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            double s = 0;
+            for (int p = 0; p < K; p++)
+                s += (double)at(A, lda, ta, i, p) * (double)at(B, ldb, tb, p, j);
+            real *c = C + (size_t)i * ldc + j;
+            *c = (real)((double)alpha * s + (beta == 0 ? 0.0 : (double)beta * (double)*c));
+        }
+}
+
+/* Ct[mc][NC] += Ap[mc][KC] * Bp[kc][NC] over the first kc columns of Ap, nc columns of Bp.
+ * Four rows at a time so each loaded B row feeds four accumulator rows; the inner j loop is
+ * a contiguous axpy that compilers vectorise without reassociating any sum. */
+static void micro(real *Ct, const real *Ap, const real *Bp, int mc, int nc, int kc) {
+    int i = 0;
+    for (; i + 4 <= mc; i += 4) {
+        real *c0 = Ct + (size_t)i * NC, *c1 = c0 + NC, *c2 = c1 + NC, *c3 = c2 + NC;
+        const real *a = Ap + (size_t)i * KC;
+        for (int p = 0; p < kc; p++) {
+            const real a0 = a[p], a1 = a[KC + p], a2 = a[2 * KC + p], a3 = a[3 * KC + p];
+            const real *b = Bp + (size_t)p * NC;
+            for (int j = 0; j < nc; j++) {
+                c0[j] += a0 * b[j];
+                c1[j] += a1 * b[j];
+                c2[j] += a2 * b[j];
+                c3[j] += a3 * b[j];
+            }
+        }
+    }
+    for (; i < mc; i++) {
+        real *c0 = Ct + (size_t)i * NC;
+        const real *a = Ap + (size_t)i * KC;
+        for (int p = 0; p < kc; p++) {
+            const real a0 = a[p];
+            const real *b = Bp + (size_t)p * NC;
+            for (int j = 0; j < nc; j++)
+                c0[j] += a0 * b[j];
+        }
+    }
+}
+
+/* One MC x NC tile of C at (i0, j0), summed over all of K in increasing order. */
+static void tile(gemm_trans_t ta, gemm_trans_t tb, int M, int N, int K, real alpha, const real *A,
+                 int lda, const real *B, int ldb, real beta, real *C, int ldc, int i0, int j0) {
+    _Alignas(64) real Ap[MC * KC];
+    _Alignas(64) real Bp[KC * NC];
+    _Alignas(64) real Ct[MC * NC];
+    const int mc = M - i0 < MC ? M - i0 : MC;
+    const int nc = N - j0 < NC ? N - j0 : NC;
+    for (int i = 0; i < mc; i++)
+        memset(Ct + (size_t)i * NC, 0, sizeof(real) * (size_t)nc);
+    for (int k0 = 0; k0 < K; k0 += KC) {
+        const int kc = K - k0 < KC ? K - k0 : KC;
+        for (int i = 0; i < mc; i++)
+            for (int p = 0; p < kc; p++)
+                Ap[(size_t)i * KC + p] = at(A, lda, ta, i0 + i, k0 + p);
+        if (tb == GEMM_N) {
+            for (int p = 0; p < kc; p++)
+                memcpy(Bp + (size_t)p * NC, B + (size_t)(k0 + p) * ldb + j0,
+                       sizeof(real) * (size_t)nc);
+        } else {
+            for (int j = 0; j < nc; j++) {
+                const real *src = B + (size_t)(j0 + j) * ldb + k0;
+                for (int p = 0; p < kc; p++)
+                    Bp[(size_t)p * NC + j] = src[p];
+            }
+        }
+        micro(Ct, Ap, Bp, mc, nc, kc);
+    }
+    for (int i = 0; i < mc; i++) {
+        real *c = C + (size_t)(i0 + i) * ldc + j0;
+        const real *t = Ct + (size_t)i * NC;
+        if (beta == 0)
+            for (int j = 0; j < nc; j++)
+                c[j] = alpha * t[j];
+        else
+            for (int j = 0; j < nc; j++)
+                c[j] = alpha * t[j] + beta * c[j];
+    }
+}
+
+void gemm_fallback(gemm_trans_t ta, gemm_trans_t tb, int M, int N, int K, real alpha, const real *A,
+                   int lda, const real *B, int ldb, real beta, real *C, int ldc) {
+    check_args(ta, tb, M, N, K, lda, ldb, ldc);
+    if (M == 0 || N == 0)
+        return;
+    if (K == 0) {
+        scale_c(M, N, beta, C, ldc);
+        return;
+    }
+    const int mt = (M + MC - 1) / MC, nt = (N + NC - 1) / NC;
+    const int ntiles = mt * nt;
+    int parallel = (double)M * N * K >= GEMM_PARALLEL_MIN_WORK && ntiles > 1;
+#ifdef _OPENMP
+    parallel = parallel && !omp_in_parallel();
+#endif
+    (void)parallel;
+    OMP_PRAGMA(omp parallel for schedule(static) if (parallel))
+    for (int t = 0; t < ntiles; t++)
+        tile(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, (t / nt) * MC, (t % nt) * NC);
+}
+
+void gemm(gemm_trans_t ta, gemm_trans_t tb, int M, int N, int K, real alpha, const real *A, int lda,
+          const real *B, int ldb, real beta, real *C, int ldc) {
+#ifdef QUILLAN_HAVE_BLAS
+    check_args(ta, tb, M, N, K, lda, ldb, ldc);
+    if (M == 0 || N == 0)
+        return;
+    if (K == 0) {
+        scale_c(M, N, beta, C, ldc);
+        return;
+    }
+    const enum CBLAS_TRANSPOSE cta = ta == GEMM_N ? CblasNoTrans : CblasTrans;
+    const enum CBLAS_TRANSPOSE ctb = tb == GEMM_N ? CblasNoTrans : CblasTrans;
+#if REAL_IS_DOUBLE
+    cblas_dgemm(CblasRowMajor, cta, ctb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+#else
+    cblas_sgemm(CblasRowMajor, cta, ctb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+#endif
+#else
+    gemm_fallback(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+#endif
+}
+
+int gemm_has_blas(void) {
+#ifdef QUILLAN_HAVE_BLAS
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int gemm_threads_get(void) {
+#ifdef QUILLAN_HAVE_BLAS
+    return openblas_get_num_threads();
+#elif defined(_OPENMP)
+    return g_threads_recorded ? g_threads_recorded : omp_get_max_threads();
+#else
+    return g_threads_recorded ? g_threads_recorded : 1;
+#endif
+}
+
+int gemm_threads_set(int n) {
+    Q_ASSERT(n >= 1);
+    const int prev = gemm_threads_get();
+#ifdef QUILLAN_HAVE_BLAS
+    openblas_set_num_threads(n);
+#endif
+    g_threads_recorded = n;
+    return prev;
+}
