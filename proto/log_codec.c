@@ -14,15 +14,30 @@ static char *str_field(const char *s) {
     return (char *)(s ? s : "");
 }
 
+void log_codec_record_fill(Quillan__LogRecord *lr, const log_record_t *rec,
+                           Quillan__LogRecord__FieldsEntry *entries,
+                           Quillan__LogRecord__FieldsEntry **ptrs) {
+    Quillan__LogRecord init = QUILLAN__LOG_RECORD__INIT;
+    *lr = init;
+    lr->time = rec->time;
+    lr->process = str_field(rec->process);
+    lr->host = str_field(rec->host);
+    lr->level = (Quillan__LogLevel)rec->level;
+    lr->event = str_field(rec->event);
+    lr->text = str_field(rec->text);
+    for (size_t i = 0; i < rec->n_fields; i++) {
+        Quillan__LogRecord__FieldsEntry e = QUILLAN__LOG_RECORD__FIELDS_ENTRY__INIT;
+        e.key = str_field(rec->fields[i].key);
+        e.value = rec->fields[i].value;
+        entries[i] = e;
+        ptrs[i] = &entries[i];
+    }
+    lr->n_fields = rec->n_fields;
+    lr->fields = rec->n_fields ? ptrs : NULL;
+}
+
 int log_codec_pack_record(const wire_header_t *hdr, const log_record_t *rec, wire_buf_t *out,
                           qerr_t *err) {
-    Quillan__LogRecord lr = QUILLAN__LOG_RECORD__INIT;
-    lr.time = rec->time;
-    lr.process = str_field(rec->process);
-    lr.host = str_field(rec->host);
-    lr.level = (Quillan__LogLevel)rec->level;
-    lr.event = str_field(rec->event);
-    lr.text = str_field(rec->text);
     Quillan__LogRecord__FieldsEntry *entries = NULL;
     Quillan__LogRecord__FieldsEntry **ptrs = NULL;
     if (rec->n_fields) {
@@ -34,16 +49,9 @@ int log_codec_pack_record(const wire_header_t *hdr, const log_record_t *rec, wir
             return qerr_set(err, QERR_NOMEM, "log record: cannot allocate %zu fields",
                             rec->n_fields);
         }
-        for (size_t i = 0; i < rec->n_fields; i++) {
-            Quillan__LogRecord__FieldsEntry e = QUILLAN__LOG_RECORD__FIELDS_ENTRY__INIT;
-            e.key = str_field(rec->fields[i].key);
-            e.value = rec->fields[i].value;
-            entries[i] = e;
-            ptrs[i] = &entries[i];
-        }
     }
-    lr.n_fields = rec->n_fields;
-    lr.fields = ptrs;
+    Quillan__LogRecord lr;
+    log_codec_record_fill(&lr, rec, entries, ptrs);
     Quillan__Envelope env = QUILLAN__ENVELOPE__INIT;
     env.body_case = QUILLAN__ENVELOPE__BODY_LOG_RECORD;
     env.log_record = &lr;

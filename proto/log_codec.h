@@ -6,6 +6,13 @@
 #include "log.h"
 #include "wire_codec.h"
 
+/* Fills *lr from rec without copying: lr's strings point at rec's, and its field table at
+ * entries[0..rec->n_fields) through ptrs[0..rec->n_fields), both provided by the caller. The
+ * result is valid while rec, entries and ptrs live; send it as an Envelope's log_record. */
+void log_codec_record_fill(Quillan__LogRecord *lr, const log_record_t *rec,
+                           Quillan__LogRecord__FieldsEntry *entries,
+                           Quillan__LogRecord__FieldsEntry **ptrs);
+
 /* Packs rec as a log Envelope into *out (freed with wire_buf_free). Strings that are not valid
  * UTF-8 are refused (QERR_INVALID). Allocates only the field table. */
 int log_codec_pack_record(const wire_header_t *hdr, const log_record_t *rec, wire_buf_t *out,
