@@ -1,0 +1,98 @@
+/* CPU kernels of the rollout engine: int8 activation quantization, quantized and float matrix
+ * products over the packed rows of common/qtypes.h, FP16 conversion and the packed-bit
+ * operations of the diffusion plan sampler.
+ *
+ * Every kernel exists as a portable scalar reference (kernels_ref.c) and, where the CPU has
+ * them, AVX2 and AVX-512 VNNI versions (kernels_avx2.c, kernels_avx512.c). The level is
+ * chosen once at start-up (kern_init, cpu_features.h); kern_ops() returns its table, indexed
+ * by qtype_t for the matrix products.
+ *
+ * Results: the quantized products compute an exact int32 sum of codes, so ternary and INT8
+ * outputs are bit-identical across levels and equal ((float)isum * s_w) * s_x, the order of
+ * quant.h's bitlinear_forward. INT4 (one FP16 scale per group of 32) and the float products
+ * add float partial sums in a level-dependent order: equal to the reference within rounding
+ * (relative error ~1e-6 of sum |terms|), not bit for bit.
+ *
+ * Shapes: a weight matrix is W[out, in] as `out` packed rows of qtype_row_bytes(type, in)
+ * bytes; a product y[n, out] = W x^T for n activation rows writes y[s * ldy + r] for rows r in
+ * [r0, r1) only, so callers split the rows of one product across threads (static contiguous
+ * ranges, kern_pool.h). in <= KERN_MAX_IN. */
+#ifndef QUILLAN_KERNELS_H
+#define QUILLAN_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cpu_features.h"
+#include "error.h"
+#include "qtypes.h"
+
+/* Activation rows are padded with zero codes to a multiple of this (a multiple of every
+ * block in qtypes.h), so kernels read whole blocks without tail handling. */
+#define KERN_ACT_PAD 256
+/* Largest input width: keeps every int32 code sum exact (255 * 127 * 32768 < 2^31). */
+#define KERN_MAX_IN 32768
+
+/* int8 activations of up to `cap` tokens of width `in` (plain struct: _init/_free).
+ * Codes are in -127..127: with s_x = max|x| / 127 the clip at -128 of MODEL.md never binds. */
+typedef struct {
+    int8_t *q;     /* [cap, stride] codes, zero from `in` to `stride`, 64-byte aligned */
+    float *scale;  /* [cap] s_x = max|x| / 127 (0 for an all-zero row: codes all 0) */
+    int32_t *sum;  /* [cap] sum of the codes of the row */
+    float *gsum;   /* [cap, stride / 32] sum of the codes in each group of 32 (INT4) */
+    size_t n;      /* rows currently held (set by quantize_act) */
+    size_t in;     /* width */
+    size_t stride; /* in rounded up to KERN_ACT_PAD */
+    size_t cap;
+} kern_act_t;
+
+/* Allocates room for `cap` rows of width `in` (1 <= in <= KERN_MAX_IN, cap >= 1); -1 with
+ * err on a bad size or no memory. */
+int kern_act_init(kern_act_t *act, size_t cap, size_t in, qerr_t *err);
+/* Frees the buffers; safe on a zeroed or already freed struct. */
+void kern_act_free(kern_act_t *act);
+
+/* y[s * ldy + r] = sum_i W[r, i] * x[s, i] for r in [r0, r1), s < act->n. */
+typedef void (*kern_matmul_q_fn)(const void *w, size_t in, const kern_act_t *act, float *y,
+                                 size_t ldy, size_t r0, size_t r1);
+/* Same with float activations x[n, ldx] (ldx >= in), for F32 and F16 weights. */
+typedef void (*kern_matmul_f_fn)(const void *w, size_t in, const float *x, size_t ldx, size_t n,
+                                 float *y, size_t ldy, size_t r0, size_t r1);
+
+typedef struct {
+    const char *name; /* cpu_isa_name of its level */
+    /* Quantizes x[n, ldx] (n <= act->cap, rows of act->in floats, finite) into act; sets
+     * act->n = n. Codes round half away from zero, by true division, as quant_act_row. */
+    void (*quantize_act)(kern_act_t *act, const float *x, size_t ldx, size_t n);
+    /* Indexed by qtype_t: TERNARY, INT4, INT8 (NULL for F32 and F16). */
+    kern_matmul_q_fn matmul_q[QTYPE_COUNT];
+    /* Indexed by qtype_t: F32 and F16 (NULL for the others). */
+    kern_matmul_f_fn matmul_f[QTYPE_COUNT];
+    /* FP16 conversions of n values, round to nearest even: bit-identical to fp16.h. */
+    void (*f16_from_f32)(uint16_t *dst, const float *src, size_t n);
+    void (*f16_to_f32)(float *dst, const uint16_t *src, size_t n);
+    /* dst[i] = a[i] ^ b[i] for nwords words; dst may equal a or b. */
+    void (*bits_xor)(uint64_t *dst, const uint64_t *a, const uint64_t *b, size_t nwords);
+    /* Number of set bits in nwords words. */
+    size_t (*bits_popcount)(const uint64_t *a, size_t nwords);
+    /* Bit i of dst (bit i % 64 of word i / 64) = x[i] > thr, for i < nbits; the unused high
+     * bits of the last word are cleared. */
+    void (*bits_pack_gt)(uint64_t *dst, const float *x, float thr, size_t nbits);
+} kern_ops_t;
+
+/* Selects the level (cpu_isa_select) once; later calls return the first outcome. -1 with err
+ * when QUILLAN_ISA is invalid. Call it at start-up, before kern_ops(). */
+int kern_init(qerr_t *err);
+
+/* The table of the selected level; asserts that kern_init succeeded. */
+const kern_ops_t *kern_ops(void);
+
+/* The table of a given level, or NULL when this build or this CPU lacks it (tests, bench). */
+const kern_ops_t *kern_ops_for(cpu_isa_t isa);
+
+/* One dot product: packed row `row` (type TERNARY, INT4 or INT8, width act->in) with
+ * activation row s of act, through ops. */
+float kern_dot_q(const kern_ops_t *ops, qtype_t type, const void *row, const kern_act_t *act,
+                 size_t s);
+
+#endif

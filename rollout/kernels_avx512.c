@@ -1,0 +1,463 @@
+/* AVX-512 (F/BW/VL/DQ + VNNI) kernels. Compiled with their own flags; only reached through
+ * kern_ops_for / kern_ops after cpu_features.c confirmed the CPU and OS support them.
+ *
+ * Register tiling: a tile is TR weight rows x S activation rows (S <= 6; 4 for INT4) held in
+ * zmm accumulators, so each unpacked weight register serves S tokens and each activation
+ * register TR rows. Tiles walk the rows of [r0, r1) in order; the activation blocks of a
+ * whole batch (<= 32 x in bytes) stay in L1/L2 while the weights stream from memory once.
+ * While a tile computes on its first token block, it prefetches the rows of the tile
+ * KERN_PF_TILES ahead, at the rate it consumes its own (software prefetch 4-8 KiB ahead). */
+#include "kernels_impl.h"
+
+#include <immintrin.h>
+
+#define TR 4            /* weight rows per tile */
+#define TS 6            /* tokens per tile (ternary, int8, float) */
+#define TS_INT4 4       /* tokens per tile (int4: two scale registers per row) */
+#define KERN_PF_TILES 1 /* prefetch distance in tiles */
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* ---- activation quantization ---- */
+
+/* Round half away from zero: trunc(v) plus sign(v) where |v - trunc(v)| >= 0.5 (v - trunc(v)
+ * is exact), the same integer as roundf. */
+INLINE __m512 round_away(__m512 v) {
+    const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __m512 frac = _mm512_abs_ps(_mm512_sub_ps(v, t));
+    const __mmask16 up = _mm512_cmp_ps_mask(frac, _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+    const __m512 one = _mm512_or_ps(_mm512_set1_ps(1.0f), _mm512_and_ps(v, _mm512_set1_ps(-0.0f)));
+    return _mm512_mask_add_ps(t, up, t, one);
+}
+
+INLINE __m512i codes16(const float *x, size_t i, size_t in, __m512 vsx) {
+    const __mmask16 m = i + 16 <= in ? (__mmask16)0xffff
+                        : i < in     ? (__mmask16)((1u << (in - i)) - 1)
+                                     : 0;
+    const __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + i), vsx);
+    __m512 r = round_away(v);
+    r = _mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(-128.0f)), _mm512_set1_ps(127.0f));
+    return _mm512_cvttps_epi32(r);
+}
+
+static void quantize_act(kern_act_t *act, const float *x, size_t ldx, size_t n) {
+    Q_ASSERT(n <= act->cap);
+    const size_t in = act->in, ng = act->stride / QTYPE_INT4_GROUP;
+    for (size_t s = 0; s < n; s++) {
+        const float *xs = x + s * ldx;
+        int8_t *q = act->q + s * act->stride;
+        __m512 vmax = _mm512_setzero_ps();
+        size_t i = 0;
+        for (; i + 16 <= in; i += 16)
+            vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xs + i)));
+        if (i < in)
+            vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(
+                                           (__mmask16)((1u << (in - i)) - 1), xs + i)));
+        const float sx = _mm512_reduce_max_ps(vmax) / 127.0f;
+        act->scale[s] = sx;
+        if (sx == 0.0f) {
+            memset(q, 0, act->stride);
+            memset(act->gsum + s * ng, 0, ng * sizeof(float));
+            act->sum[s] = 0;
+            continue;
+        }
+        const __m512 vsx = _mm512_set1_ps(sx);
+        __m512i vsum = _mm512_setzero_si512();
+        for (size_t g = 0; g < ng; g++) {
+            const size_t i0 = g * QTYPE_INT4_GROUP;
+            const __m512i a = codes16(xs, i0, in, vsx), b = codes16(xs, i0 + 16, in, vsx);
+            _mm_storeu_si128((__m128i *)(q + i0), _mm512_cvtepi32_epi8(a));
+            _mm_storeu_si128((__m128i *)(q + i0 + 16), _mm512_cvtepi32_epi8(b));
+            const __m512i ab = _mm512_add_epi32(a, b);
+            act->gsum[s * ng + g] = (float)_mm512_reduce_add_epi32(ab);
+            vsum = _mm512_add_epi32(vsum, ab);
+        }
+        act->sum[s] = _mm512_reduce_add_epi32(vsum);
+    }
+    act->n = n;
+}
+
+/* Balanced token blocks: n tokens in ceil(n / smax) blocks whose sizes differ by <= 1. */
+INLINE size_t block_len(size_t n, size_t s0, size_t smax) {
+    const size_t nblk = (n + smax - 1) / smax, base = n / nblk, extra = n % nblk;
+    const size_t k = s0 < extra * (base + 1) ? s0 / (base + 1) : extra;
+    return k < extra ? base + 1 : base;
+}
+
+/* ---- ternary x int8 ---- */
+
+#define TERN_STEP(K)                                                                               \
+    do {                                                                                           \
+        __m512i wk[TR];                                                                            \
+        for (int r = 0; r < R; r++)                                                                \
+            wk[r] = _mm512_and_si512(                                                              \
+                _mm512_srli_epi16(_mm512_loadu_si512((const void *)(wb + r * rb)), 2 * (K)), m3);  \
+        for (int s = 0; s < S; s++) {                                                              \
+            const __m512i xv = _mm512_load_si512((const void *)(xb + s * xs + 64 * (K)));          \
+            for (int r = 0; r < R; r++)                                                            \
+                acc[r][s] = _mm512_dpbusd_epi32(acc[r][s], wk[r], xv);                             \
+        }                                                                                          \
+    } while (0)
+
+INLINE void tern_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t nb,
+                      const int8_t *x, size_t xs, const uint8_t *pf, int32_t *out) {
+    __m512i acc[TR][TS];
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < S; s++)
+            acc[r][s] = _mm512_setzero_si512();
+    const __m512i m3 = _mm512_set1_epi8(3);
+    for (size_t b = 0; b < nb; b++) {
+        if (pf)
+            for (int r = 0; r < R; r++)
+                _mm_prefetch((const char *)pf + (b * R + r) * 64, _MM_HINT_T0);
+        const uint8_t *wb = w + b * 64;
+        const int8_t *xb = x + b * QTYPE_TERNARY_BLOCK;
+        TERN_STEP(0);
+        TERN_STEP(1);
+        TERN_STEP(2);
+        TERN_STEP(3);
+    }
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < S; s++)
+            out[r * TS + s] = _mm512_reduce_add_epi32(acc[r][s]);
+}
+
+#define INT8_TILE_BODY                                                                             \
+    for (size_t b = 0; b < nb; b++) {                                                              \
+        if (pf)                                                                                    \
+            for (int r = 0; r < R; r++)                                                            \
+                _mm_prefetch((const char *)pf + (b * R + r) * 64, _MM_HINT_T0);                    \
+        __m512i wv[TR];                                                                            \
+        for (int r = 0; r < R; r++)                                                                \
+            wv[r] = _mm512_loadu_si512((const void *)(w + r * rb + b * 64));                       \
+        for (int s = 0; s < S; s++) {                                                              \
+            const __m512i xv = _mm512_load_si512((const void *)(x + s * xs + b * 64));             \
+            for (int r = 0; r < R; r++)                                                            \
+                acc[r][s] = _mm512_dpbusd_epi32(acc[r][s], wv[r], xv);                             \
+        }                                                                                          \
+    }
+
+INLINE void int8_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t nb,
+                      const int8_t *x, size_t xs, const uint8_t *pf, int32_t *out) {
+    __m512i acc[TR][TS];
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < S; s++)
+            acc[r][s] = _mm512_setzero_si512();
+    INT8_TILE_BODY
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < S; s++)
+            out[r * TS + s] = _mm512_reduce_add_epi32(acc[r][s]);
+}
+
+typedef void (*itile_fn)(const uint8_t *, size_t, size_t, const int8_t *, size_t, const uint8_t *,
+                         int32_t *);
+
+/* Instances with constant R and S, so the accumulators live in registers. */
+#define DEF_TILE(name, R, S)                                                                       \
+    static void name##_##R##_##S(const uint8_t *w, size_t rb, size_t nb, const int8_t *x,          \
+                                 size_t xs, const uint8_t *pf, int32_t *out) {                     \
+        name(R, S, w, rb, nb, x, xs, pf, out);                                                     \
+    }
+#define DEF_TILES(name)                                                                            \
+    DEF_TILE(name, 4, 1)                                                                           \
+    DEF_TILE(name, 4, 2)                                                                           \
+    DEF_TILE(name, 4, 3)                                                                           \
+    DEF_TILE(name, 4, 4)                                                                           \
+    DEF_TILE(name, 4, 5)                                                                           \
+    DEF_TILE(name, 4, 6)                                                                           \
+    DEF_TILE(name, 1, 1)                                                                           \
+    DEF_TILE(name, 1, 2)                                                                           \
+    DEF_TILE(name, 1, 3)                                                                           \
+    DEF_TILE(name, 1, 4)                                                                           \
+    DEF_TILE(name, 1, 5)                                                                           \
+    DEF_TILE(name, 1, 6)                                                                           \
+    static const itile_fn name##_table[2][TS] = {                                                  \
+        {name##_1_1, name##_1_2, name##_1_3, name##_1_4, name##_1_5, name##_1_6},                  \
+        {name##_4_1, name##_4_2, name##_4_3, name##_4_4, name##_4_5, name##_4_6}};
+
+DEF_TILES(tern_tile)
+DEF_TILES(int8_tile)
+
+/* Shared driver of the single-scale types: y = ((float)(isum - offset * sum_x) * s_w) * s_x,
+ * with isum the tile's sum of stored (offset) codes times activation codes. */
+static void matmul_single_scale(const itile_fn table[2][TS], qtype_t type, int offset,
+                                const void *w, size_t in, const kern_act_t *act, float *y,
+                                size_t ldy, size_t r0, size_t r1) {
+    Q_ASSERT(in == act->in && in <= KERN_MAX_IN);
+    const qtype_traits_t *t = qtype_traits(type);
+    const size_t rb = qtype_row_bytes(type, in), nb = (in + t->block - 1) / t->block;
+    const size_t cb = nb * t->block_bytes, n = act->n;
+    const uint8_t *wbase = w;
+    int32_t isum[TR * TS];
+    for (size_t r = r0; r < r1;) {
+        const int R = r1 - r >= TR ? TR : 1;
+        const uint8_t *wr = wbase + r * rb;
+        for (size_t s0 = 0; s0 < n;) {
+            const size_t S = block_len(n, s0, TS);
+            const uint8_t *pf = s0 == 0 ? wr + (size_t)KERN_PF_TILES * R * rb : NULL;
+            table[R == TR][S - 1](wr, rb, nb, act->q + s0 * act->stride, act->stride, pf, isum);
+            for (int i = 0; i < R; i++) {
+                const float sw = kern_load_f32(wr + i * rb + cb);
+                for (size_t s = 0; s < S; s++) {
+                    const int32_t v = isum[i * TS + s] - offset * act->sum[s0 + s];
+                    y[(s0 + s) * ldy + r + i] = (float)v * sw * act->scale[s0 + s];
+                }
+            }
+            s0 += S;
+        }
+        r += (size_t)R;
+    }
+}
+
+static void matmul_ternary(const void *w, size_t in, const kern_act_t *act, float *y, size_t ldy,
+                           size_t r0, size_t r1) {
+    matmul_single_scale(tern_tile_table, QTYPE_TERNARY, 1, w, in, act, y, ldy, r0, r1);
+}
+
+static void matmul_int8(const void *w, size_t in, const kern_act_t *act, float *y, size_t ldy,
+                        size_t r0, size_t r1) {
+    matmul_single_scale(int8_tile_table, QTYPE_INT8, QTYPE_INT8_OFFSET, w, in, act, y, ldy, r0, r1);
+}
+
+/* ---- INT4 x int8 ----
+ * A 64-byte block holds 128 nibbles: low nibbles = weights 0..63 (groups 0, 1), high nibbles =
+ * weights 64..127 (groups 2, 3). One vpdpbusd of 64 weights gives 16 dword lanes, lanes 0-7
+ * in the first group and 8-15 in the second, so they are scaled by a vector holding each
+ * group's FP16 scale 8 times and accumulated in float. The stored nibble is code + 8: the
+ * 8 * sum_g d_g * gsum_g correction is applied once per row and token at the end. */
+
+#define INT4_HALF(HI)                                                                              \
+    do {                                                                                           \
+        __m512i wv[TR];                                                                            \
+        __m512 sc[TR];                                                                             \
+        for (int r = 0; r < R; r++) {                                                              \
+            const __m512i raw = _mm512_loadu_si512((const void *)(w + r * rb + b * 64));           \
+            wv[r] = _mm512_and_si512(HI ? _mm512_srli_epi16(raw, 4) : raw, m4);                    \
+            const __m128 d4 =                                                                      \
+                _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(w + r * rb + cb + b * 8)));         \
+            sc[r] = _mm512_permutexvar_ps(HI ? idx_hi : idx_lo, _mm512_castps128_ps512(d4));       \
+        }                                                                                          \
+        for (int s = 0; s < S; s++) {                                                              \
+            const __m512i xv =                                                                     \
+                _mm512_load_si512((const void *)(x + s * xs + b * QTYPE_INT4_BLOCK + 64 * HI));    \
+            for (int r = 0; r < R; r++) {                                                          \
+                const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], xv);          \
+                acc[r][s] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc[r], acc[r][s]);              \
+            }                                                                                      \
+        }                                                                                          \
+    } while (0)
+
+INLINE void int4_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t nb,
+                      const int8_t *x, size_t xs, const uint8_t *pf, float *out) {
+    __m512 acc[TR][TS_INT4];
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < S; s++)
+            acc[r][s] = _mm512_setzero_ps();
+    const __m512i m4 = _mm512_set1_epi8(15);
+    const __m512i idx_lo = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i idx_hi = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
+    const size_t cb = nb * 64;
+    for (size_t b = 0; b < nb; b++) {
+        if (pf)
+            for (int r = 0; r < R; r++)
+                _mm_prefetch((const char *)pf + (b * R + r) * 72, _MM_HINT_T0);
+        INT4_HALF(0);
+        INT4_HALF(1);
+    }
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < S; s++)
+            out[r * TS_INT4 + s] = _mm512_reduce_add_ps(acc[r][s]);
+}
+
+typedef void (*ftile_fn)(const uint8_t *, size_t, size_t, const int8_t *, size_t, const uint8_t *,
+                         float *);
+#define DEF_FTILE(R, S)                                                                            \
+    static void int4_tile_##R##_##S(const uint8_t *w, size_t rb, size_t nb, const int8_t *x,       \
+                                    size_t xs, const uint8_t *pf, float *out) {                    \
+        int4_tile(R, S, w, rb, nb, x, xs, pf, out);                                                \
+    }
+DEF_FTILE(4, 1)
+DEF_FTILE(4, 2)
+DEF_FTILE(4, 3)
+DEF_FTILE(4, 4)
+DEF_FTILE(1, 1)
+DEF_FTILE(1, 2)
+DEF_FTILE(1, 3)
+DEF_FTILE(1, 4)
+static const ftile_fn int4_tile_table[2][TS_INT4] = {
+    {int4_tile_1_1, int4_tile_1_2, int4_tile_1_3, int4_tile_1_4},
+    {int4_tile_4_1, int4_tile_4_2, int4_tile_4_3, int4_tile_4_4}};
+
+/* sum over the ng groups of a row of scale_g * gsum_g. */
+static float int4_correction(const uint8_t *scales, const float *gsum, size_t ng) {
+    __m512 acc = _mm512_setzero_ps();
+    for (size_t g = 0; g < ng; g += 16) {
+        const __mmask16 m = g + 16 <= ng ? (__mmask16)0xffff : (__mmask16)((1u << (ng - g)) - 1);
+        const __m512 d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, scales + 2 * g));
+        acc = _mm512_fmadd_ps(d, _mm512_maskz_loadu_ps(m, gsum + g), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+static void matmul_int4(const void *w, size_t in, const kern_act_t *act, float *y, size_t ldy,
+                        size_t r0, size_t r1) {
+    Q_ASSERT(in == act->in && in <= KERN_MAX_IN);
+    const size_t rb = qtype_row_bytes(QTYPE_INT4, in);
+    const size_t nb = (in + QTYPE_INT4_BLOCK - 1) / QTYPE_INT4_BLOCK, ng = 4 * nb;
+    const size_t gstride = act->stride / QTYPE_INT4_GROUP, n = act->n;
+    const uint8_t *wbase = w;
+    float part[TR * TS_INT4];
+    for (size_t r = r0; r < r1;) {
+        const int R = r1 - r >= TR ? TR : 1;
+        const uint8_t *wr = wbase + r * rb;
+        for (size_t s0 = 0; s0 < n;) {
+            const size_t S = block_len(n, s0, TS_INT4);
+            const uint8_t *pf = s0 == 0 ? wr + (size_t)KERN_PF_TILES * R * rb : NULL;
+            int4_tile_table[R == TR][S - 1](wr, rb, nb, act->q + s0 * act->stride, act->stride, pf,
+                                            part);
+            for (int i = 0; i < R; i++)
+                for (size_t s = 0; s < S; s++) {
+                    const float corr =
+                        int4_correction(wr + i * rb + nb * 64, act->gsum + (s0 + s) * gstride, ng);
+                    y[(s0 + s) * ldy + r + i] =
+                        (part[i * TS_INT4 + s] - (float)QTYPE_INT4_OFFSET * corr) *
+                        act->scale[s0 + s];
+                }
+            s0 += S;
+        }
+        r += (size_t)R;
+    }
+}
+
+/* ---- float activations: F32 and F16 weights ---- */
+
+INLINE __m512 load_w(int f16, const uint8_t *row, size_t i, __mmask16 m) {
+    if (f16)
+        return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, row + 2 * i));
+    return _mm512_maskz_loadu_ps(m, row + 4 * i);
+}
+
+INLINE void float_tile(const int f16, const int R, const int S, const uint8_t *w, size_t rb,
+                       size_t in, const float *x, size_t ldx, const uint8_t *pf, float *out) {
+    __m512 acc[TR][TS];
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < S; s++)
+            acc[r][s] = _mm512_setzero_ps();
+    const size_t esz = f16 ? 2 : 4;
+    for (size_t i = 0; i < in; i += 16) {
+        const __mmask16 m = i + 16 <= in ? (__mmask16)0xffff : (__mmask16)((1u << (in - i)) - 1);
+        if (pf && (f16 == 0 || i % 32 == 0))
+            for (int r = 0; r < R; r++)
+                _mm_prefetch((const char *)pf + (i * esz) * R + r * 64, _MM_HINT_T0);
+        __m512 wv[TR];
+        for (int r = 0; r < R; r++)
+            wv[r] = load_w(f16, w + r * rb, i, m);
+        for (int s = 0; s < S; s++) {
+            const __m512 xv = _mm512_maskz_loadu_ps(m, x + s * ldx + i);
+            for (int r = 0; r < R; r++)
+                acc[r][s] = _mm512_fmadd_ps(wv[r], xv, acc[r][s]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < S; s++)
+            out[r * TS + s] = _mm512_reduce_add_ps(acc[r][s]);
+}
+
+typedef void (*fltile_fn)(const uint8_t *, size_t, size_t, const float *, size_t, const uint8_t *,
+                          float *);
+#define DEF_FLTILE(F16, R, S)                                                                      \
+    static void float_tile_##F16##_##R##_##S(const uint8_t *w, size_t rb, size_t in,               \
+                                             const float *x, size_t ldx, const uint8_t *pf,        \
+                                             float *out) {                                         \
+        float_tile(F16, R, S, w, rb, in, x, ldx, pf, out);                                         \
+    }
+#define DEF_FLTILES(F16)                                                                           \
+    DEF_FLTILE(F16, 4, 1)                                                                          \
+    DEF_FLTILE(F16, 4, 2)                                                                          \
+    DEF_FLTILE(F16, 4, 3)                                                                          \
+    DEF_FLTILE(F16, 4, 4)                                                                          \
+    DEF_FLTILE(F16, 4, 5)                                                                          \
+    DEF_FLTILE(F16, 4, 6)                                                                          \
+    DEF_FLTILE(F16, 1, 1)                                                                          \
+    DEF_FLTILE(F16, 1, 2)                                                                          \
+    DEF_FLTILE(F16, 1, 3)                                                                          \
+    DEF_FLTILE(F16, 1, 4)                                                                          \
+    DEF_FLTILE(F16, 1, 5)                                                                          \
+    DEF_FLTILE(F16, 1, 6)                                                                          \
+    static const fltile_fn float_tile_table_##F16[2][TS] = {                                       \
+        {float_tile_##F16##_1_1, float_tile_##F16##_1_2, float_tile_##F16##_1_3,                   \
+         float_tile_##F16##_1_4, float_tile_##F16##_1_5, float_tile_##F16##_1_6},                  \
+        {float_tile_##F16##_4_1, float_tile_##F16##_4_2, float_tile_##F16##_4_3,                   \
+         float_tile_##F16##_4_4, float_tile_##F16##_4_5, float_tile_##F16##_4_6}};
+DEF_FLTILES(0)
+DEF_FLTILES(1)
+
+static void matmul_float(const fltile_fn table[2][TS], qtype_t type, const void *w, size_t in,
+                         const float *x, size_t ldx, size_t n, float *y, size_t ldy, size_t r0,
+                         size_t r1) {
+    const size_t rb = qtype_row_bytes(type, in);
+    const uint8_t *wbase = w;
+    float part[TR * TS];
+    for (size_t r = r0; r < r1;) {
+        const int R = r1 - r >= TR ? TR : 1;
+        const uint8_t *wr = wbase + r * rb;
+        for (size_t s0 = 0; s0 < n;) {
+            const size_t S = block_len(n, s0, TS);
+            const uint8_t *pf = s0 == 0 ? wr + (size_t)KERN_PF_TILES * R * rb : NULL;
+            table[R == TR][S - 1](wr, rb, in, x + s0 * ldx, ldx, pf, part);
+            for (int i = 0; i < R; i++)
+                for (size_t s = 0; s < S; s++)
+                    y[(s0 + s) * ldy + r + i] = part[i * TS + s];
+            s0 += S;
+        }
+        r += (size_t)R;
+    }
+}
+
+static void matmul_f32(const void *w, size_t in, const float *x, size_t ldx, size_t n, float *y,
+                       size_t ldy, size_t r0, size_t r1) {
+    matmul_float(float_tile_table_0, QTYPE_F32, w, in, x, ldx, n, y, ldy, r0, r1);
+}
+
+static void matmul_f16(const void *w, size_t in, const float *x, size_t ldx, size_t n, float *y,
+                       size_t ldy, size_t r0, size_t r1) {
+    matmul_float(float_tile_table_1, QTYPE_F16, w, in, x, ldx, n, y, ldy, r0, r1);
+}
+
+/* ---- FP16 rows ---- */
+
+static void f16_from_f32(uint16_t *dst, const float *src, size_t n) {
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(dst + i),
+                            _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    if (i < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        _mm256_mask_storeu_epi16(
+            dst + i, m,
+            _mm512_cvtps_ph(_mm512_maskz_loadu_ps(m, src + i), _MM_FROUND_TO_NEAREST_INT));
+    }
+}
+
+static void f16_to_f32(float *dst, const uint16_t *src, size_t n) {
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+    if (i < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(dst + i, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, src + i)));
+    }
+}
+
+const kern_ops_t kern_ops_avx512 = {
+    .name = "avx512",
+    .quantize_act = quantize_act,
+    .matmul_q =
+        {[QTYPE_TERNARY] = matmul_ternary, [QTYPE_INT4] = matmul_int4, [QTYPE_INT8] = matmul_int8},
+    .matmul_f = {[QTYPE_F32] = matmul_f32, [QTYPE_F16] = matmul_f16},
+    .f16_from_f32 = f16_from_f32,
+    .f16_to_f32 = f16_to_f32,
+    .bits_xor = kern_ref_bits_xor,
+    .bits_popcount = kern_ref_bits_popcount,
+    .bits_pack_gt = kern_ref_bits_pack_gt,
+};

@@ -1,0 +1,35 @@
+/* Private to the kernels: the per-level tables and helpers the level files share. */
+#ifndef QUILLAN_KERNELS_IMPL_H
+#define QUILLAN_KERNELS_IMPL_H
+
+#include "kernels.h"
+
+#include <string.h>
+
+extern const kern_ops_t kern_ops_ref;
+#ifdef QUILLAN_KERN_AVX2
+extern const kern_ops_t kern_ops_avx2;
+#endif
+#ifdef QUILLAN_KERN_AVX512
+extern const kern_ops_t kern_ops_avx512;
+#endif
+
+/* Reference entries the SIMD tables reuse where SIMD buys nothing (a few 64-bit words). */
+void kern_ref_bits_xor(uint64_t *dst, const uint64_t *a, const uint64_t *b, size_t nwords);
+size_t kern_ref_bits_popcount(const uint64_t *a, size_t nwords);
+void kern_ref_bits_pack_gt(uint64_t *dst, const float *x, float thr, size_t nbits);
+
+/* Unaligned little-endian float32 read (row scales sit right after the codes). */
+static inline float kern_load_f32(const void *p) {
+    float v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* Bytes of codes before the row scale of a ternary / int8 row of width `in`. */
+static inline size_t kern_codes_bytes(qtype_t type, size_t in) {
+    const qtype_traits_t *t = qtype_traits(type);
+    return (in + t->block - 1) / t->block * t->block_bytes;
+}
+
+#endif

@@ -1,0 +1,165 @@
+/* Portable scalar reference of every kernel: the definition the SIMD levels are tested
+ * against, and the path of CPUs without AVX2. Written for clarity, decoding each code with
+ * the layouts of qtypes.h. */
+#include "kernels_impl.h"
+
+#include "fp16.h"
+
+#include <math.h>
+
+static void quantize_act(kern_act_t *act, const float *x, size_t ldx, size_t n) {
+    Q_ASSERT(n <= act->cap);
+    const size_t in = act->in, ng = act->stride / QTYPE_INT4_GROUP;
+    for (size_t s = 0; s < n; s++) {
+        const float *xs = x + s * ldx;
+        int8_t *q = act->q + s * act->stride;
+        float amax = 0.0f;
+        for (size_t i = 0; i < in; i++)
+            amax = fmaxf(amax, fabsf(xs[i]));
+        const float sx = amax / 127.0f;
+        int32_t sum = 0;
+        for (size_t i = 0; i < act->stride; i++) {
+            int c = i < in && sx != 0.0f ? qtype_round_clip(xs[i] / sx, -128, 127) : 0;
+            q[i] = (int8_t)c;
+            sum += c;
+        }
+        for (size_t g = 0; g < ng; g++) {
+            int32_t gs = 0;
+            for (size_t i = 0; i < QTYPE_INT4_GROUP; i++)
+                gs += q[g * QTYPE_INT4_GROUP + i];
+            act->gsum[s * ng + g] = (float)gs;
+        }
+        act->scale[s] = sx;
+        act->sum[s] = sum;
+    }
+    act->n = n;
+}
+
+static int ternary_code(const uint8_t *row, size_t i) {
+    size_t b = i / QTYPE_TERNARY_BLOCK, r = i % QTYPE_TERNARY_BLOCK;
+    return (int)((row[b * 64 + r % 64] >> (2 * (r / 64))) & 3) - 1;
+}
+
+static void matmul_ternary(const void *w, size_t in, const kern_act_t *act, float *y, size_t ldy,
+                           size_t r0, size_t r1) {
+    const size_t rb = qtype_row_bytes(QTYPE_TERNARY, in);
+    for (size_t r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)w + r * rb;
+        const float sw = kern_load_f32(row + kern_codes_bytes(QTYPE_TERNARY, in));
+        for (size_t s = 0; s < act->n; s++) {
+            const int8_t *q = act->q + s * act->stride;
+            int32_t isum = 0;
+            for (size_t i = 0; i < in; i++)
+                isum += ternary_code(row, i) * q[i];
+            y[s * ldy + r] = (float)isum * sw * act->scale[s];
+        }
+    }
+}
+
+static void matmul_int8(const void *w, size_t in, const kern_act_t *act, float *y, size_t ldy,
+                        size_t r0, size_t r1) {
+    const size_t rb = qtype_row_bytes(QTYPE_INT8, in);
+    for (size_t r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)w + r * rb;
+        const float sw = kern_load_f32(row + kern_codes_bytes(QTYPE_INT8, in));
+        for (size_t s = 0; s < act->n; s++) {
+            const int8_t *q = act->q + s * act->stride;
+            int32_t isum = 0;
+            for (size_t i = 0; i < in; i++)
+                isum += ((int)row[i] - QTYPE_INT8_OFFSET) * q[i];
+            y[s * ldy + r] = (float)isum * sw * act->scale[s];
+        }
+    }
+}
+
+/* Per group: exact int32 sum, times the group's FP16 scale; groups added in double. */
+static void matmul_int4(const void *w, size_t in, const kern_act_t *act, float *y, size_t ldy,
+                        size_t r0, size_t r1) {
+    const size_t rb = qtype_row_bytes(QTYPE_INT4, in);
+    const size_t nb = (in + QTYPE_INT4_BLOCK - 1) / QTYPE_INT4_BLOCK;
+    for (size_t r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)w + r * rb;
+        const uint8_t *scales = row + nb * 64;
+        for (size_t s = 0; s < act->n; s++) {
+            const int8_t *q = act->q + s * act->stride;
+            double acc = 0.0;
+            for (size_t g = 0; g * QTYPE_INT4_GROUP < in; g++) {
+                int32_t isum = 0;
+                for (size_t i = g * QTYPE_INT4_GROUP; i < (g + 1) * QTYPE_INT4_GROUP && i < in;
+                     i++) {
+                    size_t b = i / QTYPE_INT4_BLOCK, k = i % QTYPE_INT4_BLOCK;
+                    int code =
+                        (int)((row[b * 64 + k % 64] >> (4 * (k / 64))) & 15) - QTYPE_INT4_OFFSET;
+                    isum += code * q[i];
+                }
+                uint16_t h;
+                memcpy(&h, scales + 2 * g, 2);
+                acc += (double)fp16_to_float(h) * isum;
+            }
+            y[s * ldy + r] = (float)(acc * act->scale[s]);
+        }
+    }
+}
+
+static float f16_at(const void *w, size_t i) {
+    uint16_t h;
+    memcpy(&h, (const uint8_t *)w + 2 * i, 2);
+    return fp16_to_float(h);
+}
+
+static void matmul_f32(const void *w, size_t in, const float *x, size_t ldx, size_t n, float *y,
+                       size_t ldy, size_t r0, size_t r1) {
+    const float *wf = w;
+    for (size_t r = r0; r < r1; r++)
+        for (size_t s = 0; s < n; s++) {
+            double acc = 0.0;
+            for (size_t i = 0; i < in; i++)
+                acc += (double)wf[r * in + i] * x[s * ldx + i];
+            y[s * ldy + r] = (float)acc;
+        }
+}
+
+static void matmul_f16(const void *w, size_t in, const float *x, size_t ldx, size_t n, float *y,
+                       size_t ldy, size_t r0, size_t r1) {
+    for (size_t r = r0; r < r1; r++)
+        for (size_t s = 0; s < n; s++) {
+            double acc = 0.0;
+            for (size_t i = 0; i < in; i++)
+                acc += (double)f16_at(w, r * in + i) * x[s * ldx + i];
+            y[s * ldy + r] = (float)acc;
+        }
+}
+
+void kern_ref_bits_xor(uint64_t *dst, const uint64_t *a, const uint64_t *b, size_t nwords) {
+    for (size_t i = 0; i < nwords; i++)
+        dst[i] = a[i] ^ b[i];
+}
+
+size_t kern_ref_bits_popcount(const uint64_t *a, size_t nwords) {
+    size_t c = 0;
+    for (size_t i = 0; i < nwords; i++)
+        c += (size_t)__builtin_popcountll(a[i]);
+    return c;
+}
+
+void kern_ref_bits_pack_gt(uint64_t *dst, const float *x, float thr, size_t nbits) {
+    for (size_t w = 0; w * 64 < nbits; w++) {
+        uint64_t word = 0;
+        for (size_t b = 0; b < 64 && w * 64 + b < nbits; b++)
+            word |= (uint64_t)(x[w * 64 + b] > thr) << b;
+        dst[w] = word;
+    }
+}
+
+const kern_ops_t kern_ops_ref = {
+    .name = "ref",
+    .quantize_act = quantize_act,
+    .matmul_q =
+        {[QTYPE_TERNARY] = matmul_ternary, [QTYPE_INT4] = matmul_int4, [QTYPE_INT8] = matmul_int8},
+    .matmul_f = {[QTYPE_F32] = matmul_f32, [QTYPE_F16] = matmul_f16},
+    .f16_from_f32 = fp16_from_float_n,
+    .f16_to_f32 = fp16_to_float_n,
+    .bits_xor = kern_ref_bits_xor,
+    .bits_popcount = kern_ref_bits_popcount,
+    .bits_pack_gt = kern_ref_bits_pack_gt,
+};

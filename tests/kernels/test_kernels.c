@@ -1,0 +1,535 @@
+/* Rollout kernels: every SIMD level this machine has against the scalar reference, and the
+ * reference against MODEL.md's definitions. Integer paths (activation codes, ternary and INT8
+ * products) must agree bit for bit; INT4 and float products within KERN_TEST_REL_TOL of the
+ * sum of |terms| (float partial sums in another order). */
+#include "qtest.h"
+
+#include "fp16.h"
+#include "kern_pool.h"
+#include "kernels.h"
+#include "rng.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define KERN_TEST_REL_TOL 1e-5
+#define GUARD 7 /* extra output rows and columns checked to stay untouched */
+
+static const size_t WIDTHS[] = {1, 7, 31, 32, 33, 64, 100, 128, 255, 256, 257, 511, 700, 1024};
+static const size_t OUTS[] = {1, 3, 4, 5, 9, 13};
+static const size_t BATCH[] = {1, 2, 5, 6, 7, 13, 33};
+
+static void init_once(void) {
+    qerr_t err;
+    cr_assert_eq(kern_init(&err), 0, "%s", err.msg);
+}
+
+static void fill_normal(float *x, size_t n, uint64_t seed, float scale) {
+    rng_stream_t r;
+    rng_stream_init(&r, 0x4B45524E, seed, n);
+    for (size_t i = 0; i < n; i++)
+        x[i] = scale * rng_stream_normal(&r);
+}
+
+static void *xmalloc(size_t n) {
+    void *p = malloc(n ? n : 1);
+    cr_assert_not_null(p);
+    return p;
+}
+
+/* Packed matrix of `out` rows of width `in` from random weights. */
+static uint8_t *pack_matrix(qtype_t t, size_t out, size_t in, uint64_t seed) {
+    size_t rb = qtype_row_bytes(t, in);
+    uint8_t *w = xmalloc(out * rb);
+    float *row = xmalloc(in * sizeof *row);
+    for (size_t r = 0; r < out; r++) {
+        fill_normal(row, in, seed * 1000 + r, 0.02f);
+        qtype_traits(t)->quantize_row_ref(row, w + r * rb, in);
+    }
+    free(row);
+    return w;
+}
+
+/* ---- level selection ---- */
+
+Test(cpu, parse_and_env_override) {
+    cpu_isa_t isa;
+    qerr_t err;
+    cr_assert_eq(cpu_isa_parse("avx2", &isa, &err), 0);
+    cr_assert_eq(isa, CPU_ISA_AVX2);
+    cr_assert_eq(cpu_isa_parse("sse9", &isa, &err), -1);
+    cr_assert(strstr(err.msg, "sse9") != NULL, "%s", err.msg);
+    const char *old = getenv(CPU_ISA_ENV);
+    char *saved = old ? strdup(old) : NULL;
+    setenv(CPU_ISA_ENV, "ref", 1);
+    cr_assert_eq(cpu_isa_select(&isa, &err), 0);
+    cr_assert_eq(isa, CPU_ISA_REF);
+    setenv(CPU_ISA_ENV, "bogus", 1);
+    cr_assert_eq(cpu_isa_select(&isa, &err), -1);
+    cr_assert(strstr(err.msg, CPU_ISA_ENV) && strstr(err.msg, "bogus"), "%s", err.msg);
+    if (saved)
+        setenv(CPU_ISA_ENV, saved, 1);
+    else
+        unsetenv(CPU_ISA_ENV);
+    free(saved);
+    cr_assert_not_null(kern_ops_for(CPU_ISA_REF));
+    cr_assert_null(kern_ops_for(CPU_ISA_COUNT));
+    cr_log_info("detected SIMD level: %s", cpu_isa_name(cpu_isa_detect()));
+}
+
+/* Run under QUILLAN_ISA=ref and =avx2 by CTest too: the selected table follows the variable. */
+Test(cpu, kern_init_honours_env) {
+    init_once();
+    const char *env = getenv(CPU_ISA_ENV);
+    if (env && *env)
+        cr_assert_str_eq(kern_ops()->name, env);
+    else
+        cr_assert_str_eq(kern_ops()->name, cpu_isa_name(cpu_isa_detect()));
+}
+
+/* ---- activation quantization ---- */
+
+/* MODEL.md: s_x = max|x| / 127, code = round_clip(x / s_x, -128, 127), half away from zero. */
+Test(act, reference_matches_model_md) {
+    const kern_ops_t *ref = kern_ops_for(CPU_ISA_REF);
+    const size_t in = 100, n = 3;
+    float x[3 * 100];
+    fill_normal(x, n * in, 5, 1.0f);
+    for (size_t i = 0; i < in; i++)
+        x[2 * in + i] = 0.0f; /* an all-zero token */
+    kern_act_t a;
+    cr_assert_eq(kern_act_init(&a, n, in, NULL), 0);
+    cr_assert_eq(a.stride, 256);
+    ref->quantize_act(&a, x, in, n);
+    cr_assert_eq(a.n, n);
+    for (size_t s = 0; s < 2; s++) {
+        float amax = 0.0f;
+        for (size_t i = 0; i < in; i++)
+            amax = fmaxf(amax, fabsf(x[s * in + i]));
+        float sx = amax / 127.0f;
+        cr_assert_eq(a.scale[s], sx);
+        int32_t sum = 0;
+        for (size_t i = 0; i < in; i++) {
+            float c = roundf(x[s * in + i] / sx);
+            cr_assert_eq(a.q[s * a.stride + i], (int8_t)c);
+            sum += (int32_t)c;
+        }
+        cr_assert_eq(a.sum[s], sum);
+        for (size_t i = in; i < a.stride; i++)
+            cr_assert_eq(a.q[s * a.stride + i], 0);
+        float g1 = 0.0f;
+        for (size_t i = 32; i < 64; i++)
+            g1 += a.q[s * a.stride + i];
+        cr_assert_eq(a.gsum[s * (a.stride / 32) + 1], g1);
+    }
+    cr_assert_eq(a.scale[2], 0.0f);
+    cr_assert_eq(a.sum[2], 0);
+    kern_act_free(&a);
+    kern_act_free(&a);
+    cr_assert_eq(kern_act_init(&a, 1, 0, NULL), -1);
+    cr_assert_eq(kern_act_init(&a, 1, KERN_MAX_IN + 1, NULL), -1);
+}
+
+static void assert_act_equal(const kern_act_t *a, const kern_act_t *b, const char *lvl) {
+    cr_assert_eq(a->n, b->n);
+    cr_assert_eq(memcmp(a->q, b->q, a->n * a->stride), 0, "%s codes differ (in %zu)", lvl, a->in);
+    cr_assert_eq(memcmp(a->scale, b->scale, a->n * sizeof(float)), 0, "%s scales", lvl);
+    cr_assert_eq(memcmp(a->sum, b->sum, a->n * sizeof(int32_t)), 0, "%s sums", lvl);
+    cr_assert_eq(memcmp(a->gsum, b->gsum, a->n * (a->stride / 32) * sizeof(float)), 0,
+                 "%s group sums", lvl);
+}
+
+Test(act, simd_levels_match_reference) {
+    for (int lvl = 1; lvl < CPU_ISA_COUNT; lvl++) {
+        const kern_ops_t *ops = kern_ops_for((cpu_isa_t)lvl);
+        if (!ops) {
+            cr_log_info("level %s not available here: skipped", cpu_isa_name((cpu_isa_t)lvl));
+            continue;
+        }
+        for (size_t k = 0; k < Q_ARRAY_LEN(WIDTHS); k++) {
+            const size_t in = WIDTHS[k], n = 5, ldx = in + 3;
+            float *x = xmalloc(n * ldx * sizeof *x);
+            fill_normal(x, n * ldx, 10 + k, 3.0f);
+            /* Exact ties: a row whose max is 127 has s_x = 1, so k + 0.5 rounds away. */
+            x[ldx] = 127.0f;
+            for (size_t i = 1; i < in; i++)
+                x[ldx + i] = (float)((int)(i % 200) - 100) + 0.5f;
+            for (size_t i = 0; i < in; i++)
+                x[2 * ldx + i] = 0.0f;
+            kern_act_t a, b;
+            cr_assert_eq(kern_act_init(&a, n, in, NULL), 0);
+            cr_assert_eq(kern_act_init(&b, n, in, NULL), 0);
+            memset(b.q, 0x7f, b.cap * b.stride); /* padding must be rewritten to 0 */
+            kern_ops_for(CPU_ISA_REF)->quantize_act(&a, x, ldx, n);
+            ops->quantize_act(&b, x, ldx, n);
+            assert_act_equal(&a, &b, ops->name);
+            kern_act_free(&a);
+            kern_act_free(&b);
+            free(x);
+        }
+    }
+}
+
+/* ---- matrix products ---- */
+
+/* The reference against an independent evaluation: ternary and INT8 from the unpacked row
+ * (code = value / scale), y = ((float)isum * s_w) * s_x. */
+Test(matmul, reference_matches_definition) {
+    const kern_ops_t *ref = kern_ops_for(CPU_ISA_REF);
+    const qtype_t types[2] = {QTYPE_TERNARY, QTYPE_INT8};
+    const size_t in = 257, out = 5, n = 3;
+    float *x = xmalloc(n * in * sizeof *x), *dq = xmalloc(in * sizeof *dq);
+    fill_normal(x, n * in, 21, 1.0f);
+    kern_act_t a;
+    cr_assert_eq(kern_act_init(&a, n, in, NULL), 0);
+    ref->quantize_act(&a, x, in, n);
+    for (int t = 0; t < 2; t++) {
+        uint8_t *w = pack_matrix(types[t], out, in, 22);
+        size_t rb = qtype_row_bytes(types[t], in);
+        float y[5 * 3];
+        ref->matmul_q[types[t]](w, in, &a, y, out, 0, out);
+        for (size_t r = 0; r < out; r++) {
+            float sw = qtype_row_scale(types[t], w + r * rb, in);
+            qtype_traits(types[t])->dequantize_row_ref(w + r * rb, dq, in);
+            for (size_t s = 0; s < n; s++) {
+                int32_t isum = 0;
+                for (size_t i = 0; i < in; i++)
+                    isum += (int32_t)lrintf(dq[i] / sw) * a.q[s * a.stride + i];
+                float want = (float)isum * sw * a.scale[s];
+                cr_assert_eq(y[s * out + r], want, "%s r=%zu s=%zu", qtype_name(types[t]), r, s);
+            }
+        }
+        free(w);
+    }
+    kern_act_free(&a);
+    free(x);
+    free(dq);
+}
+
+/* Sum over i of |w_i x_i| for row r and token s, from the unpacked row: the scale of the
+ * rounding error allowed to the float and INT4 paths. */
+static double abs_dot(qtype_t t, const uint8_t *row, size_t in, const float *x) {
+    float *dq = xmalloc(in * sizeof *dq);
+    qtype_traits(t)->dequantize_row_ref(row, dq, in);
+    double s = 0.0;
+    for (size_t i = 0; i < in; i++)
+        s += fabs((double)dq[i] * x[i]);
+    free(dq);
+    return s;
+}
+
+/* Checks y (ldy = out + GUARD, n + GUARD rows allocated) against the reference yr on rows
+ * [r0, r1), and that everything else still holds the sentinel. */
+static void check_outputs(const char *what, qtype_t t, const uint8_t *w, size_t in,
+                          const float *xdeq, const float *y, const float *yr, size_t out, size_t n,
+                          size_t r0, size_t r1, int exact) {
+    const size_t ldy = out + GUARD, rb = qtype_row_bytes(t, in);
+    for (size_t s = 0; s < n + GUARD; s++)
+        for (size_t r = 0; r < ldy; r++) {
+            float v = y[s * ldy + r];
+            if (s >= n || r < r0 || r >= r1) {
+                cr_assert(isnan(v), "%s wrote outside its rows (r=%zu s=%zu)", what, r, s);
+                continue;
+            }
+            float want = yr[s * ldy + r];
+            cr_assert(isfinite(v), "%s produced %f at r=%zu s=%zu", what, v, r, s);
+            if (exact) {
+                cr_assert_eq(v, want, "%s in=%zu r=%zu s=%zu: %.9g vs %.9g", what, in, r, s, v,
+                             want);
+            } else {
+                double tol = KERN_TEST_REL_TOL * abs_dot(t, w + r * rb, in, xdeq + s * in) + 1e-30;
+                cr_assert(fabs((double)v - want) <= tol, "%s in=%zu r=%zu s=%zu: %.9g vs %.9g",
+                          what, in, r, s, v, want);
+            }
+        }
+}
+
+static float *sentinel_out(size_t out, size_t n) {
+    size_t len = (out + GUARD) * (n + GUARD);
+    float *y = xmalloc(len * sizeof *y);
+    for (size_t i = 0; i < len; i++)
+        y[i] = NAN;
+    return y;
+}
+
+static void run_quantized(qtype_t t) {
+    const kern_ops_t *ref = kern_ops_for(CPU_ISA_REF);
+    for (size_t kw = 0; kw < Q_ARRAY_LEN(WIDTHS); kw++)
+        for (size_t ko = 0; ko < Q_ARRAY_LEN(OUTS); ko++) {
+            const size_t in = WIDTHS[kw], out = OUTS[ko];
+            const size_t n = BATCH[(kw + ko) % Q_ARRAY_LEN(BATCH)];
+            uint8_t *w = pack_matrix(t, out, in, kw * 31 + ko);
+            float *x = xmalloc(n * in * sizeof *x), *xdeq = xmalloc(n * in * sizeof *x);
+            fill_normal(x, n * in, 100 + kw * 7 + ko, 1.0f);
+            kern_act_t a;
+            cr_assert_eq(kern_act_init(&a, n, in, NULL), 0);
+            ref->quantize_act(&a, x, in, n);
+            for (size_t s = 0; s < n; s++)
+                for (size_t i = 0; i < in; i++)
+                    xdeq[s * in + i] = a.scale[s] * a.q[s * a.stride + i];
+            float *yr = sentinel_out(out, n);
+            ref->matmul_q[t](w, in, &a, yr, out + GUARD, 0, out);
+            for (int lvl = 1; lvl < CPU_ISA_COUNT; lvl++) {
+                const kern_ops_t *ops = kern_ops_for((cpu_isa_t)lvl);
+                if (!ops)
+                    continue;
+                char what[64];
+                snprintf(what, sizeof what, "%s %s", ops->name, qtype_name(t));
+                /* Whole range, then a middle sub-range alone. */
+                float *y = sentinel_out(out, n);
+                ops->matmul_q[t](w, in, &a, y, out + GUARD, 0, out);
+                check_outputs(what, t, w, in, xdeq, y, yr, out, n, 0, out, t != QTYPE_INT4);
+                /* A single dot product is the same computation as its entry of the product. */
+                float d = kern_dot_q(ops, t, w + qtype_row_bytes(t, in) * (out - 1), &a, n - 1);
+                cr_assert_eq(d, y[(n - 1) * (out + GUARD) + out - 1], "%s dot", what);
+                free(y);
+                if (out >= 3) {
+                    y = sentinel_out(out, n);
+                    ops->matmul_q[t](w, in, &a, y, out + GUARD, 1, out - 1);
+                    check_outputs(what, t, w, in, xdeq, y, yr, out, n, 1, out - 1, t != QTYPE_INT4);
+                    free(y);
+                }
+            }
+            if (t == QTYPE_INT4) {
+                /* The reference itself: sum of dequantised weights x dequantised activations. */
+                for (size_t s = 0; s < n; s++)
+                    for (size_t r = 0; r < out; r++) {
+                        float *dq = xmalloc(in * sizeof *dq);
+                        qtype_traits(t)->dequantize_row_ref(w + r * qtype_row_bytes(t, in), dq, in);
+                        double want = 0.0;
+                        for (size_t i = 0; i < in; i++)
+                            want += (double)dq[i] * xdeq[s * in + i];
+                        double tol = KERN_TEST_REL_TOL * abs_dot(t, w + r * qtype_row_bytes(t, in),
+                                                                 in, xdeq + s * in) +
+                                     1e-30;
+                        cr_assert(fabs(yr[s * (out + GUARD) + r] - want) <= tol);
+                        free(dq);
+                    }
+            }
+            free(yr);
+            kern_act_free(&a);
+            free(x);
+            free(xdeq);
+            free(w);
+        }
+}
+
+Test(matmul, ternary_levels_match_reference) {
+    run_quantized(QTYPE_TERNARY);
+}
+
+Test(matmul, int4_levels_match_reference) {
+    run_quantized(QTYPE_INT4);
+}
+
+Test(matmul, int8_levels_match_reference) {
+    run_quantized(QTYPE_INT8);
+}
+
+static void run_float(qtype_t t) {
+    const kern_ops_t *ref = kern_ops_for(CPU_ISA_REF);
+    for (size_t kw = 0; kw < Q_ARRAY_LEN(WIDTHS); kw++)
+        for (size_t ko = 0; ko < Q_ARRAY_LEN(OUTS); ko++) {
+            const size_t in = WIDTHS[kw], out = OUTS[ko], ldx = in + 5;
+            const size_t n = BATCH[(kw + 2 * ko) % Q_ARRAY_LEN(BATCH)];
+            uint8_t *w = pack_matrix(t, out, in, 500 + kw * 31 + ko);
+            float *x = xmalloc(n * ldx * sizeof *x), *xd = xmalloc(n * in * sizeof *x);
+            fill_normal(x, n * ldx, 700 + kw * 7 + ko, 1.0f);
+            for (size_t s = 0; s < n; s++)
+                memcpy(xd + s * in, x + s * ldx, in * sizeof *x);
+            float *yr = sentinel_out(out, n);
+            ref->matmul_f[t](w, in, x, ldx, n, yr, out + GUARD, 0, out);
+            for (size_t s = 0; s < n; s++)
+                for (size_t r = 0; r < out; r++) {
+                    float *dq = xmalloc(in * sizeof *dq);
+                    qtype_traits(t)->dequantize_row_ref(w + r * qtype_row_bytes(t, in), dq, in);
+                    double want = 0.0;
+                    for (size_t i = 0; i < in; i++)
+                        want += (double)dq[i] * xd[s * in + i];
+                    cr_assert_eq(yr[s * (out + GUARD) + r], (float)want);
+                    free(dq);
+                }
+            for (int lvl = 1; lvl < CPU_ISA_COUNT; lvl++) {
+                const kern_ops_t *ops = kern_ops_for((cpu_isa_t)lvl);
+                if (!ops)
+                    continue;
+                char what[64];
+                snprintf(what, sizeof what, "%s %s", ops->name, qtype_name(t));
+                float *y = sentinel_out(out, n);
+                size_t r0 = out >= 3 ? 1 : 0, r1 = out >= 3 ? out - 1 : out;
+                ops->matmul_f[t](w, in, x, ldx, n, y, out + GUARD, r0, r1);
+                check_outputs(what, t, w, in, xd, y, yr, out, n, r0, r1, 0);
+                free(y);
+            }
+            free(yr);
+            free(x);
+            free(xd);
+            free(w);
+        }
+}
+
+Test(matmul, f32_levels_match_reference) {
+    run_float(QTYPE_F32);
+}
+
+Test(matmul, f16_levels_match_reference) {
+    run_float(QTYPE_F16);
+}
+
+/* ---- threads ---- */
+
+typedef struct {
+    const kern_ops_t *ops;
+    const uint8_t *w;
+    const kern_act_t *a;
+    float *y;
+    size_t in, out;
+} mm_job_t;
+
+static void mm_job(void *ctx, int tid, int nthreads) {
+    mm_job_t *j = ctx;
+    size_t r0, r1;
+    kern_split_rows(j->out, tid, nthreads, 4, &r0, &r1);
+    j->ops->matmul_q[QTYPE_TERNARY](j->w, j->in, j->a, j->y, j->out, r0, r1);
+}
+
+Test(pool, split_rows_covers_everything_once) {
+    for (size_t rows = 0; rows < 70; rows += 7)
+        for (int nt = 1; nt <= 5; nt++) {
+            size_t next = 0;
+            for (int t = 0; t < nt; t++) {
+                size_t r0, r1;
+                kern_split_rows(rows, t, nt, 4, &r0, &r1);
+                cr_assert_eq(r0, next);
+                cr_assert(r1 >= r0 && (r1 == rows || r1 % 4 == 0));
+                next = r1;
+            }
+            cr_assert_eq(next, rows);
+        }
+}
+
+Test(pool, threaded_product_is_bit_identical) {
+    init_once();
+    const size_t in = 300, out = 37, n = 4;
+    uint8_t *w = pack_matrix(QTYPE_TERNARY, out, in, 77);
+    float *x = xmalloc(n * in * sizeof *x);
+    fill_normal(x, n * in, 78, 1.0f);
+    kern_act_t a;
+    cr_assert_eq(kern_act_init(&a, n, in, NULL), 0);
+    kern_ops()->quantize_act(&a, x, in, n);
+    float *y1 = xmalloc(n * out * sizeof *y1), *y3 = xmalloc(n * out * sizeof *y3);
+    kern_ops()->matmul_q[QTYPE_TERNARY](w, in, &a, y1, out, 0, out);
+    qerr_t err;
+    kern_pool_t *pool = kern_pool_new(3, &err);
+    cr_assert_not_null(pool, "%s", err.msg);
+    cr_assert_eq(kern_pool_size(pool), 3);
+    for (int rep = 0; rep < 50; rep++) {
+        memset(y3, 0xff, n * out * sizeof *y3);
+        mm_job_t job = {kern_ops(), w, &a, y3, in, out};
+        kern_pool_run(pool, mm_job, &job);
+        cr_assert_eq(memcmp(y1, y3, n * out * sizeof *y1), 0, "round %d", rep);
+    }
+    kern_pool_destroy(&pool);
+    cr_assert_null(pool);
+    kern_pool_destroy(&pool);
+    cr_assert_null(kern_pool_new(0, &err));
+    kern_act_free(&a);
+    free(x);
+    free(y1);
+    free(y3);
+    free(w);
+}
+
+/* ---- FP16 conversion and packed bits ---- */
+
+Test(f16, conversions_match_fp16_h_bit_for_bit) {
+    float *f = xmalloc(65536 * sizeof *f), *g = xmalloc(65536 * sizeof *g);
+    uint16_t *h = xmalloc(65536 * sizeof *h), *h2 = xmalloc(65536 * sizeof *h);
+    for (uint32_t i = 0; i < 65536; i++)
+        h[i] = (uint16_t)i;
+    /* Floats: every half, the midpoints between neighbours (ties), near-ties and specials. */
+    const size_t nf = 65536;
+    rng_stream_t r;
+    rng_stream_init(&r, 1, 2, 3);
+    for (size_t i = 0; i < nf; i++) {
+        uint32_t u = (uint32_t)rng_stream_next_u64(&r);
+        switch (i % 4) {
+        case 0: memcpy(&f[i], &u, 4); break;
+        case 1: f[i] = fp16_to_float((uint16_t)i); break;
+        case 2: {
+            float a = fp16_to_float((uint16_t)i), b = fp16_to_float((uint16_t)(i + 1));
+            f[i] = isfinite(a) && isfinite(b) ? 0.5f * (a + b) : a;
+            break;
+        }
+        default: f[i] = ldexpf((float)(u & 0xffffff), (int)(u >> 27) - 40); break;
+        }
+    }
+    f[0] = 65520.0f;
+    f[4] = 65519.996f;
+    f[8] = INFINITY;
+    f[12] = -NAN;
+    for (int lvl = 0; lvl < CPU_ISA_COUNT; lvl++) {
+        const kern_ops_t *ops = kern_ops_for((cpu_isa_t)lvl);
+        if (!ops)
+            continue;
+        ops->f16_to_f32(g, h, 65536);
+        for (uint32_t i = 0; i < 65536; i++) {
+            float want = fp16_to_float((uint16_t)i);
+            cr_assert(memcmp(&g[i], &want, 4) == 0 || (isnan(g[i]) && isnan(want)),
+                      "%s f16_to_f32(0x%04x)", ops->name, i);
+        }
+        ops->f16_from_f32(h2, f, nf);
+        for (size_t i = 0; i < nf; i++)
+            cr_assert_eq(h2[i], fp16_from_float(f[i]), "%s f16_from_f32(%a)", ops->name,
+                         (double)f[i]);
+    }
+    free(f);
+    free(g);
+    free(h);
+    free(h2);
+}
+
+Test(bits, xor_popcount_pack_match_bit_by_bit) {
+    const size_t sizes[] = {1, 31, 63, 64, 65, 256, 1000};
+    for (int lvl = 0; lvl < CPU_ISA_COUNT; lvl++) {
+        const kern_ops_t *ops = kern_ops_for((cpu_isa_t)lvl);
+        if (!ops)
+            continue;
+        for (size_t k = 0; k < Q_ARRAY_LEN(sizes); k++) {
+            const size_t nbits = sizes[k], nw = (nbits + 63) / 64;
+            float *x = xmalloc(nbits * sizeof *x);
+            fill_normal(x, nbits, 900 + k, 1.0f);
+            uint64_t a[16], b[16], c[16];
+            memset(a, 0xff, sizeof a);
+            ops->bits_pack_gt(a, x, 0.25f, nbits);
+            size_t want_pop = 0;
+            for (size_t i = 0; i < nw * 64; i++) {
+                int bit = (int)((a[i / 64] >> (i % 64)) & 1);
+                int want = i < nbits && x[i] > 0.25f;
+                cr_assert_eq(bit, want, "%s pack bit %zu of %zu", ops->name, i, nbits);
+                want_pop += (size_t)want;
+            }
+            cr_assert_eq(ops->bits_popcount(a, nw), want_pop);
+            rng_stream_t r;
+            rng_stream_init(&r, 7, k, 0);
+            for (size_t i = 0; i < nw; i++)
+                b[i] = rng_stream_next_u64(&r);
+            ops->bits_xor(c, a, b, nw);
+            size_t pop = 0;
+            for (size_t i = 0; i < nw * 64; i++) {
+                int x1 = (int)((a[i / 64] >> (i % 64)) & 1),
+                    x2 = (int)((b[i / 64] >> (i % 64)) & 1);
+                int got = (int)((c[i / 64] >> (i % 64)) & 1);
+                cr_assert_eq(got, x1 != x2);
+                pop += (size_t)got;
+            }
+            cr_assert_eq(ops->bits_popcount(c, nw), pop);
+            ops->bits_xor(a, a, b, nw); /* in place */
+            cr_assert_eq(memcmp(a, c, nw * 8), 0);
+            free(x);
+        }
+    }
+}
