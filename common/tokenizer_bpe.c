@@ -25,9 +25,9 @@ static const char GPT2_EOT[] = "<|endoftext|>";
 /* GPT-2's bytes_to_unicode maps bytes to code points below 0x144. */
 #define BYTE_ALPHABET_LIMIT 0x144
 
-/* The word cache: direct-mapped, so its memory is fixed (~680 KB); pieces longer than the key
+/* The word cache: direct-mapped, so its memory is fixed (~2.6 MB); pieces longer than the key
  * limit (rare in text) are merged every time. */
-#define BPE_CACHE_SLOTS 4096
+#define BPE_CACHE_SLOTS 16384
 #define BPE_CACHE_KEY_MAX 32
 
 typedef struct {
@@ -117,8 +117,13 @@ static uint64_t merge_key(int32_t a, int32_t b) {
     return ((uint64_t)(uint32_t)a << 32) | (uint32_t)b;
 }
 
+/* murmur3's 64-bit finaliser: every key bit reaches the low bits the table uses. */
 static uint64_t merge_hash(uint64_t key) {
-    return (key * 0x9E3779B97F4A7C15ULL) >> 32;
+    key ^= key >> 33;
+    key *= 0xFF51AFD7ED558CCDULL;
+    key ^= key >> 33;
+    key *= 0xC4CEB9FE1A85EC53ULL;
+    return key ^ (key >> 33);
 }
 
 static const merge_slot_t *merge_find(const tokenizer_bpe_t *m, int32_t a, int32_t b) {
