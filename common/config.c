@@ -558,10 +558,16 @@ int config_load(quillan_config_t *cfg, const char *path, qerr_t *err) {
     yaml_document_t doc;
     int rc = 0;
     if (!yaml_parser_load(&parser, &doc)) {
-        rc = qerr_set(err, QERR_PARSE, "%s:%zu:%zu: YAML syntax error: %s%s%s", path,
-                      parser.problem_mark.line + 1, parser.problem_mark.column + 1,
-                      parser.problem ? parser.problem : "unknown", parser.context ? " " : "",
-                      parser.context ? parser.context : "");
+        if (parser.context)
+            rc = qerr_set(err, QERR_PARSE,
+                          "%s:%zu:%zu: YAML syntax error: %s (%s started at line %zu)", path,
+                          parser.problem_mark.line + 1, parser.problem_mark.column + 1,
+                          parser.problem ? parser.problem : "unknown", parser.context,
+                          parser.context_mark.line + 1);
+        else
+            rc = qerr_set(err, QERR_PARSE, "%s:%zu:%zu: YAML syntax error: %s", path,
+                          parser.problem_mark.line + 1, parser.problem_mark.column + 1,
+                          parser.problem ? parser.problem : "unknown");
         yaml_parser_delete(&parser);
         fclose(f);
         return rc;
@@ -1031,8 +1037,7 @@ static void md_row(FILE *out, const char *key, const config_key_t *k, const char
     fputs("|", out);
     md_cell(out, cell);
     md_cell(out, config_type_name(k->type));
-    snprintf(cell, sizeof cell, "`%s`", def);
-    md_cell(out, cell);
+    md_cell(out, def);
     md_allowed(k, allowed, sizeof allowed);
     md_cell(out, allowed);
     md_cell(out, k->unit);
@@ -1060,20 +1065,29 @@ int config_doc_markdown(FILE *out, qerr_t *err) {
             section_len = len;
         }
         if (k->type == CONFIG_T_LIST) {
-            md_row(out, k->path, k, k->def);
+            char cell[VALUE_MAX + 4];
+            snprintf(cell, sizeof cell, "`%s`", k->def);
+            md_row(out, k->path, k, cell);
             for (size_t j = 0; j < k->n_item_keys; j++) {
-                char key[KEY_MAX], def[VALUE_MAX];
-                snprintf(key, sizeof key, "%s[].%s", k->path, k->item_keys[j].path);
-                if (k->item_keys[j].required)
-                    snprintf(def, sizeof def, "(required)");
+                const config_key_t *item = &k->item_keys[j];
+                char key[KEY_MAX], quoted[VALUE_MAX];
+                snprintf(key, sizeof key, "%s[].%s", k->path, item->path);
+                if (item->type == CONFIG_T_STRING)
+                    format_quoted(item->def, quoted, sizeof quoted);
                 else
-                    copy_str(def, sizeof def, k->item_keys[j].def);
-                md_row(out, key, &k->item_keys[j], def);
+                    copy_str(quoted, sizeof quoted, item->def);
+                if (item->required)
+                    copy_str(cell, sizeof cell, "(required)");
+                else
+                    snprintf(cell, sizeof cell, "`%s`", quoted);
+                md_row(out, key, item, cell);
             }
             continue;
         }
         char def[VALUE_MAX];
-        format_value(k, defaults, def, sizeof def);
+        def[0] = '`';
+        format_value(k, defaults, def + 1, sizeof def - 2);
+        strcat(def, "`");
         md_row(out, k->path, k, def);
     }
     free(defaults);

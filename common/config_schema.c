@@ -82,7 +82,7 @@ static const config_key_t service_keys[] = {
      ITEM(name),
      .def = "",
      .unit = "",
-     .doc = "label in logs and reward_parts (default: the address)"},
+     .doc = "label in logs and reward_parts (\"\" = the address)"},
 };
 
 static const config_key_t keys[] = {
