@@ -378,7 +378,7 @@ static json_t *json_file_load(const char *path, qerr_t *err) {
     json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
     if (!root) {
         if (je.line < 0)
-            qerr_set(err, QERR_IO, "%s: %s", path, je.text);
+            qerr_set(err, QERR_IO, "%s", je.text); /* names the file already */
         else
             qerr_set(err, QERR_PARSE, "%s:%d:%d: %s", path, je.line, je.column, je.text);
     }
