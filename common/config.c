@@ -12,9 +12,10 @@
 #include <sys/stat.h>
 #include <yaml.h>
 
-#define KEY_MAX 256 /* longest dotted key path, "reward.services[15].address" included */
-#define GOT_MAX 48  /* bytes of an offending value quoted in a message */
-#define SET_MAX 300 /* bytes of a --set assignment quoted in a message */
+#define KEY_MAX 256            /* longest dotted key path, "reward.services[15].address" included */
+#define GOT_MAX 48             /* bytes of an offending value quoted in a message */
+#define GOT_BUF (GOT_MAX + 24) /* the quoted value with "the string ..." around it */
+#define SET_MAX 300            /* bytes of a --set assignment quoted in a message */
 #define SET_ORIGIN -1
 
 /* One YAML document being applied to a config: a file, a --set value, or a schema default. */
@@ -78,12 +79,11 @@ static const char *describe(const yaml_node_t *node, char *buf, size_t cap) {
         return "a list";
     if (is_null(node))
         return "null";
-    const char *s = scalar_of(node);
-    size_t n = strlen(s);
-    if (n > GOT_MAX)
-        snprintf(buf, cap, "'%.*s...'", GOT_MAX, s);
+    const char *s = scalar_of(node), *kind = is_plain(node) ? "" : "the string ";
+    if (strlen(s) > GOT_MAX)
+        snprintf(buf, cap, "%s'%.*s...'", kind, GOT_MAX, s);
     else
-        snprintf(buf, cap, "'%s'", s);
+        snprintf(buf, cap, "%s'%s'", kind, s);
     return buf;
 }
 
@@ -183,7 +183,7 @@ static int find_row(const char *path, const config_key_t *rows, size_t n) {
 
 static int parse_number(loader_t *ld, int line, const char *key, const yaml_node_t *v,
                         const config_key_t *k, double *out) {
-    char got[GOT_MAX + 8];
+    char got[GOT_BUF];
     const char *s = scalar_of(v);
     char *end;
     errno = 0;
@@ -202,7 +202,7 @@ static int parse_number(loader_t *ld, int line, const char *key, const yaml_node
 
 static int parse_int(loader_t *ld, int line, const char *key, const yaml_node_t *v,
                      const config_key_t *k, int *out) {
-    char got[GOT_MAX + 8];
+    char got[GOT_BUF];
     const char *s = scalar_of(v);
     char *end;
     errno = 0;
@@ -218,7 +218,7 @@ static int parse_int(loader_t *ld, int line, const char *key, const yaml_node_t 
 }
 
 static int parse_u64(loader_t *ld, int line, const char *key, const yaml_node_t *v, uint64_t *out) {
-    char got[GOT_MAX + 8];
+    char got[GOT_BUF];
     const char *s = scalar_of(v);
     if (!s || !is_plain(v) || !*s || strspn(s, "0123456789") != strlen(s))
         return fail(ld, line, QERR_INVALID, key, "expected an unsigned integer, got %s",
@@ -241,14 +241,14 @@ static int parse_bool(loader_t *ld, int line, const char *key, const yaml_node_t
             return 0;
         }
     }
-    char got[GOT_MAX + 8];
+    char got[GOT_BUF];
     return fail(ld, line, QERR_INVALID, key, "expected true or false, got %s",
                 describe(v, got, sizeof got));
 }
 
 static int parse_string(loader_t *ld, int line, const char *key, const yaml_node_t *v,
                         const config_key_t *k, char *out) {
-    char got[GOT_MAX + 8];
+    char got[GOT_BUF];
     if (v->type != YAML_SCALAR_NODE)
         return fail(ld, line, QERR_INVALID, key, "expected a string, got %s",
                     describe(v, got, sizeof got));
@@ -272,7 +272,7 @@ static int parse_enum(loader_t *ld, int line, const char *key, const yaml_node_t
             return 0;
         }
     }
-    char list[256] = "", got[GOT_MAX + 8];
+    char list[256] = "", got[GOT_BUF];
     for (int i = 0; names[i]; i++) {
         size_t used = strlen(list);
         snprintf(list + used, sizeof list - used, "%s%s", i ? ", " : "", names[i]);
@@ -287,7 +287,7 @@ static int parse_range(loader_t *ld, int line, const char *key, const yaml_node_
         *out = (config_range_t){0};
         return 0;
     }
-    char got[GOT_MAX + 8];
+    char got[GOT_BUF];
     if (v->type != YAML_SEQUENCE_NODE ||
         v->data.sequence.items.top - v->data.sequence.items.start != 2)
         return fail(ld, line, QERR_INVALID, key, "expected [lo, hi] or null, got %s",
@@ -345,7 +345,7 @@ static void item_defaults(const config_key_t *list, void *item) {
 /* Fills one list item from a mapping node: defaults first, then the node's keys. */
 static int apply_item(loader_t *ld, const config_key_t *list, const yaml_node_t *v, void *item,
                       const char *shown, int line) {
-    char got[GOT_MAX + 8];
+    char got[GOT_BUF];
     if (v->type != YAML_MAPPING_NODE)
         return fail(ld, line, QERR_INVALID, shown, "expected a mapping of %s, got %s", list->doc,
                     describe(v, got, sizeof got));
@@ -362,7 +362,7 @@ static int apply_item(loader_t *ld, const config_key_t *list, const yaml_node_t 
 
 static int apply_list(loader_t *ld, const config_key_t *k, const yaml_node_t *v, void *base,
                       const char *key, int line) {
-    char got[GOT_MAX + 8];
+    char got[GOT_BUF];
     size_t max = k->size / k->item_size;
     if (is_null(v)) {
         *(int *)((char *)base + k->count_offset) = 0;
@@ -441,7 +441,7 @@ static int apply_row(loader_t *ld, int idx, const yaml_node_t *v, const char *ke
 static int walk_mapping(loader_t *ld, const yaml_node_t *map, const char *prefix,
                         const char *shown_prefix, const config_key_t *rows, size_t n, void *base,
                         int is_item) {
-    char got[GOT_MAX + 8];
+    char got[GOT_BUF];
     if (is_null(map))
         return 0;
     if (map->type != YAML_MAPPING_NODE)
@@ -534,6 +534,17 @@ void config_defaults(quillan_config_t *cfg) {
     memset(cfg->origin, 0, sizeof cfg->origin);
 }
 
+static int syntax_error(const yaml_parser_t *parser, const char *path, qerr_t *err) {
+    const char *problem = parser->problem ? parser->problem : "unknown";
+    if (parser->context)
+        return qerr_set(err, QERR_PARSE,
+                        "%s:%zu:%zu: YAML syntax error: %s (%s started at line %zu)", path,
+                        parser->problem_mark.line + 1, parser->problem_mark.column + 1, problem,
+                        parser->context, parser->context_mark.line + 1);
+    return qerr_set(err, QERR_PARSE, "%s:%zu:%zu: YAML syntax error: %s", path,
+                    parser->problem_mark.line + 1, parser->problem_mark.column + 1, problem);
+}
+
 int config_load(quillan_config_t *cfg, const char *path, qerr_t *err) {
     if (strlen(path) >= sizeof cfg->source)
         return qerr_set(err, QERR_INVALID, "%.64s...: config path is too long", path);
@@ -558,28 +569,23 @@ int config_load(quillan_config_t *cfg, const char *path, qerr_t *err) {
     yaml_document_t doc;
     int rc = 0;
     if (!yaml_parser_load(&parser, &doc)) {
-        if (parser.context)
-            rc = qerr_set(err, QERR_PARSE,
-                          "%s:%zu:%zu: YAML syntax error: %s (%s started at line %zu)", path,
-                          parser.problem_mark.line + 1, parser.problem_mark.column + 1,
-                          parser.problem ? parser.problem : "unknown", parser.context,
-                          parser.context_mark.line + 1);
-        else
-            rc = qerr_set(err, QERR_PARSE, "%s:%zu:%zu: YAML syntax error: %s", path,
-                          parser.problem_mark.line + 1, parser.problem_mark.column + 1,
-                          parser.problem ? parser.problem : "unknown");
+        rc = syntax_error(&parser, path, err);
         yaml_parser_delete(&parser);
         fclose(f);
         return rc;
     }
     yaml_node_t *root = yaml_document_get_root_node(&doc);
     yaml_document_t extra;
-    if (root && yaml_parser_load(&parser, &extra)) {
-        if (yaml_document_get_root_node(&extra))
-            rc =
-                qerr_set(err, QERR_PARSE, "%s:%zu: a config holds one YAML document, found another",
-                         path, extra.start_mark.line + 1);
-        yaml_document_delete(&extra);
+    if (root) {
+        if (!yaml_parser_load(&parser, &extra)) {
+            rc = syntax_error(&parser, path, err);
+        } else {
+            if (yaml_document_get_root_node(&extra))
+                rc = qerr_set(err, QERR_PARSE,
+                              "%s:%zu: a config holds one YAML document, found another", path,
+                              extra.start_mark.line + 1);
+            yaml_document_delete(&extra);
+        }
     }
     yaml_parser_delete(&parser);
     fclose(f);
@@ -587,7 +593,7 @@ int config_load(quillan_config_t *cfg, const char *path, qerr_t *err) {
         copy_str(cfg->source, sizeof cfg->source, path);
         loader_t ld = {.cfg = cfg, .doc = &doc, .file = path, .err = err};
         if (root->type != YAML_MAPPING_NODE && !is_null(root)) {
-            char got[GOT_MAX + 8];
+            char got[GOT_BUF];
             rc = qerr_set(err, QERR_INVALID, "%s:%d: expected a mapping of sections, got %s", path,
                           line_of(root), describe(root, got, sizeof got));
         } else {

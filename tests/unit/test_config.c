@@ -191,6 +191,15 @@ Test(config, error_wrong_type) {
                               NULL});
 }
 
+Test(config, error_quoted_number_and_second_document) {
+    expect_load_error("quoted_number.yaml", QERR_INVALID,
+                      (const char *const[]){"quoted_number.yaml:2: rollout.max_new_tokens: "
+                                            "expected an integer, got the string '64'",
+                                            NULL});
+    expect_load_error("two_documents.yaml", QERR_PARSE,
+                      (const char *const[]){"two_documents.yaml:3:", "one YAML document", NULL});
+}
+
 Test(config, error_out_of_range) {
     expect_load_error(
         "out_of_range.yaml", QERR_RANGE,
