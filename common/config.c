@@ -328,17 +328,35 @@ static int apply_preset(quillan_config_t *cfg, const char *name, qerr_t *err) {
 static int walk_mapping(loader_t *ld, const yaml_node_t *map, const char *prefix,
                         const char *shown_prefix, const config_key_t *rows, size_t n, void *base,
                         int is_item);
+static int apply_value(loader_t *ld, const config_key_t *k, const yaml_node_t *v, void *base,
+                       const char *key, int line);
 
+static int parse_text(const char *text, yaml_document_t *doc, const char *where, qerr_t *err);
+
+/* Applies row k's schema default to base; a bad default is a bug in the table. */
+static void apply_default(quillan_config_t *cfg, const config_key_t *k, const char *where,
+                          void *base) {
+    yaml_document_t doc;
+    qerr_t err = {0};
+    /* An empty default is the empty string; YAML reads "" as no document at all. */
+    int rc = parse_text(*k->def ? k->def : "''", &doc, where, &err);
+    if (rc == 0) {
+        loader_t ld = {.cfg = cfg, .doc = &doc, .where = where, .err = &err};
+        rc = apply_value(&ld, k, yaml_document_get_root_node(&doc), base, k->path, 0);
+        yaml_document_delete(&doc);
+    }
+    if (rc)
+        fprintf(stderr, "quillan: bad schema default: %s\n", err.msg);
+    Q_ASSERT(rc == 0);
+}
+
+/* Sets every field of a list item to its schema default. */
 static void item_defaults(const config_key_t *list, void *item) {
     memset(item, 0, list->item_size);
     for (size_t i = 0; i < list->n_item_keys; i++) {
-        const config_key_t *k = &list->item_keys[i];
-        if (k->type == CONFIG_T_STRING)
-            snprintf(field_at(item, k), k->size, "%s", k->def);
-        else if (k->type == CONFIG_T_DOUBLE)
-            *(double *)field_at(item, k) = strtod(k->def, NULL);
-        else
-            Q_ASSERT(!"list item fields are strings or numbers");
+        char where[KEY_MAX + 16];
+        snprintf(where, sizeof where, "default of %s[].%s", list->path, list->item_keys[i].path);
+        apply_default(NULL, &list->item_keys[i], where, item);
     }
 }
 
@@ -512,26 +530,14 @@ void config_defaults(quillan_config_t *cfg) {
     memset(cfg, 0, sizeof *cfg);
     size_t n;
     const config_key_t *rows = config_schema(&n);
+    /* Row order matters: model.preset comes first and fills the model keys (def NULL). */
     for (size_t i = 0; i < n; i++) {
         if (!rows[i].def)
             continue;
         char where[KEY_MAX + 16];
         snprintf(where, sizeof where, "default of %s", rows[i].path);
-        yaml_document_t doc;
-        qerr_t err = {0};
-        /* An empty default is the empty string; YAML reads "" as no document at all. */
-        int rc = parse_text(*rows[i].def ? rows[i].def : "''", &doc, where, &err);
-        if (rc == 0) {
-            loader_t ld = {.cfg = cfg, .doc = &doc, .where = where, .err = &err};
-            ld.pass = rows[i].type == CONFIG_T_PRESET ? 0 : 1;
-            rc = apply_row(&ld, (int)i, yaml_document_get_root_node(&doc), rows[i].path, 0);
-            yaml_document_delete(&doc);
-        }
-        if (rc)
-            fprintf(stderr, "quillan: bad schema default: %s\n", err.msg);
-        Q_ASSERT(rc == 0);
+        apply_default(cfg, &rows[i], where, cfg);
     }
-    memset(cfg->origin, 0, sizeof cfg->origin);
 }
 
 static int syntax_error(const yaml_parser_t *parser, const char *path, qerr_t *err) {
