@@ -6,5 +6,8 @@
 
 int cli_config_main(int argc, char **argv);   /* quillan config check FILE [--set a.b=c]... */
 int cli_tokenize_main(int argc, char **argv); /* quillan tokenize [--tokenizer ...] TEXT */
+int cli_params_main(int argc, char **argv);   /* quillan params CONFIG */
+int cli_sft_main(int argc, char **argv);      /* quillan sft CONFIG [--set a.b=c]... */
+int cli_data_main(int argc, char **argv);     /* quillan data make-task TASK --n N --out DIR */
 
 #endif

@@ -335,7 +335,7 @@ static void init_tensor(model_t *m, size_t ti) {
     }
 }
 
-model_t *model_new(const model_config_t *cfg, qerr_t *err) {
+model_t *model_new_table(const model_config_t *cfg, qerr_t *err) {
     model_config_t c = *cfg;
     if (model_config_validate(&c, err))
         return NULL;
@@ -352,7 +352,14 @@ model_t *model_new(const model_config_t *cfg, qerr_t *err) {
         model_destroy(&m);
         return qerr_set(err, QERR_NOMEM, "model: out of memory for the tensor table"), NULL;
     }
-    for (int l = 0; l < c.num_layers; l++) {
+    return m;
+}
+
+model_t *model_new(const model_config_t *cfg, qerr_t *err) {
+    model_t *m = model_new_table(cfg, err);
+    if (!m)
+        return NULL;
+    for (int l = 0; l < m->cfg.num_layers; l++) {
         if (moe_load_init(&m->loads[l], &m->md, err)) {
             model_destroy(&m);
             return NULL;
@@ -391,7 +398,8 @@ void model_destroy(model_t **pm) {
         return;
     acts_free(m);
     for (int l = 0; l < m->cfg.num_layers && m->loads; l++)
-        moe_load_free(&m->loads[l]);
+        if (m->loads[l].gate)
+            moe_load_free(&m->loads[l]);
     free(m->loads);
     free(m->la);
     free(m->lofs);
@@ -742,8 +750,8 @@ int model_forward(model_t *m, const model_batch_t *b, model_stats_t *stats, qerr
         moe_bias_t bias;
         moe_views(m, l, &qp, NULL, &bias);
         moe_aux_t aux;
-        if (moe_forward(a->moe, m->br, &aux, &m->loads[l], a->ln2, &qp, &bias,
-                        b->replay ? &b->replay[l] : NULL, &m->md, BT, err))
+        if (moe_forward(a->moe, m->br, &aux, b->count_load ? &m->loads[l] : NULL, a->ln2, &qp,
+                        &bias, b->replay ? &b->replay[l] : NULL, &m->md, BT, err))
             return qerr_wrap(err, "layer %d", l);
         bal_sum += aux.balance;
         z_sum += aux.z;
@@ -881,10 +889,10 @@ int model_greedy(model_t *m, const int32_t *tokens, int B, int T, const int *pos
     return 0;
 }
 
-void model_balance_update(model_t *m) {
+void model_balance_update(model_t *m, int apply) {
     const real rate = (real)m->cfg.balance_bias_rate;
     for (int l = 0; l < m->cfg.num_layers; l++) {
-        if (rate > 0) {
+        if (apply && rate > 0) {
             moe_bias_t bias;
             moe_views(m, l, NULL, NULL, &bias);
             moe_bias_update(&bias, &m->loads[l], rate);

@@ -38,6 +38,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #define MODEL_NAME_MAX 96 /* tensor name capacity, NUL included */
 #define MODEL_MAX_NDIM 3
@@ -90,6 +91,10 @@ typedef struct model model_t;
  * (model_plan). NULL with err set (QERR_INVALID for a config that does not validate,
  * QERR_NOMEM). */
 model_t *model_new(const model_config_t *cfg, qerr_t *err);
+/* The tensor table of a validated config without any parameter memory: for sizes and the
+ * `quillan params` breakdown. Only the table accessors may be used on it (model_params and
+ * model_grads return NULL; no forward). */
+model_t *model_new_table(const model_config_t *cfg, qerr_t *err);
 /* Frees everything and NULLs *m; safe on NULL and twice. */
 void model_destroy(model_t **m);
 
@@ -117,6 +122,12 @@ void model_params_changed(model_t *m);
  * scale per row. Independent of any model instance. */
 size_t model_tensor_rollout_bytes(const model_tensor_t *t);
 
+/* Prints the `quillan params` breakdown of a config to out: one row per component with its
+ * precision at rollout, parameter count, bytes at rollout precision and share of the
+ * parameters, a total line, and the non-trained buffers below it. Markdown table. Returns 0,
+ * or -1 with err set (config invalid, out of memory). */
+int model_params_print(const model_config_t *cfg, FILE *out, qerr_t *err);
+
 /* ---- Forward / backward ---- */
 
 typedef struct {
@@ -129,6 +140,8 @@ typedef struct {
     const moe_route_t *replay; /* [L] routing records to replay, or NULL (own top-k) */
     const diffusion_plan_t *plan_replay; /* diffusion plan record to replay, or NULL */
     int training;                        /* 1: residual dropout at cfg.dropout (SFT) */
+    int count_load;     /* 1: add the routing to the loss-free balancing counts (training batches;
+                         * 0 for evaluation and generation) */
     uint64_t noise_key; /* keys dropout masks and diffusion training noise (e.g. the
                          * optimizer step), so a resumed run draws the same noise */
     real temperature;   /* log-probs of logits / temperature (> 0; 1 in SFT) */
@@ -180,10 +193,11 @@ void model_backward(model_t *m, const real *dlogp, const real *dentropy);
 int model_greedy(model_t *m, const int32_t *tokens, int B, int T, const int *pos, int32_t *out,
                  qerr_t *err);
 
-/* Loss-free balancing (MODEL.md): updates every router's bias from the selection counts of the
- * forwards since the last call, then resets the counts. No-op when balance_bias_rate is 0. Call
- * after each optimizer step. */
-void model_balance_update(model_t *m);
+/* Loss-free balancing (MODEL.md): when apply is 1 and balance_bias_rate > 0, updates every
+ * router's bias from the selection counts of the forwards (with count_load) since the last
+ * call; then resets the counts. Call after each optimizer step, with apply 0 when the step was
+ * skipped. */
+void model_balance_update(model_t *m, int apply);
 
 /* Bytes of activation memory currently planned. */
 size_t model_activation_bytes(const model_t *m);

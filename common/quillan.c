@@ -13,6 +13,9 @@ typedef struct {
 static const command_t commands[] = {
     {"config", cli_config_main, "check a config file and print the resolved config"},
     {"tokenize", cli_tokenize_main, "encode text to token ids (and decode ids back to text)"},
+    {"params", cli_params_main, "print a model's parameter and rollout-size breakdown"},
+    {"sft", cli_sft_main, "supervised fine-tuning on prompt/completion pairs"},
+    {"data", cli_data_main, "make synthetic datasets (data make-task addition ...)"},
 };
 
 static void usage(FILE *out) {

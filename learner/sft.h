@@ -1,0 +1,56 @@
+/* Supervised fine-tuning on CPU (TRAINING.md §Supervised warm start): cross-entropy on the
+ * completion tokens of a JSONL of {prompt, completion} pairs, with the model, optimizer,
+ * checkpoints and logs of the learner.
+ *
+ * Sequences: BOS + prompt tokens + completion tokens + EOS (ARCHITECTURE.md §6); the loss
+ * covers the positions that predict completion tokens and EOS. A batch is batch_size sequences
+ * right-padded with PAD to the longest; the CE is the mean over the batch's completion tokens.
+ * Data order: epoch e visits the training set in a permutation drawn from (data.seed, e)
+ * (identity when data.shuffle is false). Step s draws its dropout and diffusion noise from
+ * (learner.seed, s). So a run resumed from a checkpoint (weights, Adam moments, step, data
+ * position) continues exactly: with one thread, its losses are bit-identical to an
+ * uninterrupted run's.
+ *
+ * Progress: a log record "sft/step" every log_interval steps (step, loss, ce, lr, grad_norm,
+ * tokens/s, ETA), "sft/eval" every eval_interval steps and at the end (test loss, greedy
+ * exact-match accuracy: the generated text up to EOS equals the completion), and a checkpoint
+ * every learner.checkpoint_interval steps and at the end. */
+#ifndef QUILLAN_SFT_H
+#define QUILLAN_SFT_H
+
+#include "config.h"
+#include "error.h"
+
+#include <stddef.h>
+
+typedef struct {
+    int batch_size;     /* sequences per optimizer step (>= 1) */
+    int eval_interval;  /* steps between evaluations; 0 = only at the end */
+    int eval_examples;  /* test examples evaluated (0 = all) */
+    int log_interval;   /* steps between progress records (>= 1) */
+    long max_steps;     /* stop once this many steps are done (0 = learner.total_steps); the
+                         * schedule still follows total_steps */
+    const char *resume; /* checkpoint directory or root to continue from, or NULL */
+    double *loss_trace; /* optional: loss_trace[s] = training loss of step s, s < trace_cap */
+    size_t trace_cap;
+} sft_options_t;
+
+/* batch 32, eval every 100 steps on 500 examples, log every 10 steps. */
+void sft_options_default(sft_options_t *opt);
+
+typedef struct {
+    long steps;        /* steps done in total (including those before a resume) */
+    long skipped;      /* non-finite steps skipped */
+    double first_loss; /* loss of the first step this call ran */
+    double last_loss;  /* loss of the last step this call ran */
+    double eval_loss;  /* last evaluation (NaN when no test set) */
+    double eval_accuracy;
+    double seconds; /* wall time of this call */
+    long tokens;    /* tokens (input positions, padding excluded) trained on in this call */
+} sft_result_t;
+
+/* Runs SFT for the validated config (data.train required; data.test optional). Errors name
+ * the file and line (dataset), the file and tensor (checkpoint), or the key (config). */
+int sft_run(const quillan_config_t *cfg, const sft_options_t *opt, sft_result_t *res, qerr_t *err);
+
+#endif
