@@ -1,0 +1,389 @@
+/* Rollout kernel benchmark: 4096 x 4096 matrix products with weights streamed from DRAM,
+ * next to a streaming-read bandwidth probe and int8 / fp32 compute peak probes measured in the
+ * same run, so figures are ratios that survive a shared, drifting machine.
+ *
+ *   bench_kernels [--mib M] [--rounds R] [--threads T] [--batches 1,8,16,32] [--shapes]
+ *
+ * Each format cycles through >= M MiB (default 512) of distinct copies of its matrix, so every
+ * product reads its weights from DRAM (ANCHORS.md: cache-hot numbers overstate batch-1 speed
+ * 2-3x). The rows of each product are split across T threads (1 and 2 by default) in static
+ * contiguous ranges through kern_pool. Times are the best of R rounds (default 5) over all copies.
+ * --shapes adds the quillan-512m preset's matrix shapes. QUILLAN_ISA selects the kernel level. */
+#include "cpu_features.h"
+#include "kern_pool.h"
+#include "kernels.h"
+#include "rng.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define MAX_ROUNDS 64
+#define MAX_BATCH 64
+#define MAX_BATCHES 8
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Best of n rounds: on a shared machine the fastest round is the one least disturbed by other
+ * processes, for the probes and the kernels alike. */
+static double best(const double *v, int n) {
+    double m = v[0];
+    for (int i = 1; i < n; i++)
+        m = v[i] < m ? v[i] : m;
+    return m;
+}
+
+static void *xalloc(size_t n) {
+    void *p = aligned_alloc(64, (n + 63) / 64 * 64);
+    if (!p) {
+        fprintf(stderr, "bench_kernels: out of memory (%zu bytes)\n", n);
+        exit(1);
+    }
+    return p;
+}
+
+/* ---- probes ---- */
+
+typedef struct {
+    const uint64_t *buf;
+    size_t words;
+    uint64_t sink[KERN_POOL_MAX];
+} probe_job_t;
+
+static void probe_read(void *ctx, int tid, int nt) {
+    probe_job_t *j = ctx;
+    size_t w0, w1;
+    kern_split_rows(j->words, tid, nt, 64, &w0, &w1);
+    uint64_t a[8] = {0};
+    for (size_t i = w0; i + 8 <= w1; i += 8)
+        for (int k = 0; k < 8; k++)
+            a[k] += j->buf[i + (size_t)k];
+    j->sink[tid] = a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7];
+}
+
+/* Streaming read of a 1 GiB buffer on every thread of the pool: GB/s, best of rounds. */
+static double probe_dram(kern_pool_t *pool, const uint64_t *buf, size_t bytes, int rounds) {
+    probe_job_t job = {.buf = buf, .words = bytes / 8};
+    double t[MAX_ROUNDS] = {0};
+    for (int r = 0; r < rounds; r++) {
+        double t0 = now_s();
+        kern_pool_run(pool, probe_read, &job);
+        t[r] = now_s() - t0;
+    }
+    return (double)bytes / best(t, rounds) / 1e9;
+}
+
+#define PEAK_ITERS 20000000L
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+__attribute__((target("avx512f,avx512vnni"))) static void peak_vnni(void *ctx, int tid, int nt) {
+    (void)nt;
+    __m512i acc[12];
+    const __m512i a = _mm512_set1_epi8(1), b = _mm512_set1_epi8(2);
+    for (int k = 0; k < 12; k++)
+        acc[k] = _mm512_set1_epi32(k);
+    for (long i = 0; i < PEAK_ITERS; i++) {
+#pragma GCC unroll 12
+        for (int k = 0; k < 12; k++)
+            acc[k] = _mm512_dpbusd_epi32(acc[k], a, b);
+    }
+    __m512i s = acc[0];
+    for (int k = 1; k < 12; k++)
+        s = _mm512_add_epi32(s, acc[k]);
+    ((int64_t *)ctx)[tid] = _mm512_reduce_add_epi32(s);
+}
+
+__attribute__((target("avx512f"))) static void peak_fma(void *ctx, int tid, int nt) {
+    (void)nt;
+    __m512 acc[12];
+    const __m512 a = _mm512_set1_ps(1.0000001f), b = _mm512_set1_ps(0.999999f);
+    for (int k = 0; k < 12; k++)
+        acc[k] = _mm512_set1_ps((float)k);
+    for (long i = 0; i < PEAK_ITERS; i++) {
+#pragma GCC unroll 12
+        for (int k = 0; k < 12; k++)
+            acc[k] = _mm512_fmadd_ps(acc[k], a, b);
+    }
+    __m512 s = acc[0];
+    for (int k = 1; k < 12; k++)
+        s = _mm512_add_ps(s, acc[k]);
+    ((int64_t *)ctx)[tid] = (int64_t)_mm512_reduce_add_ps(s);
+}
+
+#define HAVE_PEAK_PROBES 1
+#endif
+
+/* Multiply-accumulates per second of a probe running on every thread: int8 MACs for VNNI
+ * (64 per instruction), fp32 FMAs for FMA (16 per instruction). */
+static double probe_peak(kern_pool_t *pool, kern_pool_fn fn, double macs_per_instr) {
+    int64_t sink[KERN_POOL_MAX];
+    double t0 = now_s();
+    kern_pool_run(pool, fn, sink);
+    double t = now_s() - t0;
+    return (double)kern_pool_size(pool) * PEAK_ITERS * 12 * macs_per_instr / t;
+}
+
+/* ---- products ---- */
+
+typedef struct {
+    const kern_ops_t *ops;
+    qtype_t type;
+    const uint8_t *w;
+    size_t in, out;
+    const kern_act_t *act;
+    const float *x;
+    size_t n;
+    float *y;
+} mm_job_t;
+
+static void mm_run(void *ctx, int tid, int nt) {
+    mm_job_t *j = ctx;
+    size_t r0, r1;
+    kern_split_rows(j->out, tid, nt, 4, &r0, &r1);
+    if (j->type == QTYPE_F32 || j->type == QTYPE_F16)
+        j->ops->matmul_f[j->type](j->w, j->in, j->x, j->in, j->n, j->y, j->out, r0, r1);
+    else
+        j->ops->matmul_q[j->type](j->w, j->in, j->act, j->y, j->out, r0, r1);
+}
+
+typedef struct {
+    double us, gbps, gmacs;
+} result_t;
+
+/* Best time per product over `rounds` passes through `copies` distinct copies. */
+static result_t bench_product(kern_pool_t *pool, const kern_ops_t *ops, qtype_t type,
+                              const uint8_t *mats, size_t copies, size_t out, size_t in,
+                              const kern_act_t *act, const float *x, size_t n, float *y,
+                              int rounds) {
+    const size_t mb = out * qtype_row_bytes(type, in);
+    mm_job_t job = {ops, type, mats, in, out, act, x, n, y};
+    kern_pool_run(pool, mm_run, &job); /* warm-up: page tables, code */
+    double t[MAX_ROUNDS] = {0};
+    for (int r = 0; r < rounds; r++) {
+        double t0 = now_s();
+        for (size_t c = 0; c < copies; c++) {
+            job.w = mats + c * mb;
+            kern_pool_run(pool, mm_run, &job);
+        }
+        t[r] = (now_s() - t0) / (double)copies;
+    }
+    double s = best(t, rounds);
+    result_t res = {s * 1e6, (double)mb / s / 1e9, (double)out * in * n / s / 1e9};
+    return res;
+}
+
+static const qtype_t TYPES[] = {QTYPE_TERNARY, QTYPE_INT4, QTYPE_INT8, QTYPE_F16, QTYPE_F32};
+
+/* Fills `copies` copies of one quantized out x in matrix of N(0, 0.02) weights. */
+static uint8_t *make_copies(qtype_t type, size_t out, size_t in, size_t min_bytes, size_t *copies) {
+    const size_t rb = qtype_row_bytes(type, in), mb = out * rb;
+    *copies = (min_bytes + mb - 1) / mb;
+    if (*copies < 2)
+        *copies = 2;
+    uint8_t *m = xalloc(*copies * mb);
+    float *row = xalloc(in * sizeof *row);
+    rng_stream_t r;
+    rng_stream_init(&r, 0x42454E43, out, in);
+    for (size_t o = 0; o < out; o++) {
+        for (size_t i = 0; i < in; i++)
+            row[i] = 0.02f * rng_stream_normal(&r);
+        qtype_traits(type)->quantize_row_ref(row, m + o * rb, in);
+    }
+    for (size_t c = 1; c < *copies; c++)
+        memcpy(m + c * mb, m, mb);
+    free(row);
+    return m;
+}
+
+typedef struct {
+    const char *name;
+    size_t out, in;
+    qtype_t type;
+} shape_t;
+
+/* quillan-512m (MODEL.md presets): d 512, expert hidden 192, diffusion width 1024, ffn 3968,
+ * 256 bits, vocab 50257. */
+static const shape_t SHAPES[] = {
+    {"attn wq/wk/wv/wo 512x512", 512, 512, QTYPE_F16},
+    {"expert w1 192x512", 192, 512, QTYPE_INT4},
+    {"expert w2 512x192", 512, 192, QTYPE_INT4},
+    {"diffusion up 3968x1024", 3968, 1024, QTYPE_TERNARY},
+    {"diffusion down 1024x3968", 1024, 3968, QTYPE_TERNARY},
+    {"diffusion dec 512x256", 512, 256, QTYPE_TERNARY},
+    {"micro down 325x512", 325, 512, QTYPE_INT8},
+    {"head 50257x512 (f32)", 50257, 512, QTYPE_F32},
+    {"head 50257x512 (head_int8)", 50257, 512, QTYPE_INT8},
+};
+
+static int parse_list(const char *s, size_t *v, int max) {
+    int k = 0;
+    while (*s && k < max) {
+        char *end;
+        long x = strtol(s, &end, 10);
+        if (end == s || x < 1 || x > MAX_BATCH)
+            return -1;
+        v[k++] = (size_t)x;
+        s = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',')
+            return -1;
+    }
+    return k;
+}
+
+int main(int argc, char **argv) {
+    size_t mib = 512, batches[MAX_BATCHES] = {1, 8, 16, 32};
+    int nbatch = 4, rounds = 5, max_threads = 2, shapes = 0;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--mib") == 0 && i + 1 < argc)
+            mib = (size_t)strtoul(argv[++i], NULL, 10);
+        else if (strcmp(argv[i], "--rounds") == 0 && i + 1 < argc)
+            rounds = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc)
+            max_threads = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--batches") == 0 && i + 1 < argc)
+            nbatch = parse_list(argv[++i], batches, MAX_BATCHES);
+        else if (strcmp(argv[i], "--shapes") == 0)
+            shapes = 1;
+        else {
+            fprintf(stderr, "usage: bench_kernels [--mib M] [--rounds R] [--threads T] "
+                            "[--batches 1,8,32] [--shapes]\n");
+            return 2;
+        }
+    }
+    if (mib < 1 || rounds < 1 || rounds > MAX_ROUNDS || max_threads < 1 ||
+        max_threads > KERN_POOL_MAX || nbatch < 1) {
+        fprintf(stderr, "bench_kernels: bad option value (rounds 1..%d, batches 1..%d)\n",
+                MAX_ROUNDS, MAX_BATCH);
+        return 2;
+    }
+    qerr_t err;
+    if (kern_init(&err) != 0) {
+        fprintf(stderr, "bench_kernels: %s\n", err.msg);
+        return 1;
+    }
+    const kern_ops_t *ops = kern_ops();
+#ifdef HAVE_PEAK_PROBES
+    const int have512 = cpu_isa_detect() == CPU_ISA_AVX512;
+#endif
+    printf("# bench_kernels: level %s, %zu MiB of weights per format, best of %d rounds\n\n",
+           ops->name, mib, rounds);
+
+    const size_t probe_bytes = (size_t)1 << 30;
+    uint64_t *probe_buf = xalloc(probe_bytes);
+    memset(probe_buf, 1, probe_bytes);
+
+    /* Activations for the largest batch: float and int8. */
+    size_t nmax = 1;
+    for (int b = 0; b < nbatch; b++)
+        nmax = batches[b] > nmax ? batches[b] : nmax;
+    const size_t in_max = 4096;
+
+    for (int nt = 1; nt <= max_threads; nt++) {
+        kern_pool_t *pool = kern_pool_new(nt, &err);
+        if (!pool) {
+            fprintf(stderr, "bench_kernels: %s\n", err.msg);
+            return 1;
+        }
+        double bw0 = probe_dram(pool, probe_buf, probe_bytes, rounds);
+        double vnni = NAN, fma = NAN;
+#ifdef HAVE_PEAK_PROBES
+        if (have512) {
+            vnni = probe_peak(pool, peak_vnni, 64.0);
+            fma = probe_peak(pool, peak_fma, 16.0);
+        }
+#endif
+        printf("## %d thread%s\n\nprobes: DRAM read %.1f GB/s (before), int8 VNNI %.0f GMAC/s, "
+               "fp32 FMA %.0f GFMA/s\n\n",
+               nt, nt > 1 ? "s" : "", bw0, vnni / 1e9, fma / 1e9);
+        printf("| format | B/weight | n | us/product | GB/s | / DRAM | GMAC/s | GFLOP/s | "
+               "/ roofline |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+        float *x = xalloc(nmax * in_max * sizeof *x), *y = xalloc(nmax * 65536 * sizeof *y);
+        rng_stream_t r;
+        rng_stream_init(&r, 1, 2, 3);
+        for (size_t i = 0; i < nmax * in_max; i++)
+            x[i] = rng_stream_normal(&r);
+        kern_act_t act;
+        if (kern_act_init(&act, nmax, in_max, &err) != 0) {
+            fprintf(stderr, "bench_kernels: %s\n", err.msg);
+            return 1;
+        }
+        char lines[Q_ARRAY_LEN(TYPES) * MAX_BATCHES][256];
+        result_t res[Q_ARRAY_LEN(TYPES)][MAX_BATCHES];
+        for (size_t k = 0; k < Q_ARRAY_LEN(TYPES); k++) {
+            size_t copies;
+            uint8_t *mats = make_copies(TYPES[k], 4096, 4096, mib << 20, &copies);
+            for (int b = 0; b < nbatch; b++) {
+                ops->quantize_act(&act, x, in_max, batches[b]);
+                res[k][b] = bench_product(pool, ops, TYPES[k], mats, copies, 4096, 4096, &act, x,
+                                          batches[b], y, rounds);
+            }
+            free(mats);
+        }
+        double bw1 = probe_dram(pool, probe_buf, probe_bytes, rounds), bw = 0.5 * (bw0 + bw1);
+        int nl = 0;
+        for (size_t k = 0; k < Q_ARRAY_LEN(TYPES); k++) {
+            const qtype_t t = TYPES[k];
+            const double bpw = (double)qtype_row_bytes(t, 4096) / 4096.0;
+            const double peak = t == QTYPE_F32 || t == QTYPE_F16 ? fma : vnni;
+            for (int b = 0; b < nbatch; b++) {
+                const result_t *e = &res[k][b];
+                double roof = bw * 1e9 * (double)batches[b] / bpw;
+                if (peak < roof)
+                    roof = peak;
+                snprintf(lines[nl++], sizeof lines[0],
+                         "| %s | %.4f | %zu | %.1f | %.1f | %.2f | %.0f | %.0f | %.2f |",
+                         qtype_name(t), bpw, batches[b], e->us, e->gbps, e->gbps / bw, e->gmacs,
+                         2 * e->gmacs, e->gmacs * 1e9 / roof);
+            }
+        }
+        for (int i = 0; i < nl; i++)
+            printf("%s\n", lines[i]);
+        printf("\nDRAM read after: %.1f GB/s; ratios use the mean %.1f GB/s. Roofline = "
+               "min(peak, DRAM x n / bytes per weight), peak = the VNNI (integer formats) or FMA "
+               "(float formats) probe.\n\n",
+               bw1, bw);
+
+        if (shapes) {
+            printf("### quillan-512m shapes, %d thread%s\n\n| matrix | format | n | us/product | "
+                   "GB/s | / DRAM | GMAC/s |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+                   nt, nt > 1 ? "s" : "");
+            for (size_t k = 0; k < Q_ARRAY_LEN(SHAPES); k++) {
+                const shape_t *sh = &SHAPES[k];
+                size_t copies;
+                uint8_t *mats = make_copies(sh->type, sh->out, sh->in, mib << 20, &copies);
+                kern_act_t a2;
+                if (kern_act_init(&a2, nmax, sh->in, &err) != 0) {
+                    fprintf(stderr, "bench_kernels: %s\n", err.msg);
+                    return 1;
+                }
+                float *y2 = xalloc(nmax * sh->out * sizeof *y2);
+                for (int b = 0; b < nbatch; b++) {
+                    ops->quantize_act(&a2, x, in_max, batches[b]);
+                    result_t e = bench_product(pool, ops, sh->type, mats, copies, sh->out, sh->in,
+                                               &a2, x, batches[b], y2, rounds);
+                    printf("| %s | %s | %zu | %.1f | %.1f | %.2f | %.0f |\n", sh->name,
+                           qtype_name(sh->type), batches[b], e.us, e.gbps, e.gbps / bw, e.gmacs);
+                }
+                free(y2);
+                kern_act_free(&a2);
+                free(mats);
+            }
+            printf("\n");
+        }
+        kern_act_free(&act);
+        free(x);
+        free(y);
+        kern_pool_destroy(&pool);
+    }
+    free(probe_buf);
+    return 0;
+}
