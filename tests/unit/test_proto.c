@@ -223,17 +223,29 @@ Test(proto, decode_budget_stops_hostile_messages) {
     cr_assert_null(m, "1 MiB of empty sub-messages must not fit a 16 MiB budget");
     cr_assert_eq(e.code, QERR_NOMEM);
     cr_assert_not_null(strstr(e.msg, "decode budget of 16777216 bytes"), "%s", e.msg);
+    m = wire_codec_unpack(WIRE_PROTOCOL_DISPATCH, p, len, WIRE_DECODE_BUDGET_DEFAULT, &e);
+    cr_assert_null(m, "nor the default budget");
+    cr_assert_eq(e.code, QERR_NOMEM);
+    free(p);
 
-    /* With room enough it decodes, and the peak shows what it would have cost. */
+    /* A smaller one decodes with room enough; its peak shows the amplification, and the
+     * accounting is exact: one byte less of budget fails. */
+    p = hostile_group(32 * 1024, &len); /* 64 KiB on the wire */
     m = wire_codec_unpack(WIRE_PROTOCOL_DISPATCH, p, len, (size_t)1 << 30, &e);
     cr_assert_not_null(m, "%s", e.msg);
-    cr_assert_gt(wire_msg_peak_bytes(m), (size_t)16 << 20);
-    cr_assert_eq(wire_msg_envelope(m)->trajectory_group->n_trajectories, 512 * 1024);
-    /* ...and the semantic validator then refuses it. */
+    size_t peak = wire_msg_peak_bytes(m);
+    cr_assert_gt(peak, 16 * len, "expected > 16x amplification, got %zu for %zu", peak, len);
+    cr_assert_eq(wire_msg_envelope(m)->trajectory_group->n_trajectories, 32 * 1024);
+    /* ...and the semantic validator refuses it. */
     cr_assert_eq(dispatch_codec_validate(wire_msg_envelope(m), &fx_dispatch_limits, &e), -1);
     cr_assert_not_null(strstr(e.msg, "trajectory_group."), "%s", e.msg);
-    printf("1 MiB of empty trajectories: %zu bytes of decoder memory\n", wire_msg_peak_bytes(m));
+    printf("%zu wire bytes of empty trajectories: %zu bytes of decoder memory\n", len, peak);
     wire_msg_destroy(&m);
+    m = wire_codec_unpack(WIRE_PROTOCOL_DISPATCH, p, len, peak, &e);
+    cr_assert_not_null(m, "%s", e.msg);
+    wire_msg_destroy(&m);
+    cr_assert_null(wire_codec_unpack(WIRE_PROTOCOL_DISPATCH, p, len, peak - 1, &e));
+    cr_assert_eq(e.code, QERR_NOMEM);
     free(p);
 
     /* Budget smaller than one struct: fails, no leak (checked under ASan). */
