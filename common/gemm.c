@@ -61,18 +61,23 @@ void gemm_naive(gemm_trans_t ta, gemm_trans_t tb, int M, int N, int K, real alph
         }
 }
 
-/* Ct[mc][NC] += Ap[mc][KC] * Bp[kc][NC] over the first kc columns of Ap, nc columns of Bp.
- * Four rows at a time so each loaded B row feeds four accumulator rows; the inner j loop is
- * a contiguous axpy that compilers vectorise without reassociating any sum. */
-static void micro(real *Ct, const real *Ap, const real *Bp, int mc, int nc, int kc) {
+/* Ct[mc][NC] += Ap[mc][KC] * Bp[kc][NC] over the first kc columns of Ap. The j loops run over
+ * all NC columns (Bp is zero-padded past the tile's width): a compile-time trip count lets
+ * compilers vectorise them at -O2, and an axpy never reassociates a sum. Four rows at a time
+ * so each loaded B row feeds four accumulator rows. */
+static void micro(real *restrict Ct, const real *restrict Ap, const real *restrict Bp, int mc,
+                  int kc) {
     int i = 0;
     for (; i + 4 <= mc; i += 4) {
-        real *c0 = Ct + (size_t)i * NC, *c1 = c0 + NC, *c2 = c1 + NC, *c3 = c2 + NC;
+        real *restrict c0 = Ct + (size_t)i * NC;
+        real *restrict c1 = c0 + NC;
+        real *restrict c2 = c1 + NC;
+        real *restrict c3 = c2 + NC;
         const real *a = Ap + (size_t)i * KC;
         for (int p = 0; p < kc; p++) {
             const real a0 = a[p], a1 = a[KC + p], a2 = a[2 * KC + p], a3 = a[3 * KC + p];
-            const real *b = Bp + (size_t)p * NC;
-            for (int j = 0; j < nc; j++) {
+            const real *restrict b = Bp + (size_t)p * NC;
+            for (int j = 0; j < NC; j++) {
                 c0[j] += a0 * b[j];
                 c1[j] += a1 * b[j];
                 c2[j] += a2 * b[j];
@@ -81,12 +86,12 @@ static void micro(real *Ct, const real *Ap, const real *Bp, int mc, int nc, int 
         }
     }
     for (; i < mc; i++) {
-        real *c0 = Ct + (size_t)i * NC;
+        real *restrict c0 = Ct + (size_t)i * NC;
         const real *a = Ap + (size_t)i * KC;
         for (int p = 0; p < kc; p++) {
             const real a0 = a[p];
-            const real *b = Bp + (size_t)p * NC;
-            for (int j = 0; j < nc; j++)
+            const real *restrict b = Bp + (size_t)p * NC;
+            for (int j = 0; j < NC; j++)
                 c0[j] += a0 * b[j];
         }
     }
@@ -100,8 +105,9 @@ static void tile(gemm_trans_t ta, gemm_trans_t tb, int M, int N, int K, real alp
     _Alignas(64) real Ct[MC * NC];
     const int mc = M - i0 < MC ? M - i0 : MC;
     const int nc = N - j0 < NC ? N - j0 : NC;
-    for (int i = 0; i < mc; i++)
-        memset(Ct + (size_t)i * NC, 0, sizeof(real) * (size_t)nc);
+    memset(Ct, 0, sizeof(real) * (size_t)mc * NC);
+    if (nc < NC) /* padding columns stay zero through every slice */
+        memset(Bp, 0, sizeof Bp);
     for (int k0 = 0; k0 < K; k0 += KC) {
         const int kc = K - k0 < KC ? K - k0 : KC;
         for (int i = 0; i < mc; i++)
@@ -118,7 +124,7 @@ static void tile(gemm_trans_t ta, gemm_trans_t tb, int M, int N, int K, real alp
                     Bp[(size_t)p * NC + j] = src[p];
             }
         }
-        micro(Ct, Ap, Bp, mc, nc, kc);
+        micro(Ct, Ap, Bp, mc, kc);
     }
     for (int i = 0; i < mc; i++) {
         real *c = C + (size_t)(i0 + i) * ldc + j0;
