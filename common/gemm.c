@@ -189,6 +189,14 @@ int gemm_has_blas(void) {
 #endif
 }
 
+int gemm_nests_safely(void) {
+#ifdef QUILLAN_HAVE_BLAS
+    return openblas_get_parallel() != 1; /* 0 sequential, 1 pthreads, 2 OpenMP */
+#else
+    return 1;
+#endif
+}
+
 int gemm_threads_get(void) {
 #ifdef QUILLAN_HAVE_BLAS
     return openblas_get_num_threads();

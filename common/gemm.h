@@ -7,10 +7,15 @@
  * triple-loop oracle.
  *
  * Threads: BLAS threads and our own OpenMP threads must not fight (on 2 cores an oversubscribed
- * run was 2x slower). Rules: (1) inside one of our parallel regions gemm() runs on the calling
- * thread only: the fallback never nests, and the Debian openblas-openmp flavour runs serially
- * when omp_in_parallel(); (2) outside them, gemm_threads_set() bounds BLAS's own threads; the
- * process entry point calls it once (1 to pin BLAS, or the core count). */
+ * run was 2x slower). Inside one of our parallel regions gemm() must run on the calling thread:
+ *  - the fallback never opens a nested region;
+ *  - the OpenMP flavour of OpenBLAS (Debian libopenblas-openmp-dev, what we build against;
+ *    openblas_get_parallel() == 2) runs serially whenever omp_in_parallel(), and outside our
+ *    regions uses the OpenMP thread count. Its openblas_set_num_threads(n) also calls
+ *    omp_set_num_threads(n) (checked on this machine), so gemm_threads_set(1) would serialise
+ *    our own regions as well: with this flavour leave the count at the core count;
+ *  - a pthreads flavour would oversubscribe: call gemm_threads_set(1) before regions that call
+ *    gemm() and restore the returned value after. */
 #ifndef QUILLAN_GEMM_H
 #define QUILLAN_GEMM_H
 
@@ -43,10 +48,14 @@ void gemm_naive(gemm_trans_t ta, gemm_trans_t tb, int M, int N, int K, real alph
 /* 1 when gemm() goes through CBLAS, 0 when it uses the fallback. */
 int gemm_has_blas(void);
 
-/* Sets the number of threads BLAS may use for calls made outside our parallel regions and
- * returns the previous value (n >= 1). Without BLAS it only records n (the fallback follows
- * OpenMP's own setting) and returns the previous record. Not thread-safe: call it from the
- * main thread between parallel phases. */
+/* 1 when gemm() runs serially inside our parallel regions by itself (the fallback, or the
+ * OpenMP flavour of OpenBLAS); 0 for a BLAS that needs gemm_threads_set(1) around them. */
+int gemm_nests_safely(void);
+
+/* Sets the number of threads BLAS may use and returns the previous value (n >= 1); see the
+ * file comment for the OpenMP flavour, where this is also the OpenMP thread count. Without
+ * BLAS it only records n (the fallback follows OpenMP's own setting) and returns the previous
+ * record. Not thread-safe: call it from the main thread between parallel phases. */
 int gemm_threads_set(int n);
 
 /* The current BLAS thread count (or the recorded value without BLAS). */

@@ -101,6 +101,7 @@ Test(gemm, fallback_matches_naive) {
 
 Test(gemm, dispatch_matches_naive) {
     cr_log_info("gemm through %s", gemm_has_blas() ? "CBLAS" : "the C fallback");
+    cr_assert(gemm_nests_safely(), "we build against the OpenMP flavour of OpenBLAS");
     gemm_sweep(gemm, "gemm");
 }
 
