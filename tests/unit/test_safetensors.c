@@ -760,15 +760,20 @@ Test(safetensors, killed_writer_never_replaces_good_file) {
         _exit(4); /* never reached: the fill stalls until the parent kills us */
     }
     close(fds[1]);
+    /* Everything is measured before any assertion, so that a failure never leaves a stalled
+     * writer behind. */
     char c;
-    cr_assert_eq(read(fds[0], &c, 1), 1, "the writer must reach the middle of its file");
+    ssize_t got = read(fds[0], &c, 1);
     close(fds[0]);
     /* The child is inside the write: its temporary file holds > 4 MiB, the target is intact. */
     long long grown = tmp_file_size();
-    cr_assert_gt(grown, 4 << 20, "temporary file size %lld", grown);
-    cr_assert_eq(kill(pid, SIGKILL), 0);
+    int killed = kill(pid, SIGKILL);
     int st;
-    cr_assert_eq(waitpid(pid, &st, 0), pid);
+    pid_t waited = waitpid(pid, &st, 0);
+    cr_assert_eq(got, 1, "the writer must reach the middle of its file");
+    cr_assert_gt(grown, 4 << 20, "temporary file size %lld", grown);
+    cr_assert_eq(killed, 0);
+    cr_assert_eq(waited, pid);
     cr_assert(WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL);
 
     size_t now_len;
@@ -786,31 +791,49 @@ Test(safetensors, killed_writer_never_replaces_good_file) {
     tmpdir_remove();
 }
 
+/* Child process body: rewrites path forever, alternating between two contents. Uses no
+ * Criterion assertion (it is not the test's process). */
+static _Noreturn void rewrite_forever(const char *path, size_t n) {
+    uint8_t *data = malloc(n);
+    if (!data)
+        _exit(5);
+    uint64_t shape[1] = {n};
+    for (uint8_t v = 2;; v = v == 2 ? 1 : 2) {
+        memset(data, v, n);
+        qerr_t err;
+        safetensors_writer_t *w = safetensors_writer_new();
+        if (!w || safetensors_writer_add(w, "good", SAFETENSORS_U8, 1, shape, data, &err) < 0 ||
+            safetensors_writer_set_metadata(w, "value", v == 1 ? "1" : "2", &err) < 0 ||
+            safetensors_writer_write(w, path, &err) < 0)
+            _exit(6);
+        safetensors_writer_destroy(&w);
+    }
+}
+
 Test(safetensors, writer_killed_while_looping_leaves_a_whole_file) {
     tmpdir_make();
     const char *path = tpath("model.safetensors");
-    enum { N = 24 << 20 };
+    enum { N = 16 << 20 };
     good_file(path, 1, N);
     pid_t pid = fork();
     cr_assert_neq(pid, -1);
-    if (pid == 0) {
-        /* Rewrites the file forever, alternating between two contents. */
-        for (uint8_t v = 2;; v = v == 2 ? 1 : 2)
-            good_file(path, v, N);
-    }
+    if (pid == 0)
+        rewrite_forever(path, N);
     /* Kill it once a temporary file is well under way. The bound only stops a hung test. */
     long long seen = -1;
-    for (int i = 0; i < 200000 && seen < (8 << 20); i++) {
+    for (int i = 0; i < 20000 && seen < (4 << 20); i++) {
         seen = tmp_file_size();
-        if (seen < (8 << 20)) {
+        if (seen < (4 << 20)) {
             struct timespec ts = {0, 100000};
             nanosleep(&ts, NULL);
         }
     }
-    cr_assert_geq(seen, 8 << 20, "never saw the writer's temporary file grow");
-    cr_assert_eq(kill(pid, SIGKILL), 0);
+    int killed = kill(pid, SIGKILL);
     int st;
-    cr_assert_eq(waitpid(pid, &st, 0), pid);
+    pid_t waited = waitpid(pid, &st, 0);
+    cr_assert_geq(seen, 4 << 20, "never saw the writer's temporary file grow");
+    cr_assert_eq(killed, 0);
+    cr_assert_eq(waited, pid);
     cr_assert(WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL);
     /* Whichever write finished last, the file is complete and consistent. */
     qerr_t err;
@@ -852,5 +875,50 @@ Test(safetensors, atomic_text_file_replace) {
     b = file_get(tpath("rel"), &n);
     cr_assert_eq(n, 1);
     free(b);
+    tmpdir_remove();
+}
+
+/* Byte k of the tensor is (k * 7 + k / 4096) mod 251, so a piece written at the wrong offset
+ * shows. */
+static int fill_pattern(void *ctx, uint64_t offset, void *buf, size_t len, qerr_t *err) {
+    (void)err;
+    uint64_t *calls = ctx;
+    (*calls)++;
+    unsigned char *b = buf;
+    for (size_t i = 0; i < len; i++) {
+        uint64_t k = offset + i;
+        b[i] = (unsigned char)((k * 7 + k / 4096) % 251);
+    }
+    return 0;
+}
+
+Test(safetensors, fill_callback_round_trip) {
+    tmpdir_make();
+    qerr_t err;
+    uint64_t calls = 0;
+    const uint64_t n = (5 << 20) / 2 + 3; /* 2.5 MiB + 3: three pieces, the last one short */
+    uint64_t shape[2] = {n / 2, 2};
+    uint8_t small[4] = {9, 8, 7, 6};
+    uint64_t sshape[1] = {4};
+    safetensors_writer_t *w = safetensors_writer_new();
+    cr_assert_eq(safetensors_writer_add_fill(w, "big", SAFETENSORS_U16, 2, shape, fill_pattern,
+                                             &calls, &err),
+                 0);
+    cr_assert_eq(safetensors_writer_add(w, "small", SAFETENSORS_U8, 1, sshape, small, &err), 0);
+    cr_assert_eq(safetensors_writer_write(w, tpath("f.safetensors"), &err), 0, "%s", err.msg);
+    safetensors_writer_destroy(&w);
+    uint64_t nbytes = (n / 2) * 2 * 2;
+    cr_assert_eq(calls, (nbytes + (1 << 20) - 1) >> 20, "pieces of at most 1 MiB");
+    safetensors_reader_t *r = safetensors_reader_new(tpath("f.safetensors"), &err);
+    cr_assert_not_null(r, "%s", err.msg);
+    const safetensors_tensor_t *t =
+        safetensors_reader_expect(r, "big", SAFETENSORS_U16, 2, shape, &err);
+    cr_assert_not_null(t, "%s", err.msg);
+    const unsigned char *b = t->data;
+    for (uint64_t k = 0; k < t->nbytes; k++)
+        cr_assert_eq(b[k], (unsigned char)((k * 7 + k / 4096) % 251), "byte %llu",
+                     (unsigned long long)k);
+    cr_assert_eq(memcmp(safetensors_reader_find(r, "small")->data, small, 4), 0);
+    safetensors_reader_destroy(&r);
     tmpdir_remove();
 }
