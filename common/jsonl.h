@@ -71,9 +71,10 @@ size_t jsonl_reader_count(const jsonl_reader_t *r);
  * that the dataset changed under a checkpoint. */
 uint64_t jsonl_reader_fingerprint(const jsonl_reader_t *r);
 
-/* Parses line index+1 as a JSON object. Returns a new reference (json_decref) or NULL with err
- * set: "PATH:LINE: not valid JSON: ... at column C" or "PATH:LINE: expected a JSON object, got
- * an array" (QERR_PARSE), or a read failure (QERR_IO). */
+/* Parses line index+1 as a JSON object; index < jsonl_reader_count (asserted: a caller bug).
+ * Returns a new reference (json_decref) or NULL with err set: "PATH:LINE: not valid JSON: ... at
+ * column C" or "PATH:LINE: expected a JSON object, got an array" (QERR_PARSE), or a read failure
+ * (QERR_IO). */
 json_t *jsonl_reader_object(const jsonl_reader_t *r, size_t index, qerr_t *err);
 
 /* Parses and validates example `index` for the task into *ex (overwritten; free it with
