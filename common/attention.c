@@ -9,12 +9,26 @@
 #include "gemm.h"
 
 #ifdef _OPENMP
+#include <omp.h>
 #define OMP_PRAGMA(x) _Pragma(#x)
 #else
 #define OMP_PRAGMA(x)
 #endif
 
 enum { TQ = ATTN_TILE_Q, TK = ATTN_TILE_K };
+
+/* Below this many multiply-adds a call runs on one thread: a fork costs more, and much more
+ * on an oversubscribed machine. */
+#define ATTN_PARALLEL_MIN_WORK (1 << 18)
+
+static int par_ok(double work) {
+#ifdef _OPENMP
+    return work >= ATTN_PARALLEL_MIN_WORK && !omp_in_parallel();
+#else
+    (void)work;
+    return 0;
+#endif
+}
 
 static int head_size(int C, int NH) {
     Q_ASSERT(NH >= 1 && C % NH == 0);
@@ -50,7 +64,9 @@ static void rope_apply(real *out, const real *inp, int B, int T, int C, int NH, 
                        real dir) {
     const int HS = head_size(C, NH);
     Q_ASSERT(pos0 >= 0);
-    OMP_PRAGMA(omp parallel for schedule(static) if (T >= 64))
+    const int par = par_ok((double)B * T * C * 4);
+    (void)par;
+    OMP_PRAGMA(omp parallel for schedule(static) if (par))
     for (int t = 0; t < T; t++) {
         real cs[ATTN_MAX_HS / 2], sn[ATTN_MAX_HS / 2];
         rope_angles(cs, sn, pos0 + t, HS);
@@ -131,7 +147,9 @@ void attention_forward(real *out, real *lse, const real *q, const real *k, const
     const int HS = head_size(C, NH);
     const int ntile = (T + TQ - 1) / TQ;
     const int njobs = B * NH * ntile;
-    OMP_PRAGMA(omp parallel for schedule(dynamic, 1) if (njobs > 1))
+    const int par = njobs > 1 && par_ok((double)B * NH * T * T * HS);
+    (void)par;
+    OMP_PRAGMA(omp parallel for schedule(dynamic, 1) if (par))
     for (int job = 0; job < njobs; job++) {
         const int b = job / (NH * ntile), h = (job / ntile) % NH, q0 = (job % ntile) * TQ;
         const int nq = T - q0 < TQ ? T - q0 : TQ;
@@ -198,7 +216,9 @@ void attention_backward(real *dq, real *dk, real *dv, const real *dout, const re
     const int HS = head_size(C, NH);
     /* One job per (batch, head): each owns its columns of dq, dk and dv, so no two threads
      * ever add into the same element. */
-    OMP_PRAGMA(omp parallel for schedule(dynamic, 1) if (B * NH > 1))
+    const int par = B * NH > 1 && par_ok((double)B * NH * T * T * HS);
+    (void)par;
+    OMP_PRAGMA(omp parallel for schedule(dynamic, 1) if (par))
     for (int job = 0; job < B * NH; job++) {
         const int b = job / NH, h = job % NH;
         const size_t base = (size_t)b * T * C + (size_t)h * HS;
