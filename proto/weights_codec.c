@@ -50,6 +50,10 @@ static int reply_check(const Quillan__ChunkReply *r, size_t payload_len,
                        const weights_codec_limits_t *lim, qerr_t *err) {
     if (r->version == 0)
         return qerr_set(err, QERR_INVALID, "chunk_reply.version is 0 (unset)");
+    if (r->base_version >= r->version)
+        return qerr_set(err, QERR_INVALID,
+                        "chunk_reply.base_version %llu is not older than version %llu",
+                        (unsigned long long)r->base_version, (unsigned long long)r->version);
     if (r->index >= r->chunk_count)
         return qerr_set(err, QERR_RANGE, "chunk_reply.index %u is not below chunk_count %u",
                         r->index, r->chunk_count);
@@ -77,6 +81,11 @@ int weights_codec_validate(const Quillan__Envelope *env, size_t payload_len,
     case QUILLAN__ENVELOPE__BODY_CHUNK_REQUEST:
         if (env->chunk_request->version == 0)
             return qerr_set(err, QERR_INVALID, "chunk_request.version is 0 (unset)");
+        if (env->chunk_request->base_version >= env->chunk_request->version)
+            return qerr_set(err, QERR_INVALID,
+                            "chunk_request.base_version %llu is not older than version %llu",
+                            (unsigned long long)env->chunk_request->base_version,
+                            (unsigned long long)env->chunk_request->version);
         return 0;
     case QUILLAN__ENVELOPE__BODY_ERROR: return wire_error_validate(env->error, err);
     default:
@@ -90,6 +99,10 @@ int weights_codec_chunk_check(const Quillan__ChunkReply *reply, const Quillan__S
     if (reply->version != info->version)
         return qerr_set(err, QERR_INVALID, "chunk_reply.version %llu, expected %llu",
                         (unsigned long long)reply->version, (unsigned long long)info->version);
+    if (reply->base_version != info->base_version)
+        return qerr_set(err, QERR_INVALID, "chunk_reply.base_version %llu, expected %llu",
+                        (unsigned long long)reply->base_version,
+                        (unsigned long long)info->base_version);
     if (reply->chunk_count != info->chunk_count || reply->index >= info->chunk_count)
         return qerr_set(
             err, QERR_RANGE, "chunk_reply: index %u of %u chunks, snapshot %llu has %u chunks",

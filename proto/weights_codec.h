@@ -23,12 +23,14 @@ wire_msg_t *weights_codec_unpack(const void *data, size_t len, size_t payload_le
 
 /* Checks a weights Envelope on its own: SnapshotInfo sizes (chunk_count = ceil(total_bytes /
  * chunk_size), 32-byte digests, base_version < version, every tensor inside full_bytes),
- * ChunkReply (index < chunk_count, size == payload_len, size <= max_chunk_bytes); only a
+ * ChunkRequest and ChunkReply (base_version < version), ChunkReply (index < chunk_count,
+ * size == payload_len, size <= max_chunk_bytes); only a
  * ChunkReply carries a payload. Returns 0 or -1 with err naming the field. */
 int weights_codec_validate(const Quillan__Envelope *env, size_t payload_len,
                            const weights_codec_limits_t *lim, qerr_t *err);
 
-/* Checks a ChunkReply against the SnapshotInfo it belongs to: same version, same chunk_count,
+/* Checks a ChunkReply against the SnapshotInfo it belongs to: same version and base_version
+ * (a full transfer and a delta of one version are different byte streams), same chunk_count,
  * and size == chunk_size, or the remainder for the last chunk. Returns 0 or -1 with err. */
 int weights_codec_chunk_check(const Quillan__ChunkReply *reply, const Quillan__SnapshotInfo *info,
                               qerr_t *err);
