@@ -1,11 +1,13 @@
 #include "safetensors.h"
 
+#include "alloc.h"
 #include "json.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -107,6 +109,7 @@ struct safetensors_reader {
     char *path;
     unsigned char *map;
     size_t map_len;
+    int borrowed; /* map is the caller's memory (safetensors_reader_new_memory): not unmapped */
     const unsigned char *data; /* start of the data section */
     uint64_t data_len;
     safetensors_tensor_t *tensors; /* sorted by name */
@@ -341,6 +344,8 @@ out:
     return rc;
 }
 
+static int reader_parse_image(safetensors_reader_t *r, qerr_t *err);
+
 safetensors_reader_t *safetensors_reader_new(const char *path, qerr_t *err) {
     safetensors_reader_t *r = calloc(1, sizeof *r);
     if (!r || !(r->path = strdup(path))) {
@@ -386,26 +391,56 @@ safetensors_reader_t *safetensors_reader_new(const char *path, qerr_t *err) {
     }
     r->map = map;
     r->map_len = (size_t)size;
-    uint64_t n = load_le64(r->map);
-    if (n > SAFETENSORS_MAX_HEADER) {
-        qerr_set(err, QERR_PARSE, "%s: header length %llu exceeds the limit of %llu bytes", path,
-                 (unsigned long long)n, (unsigned long long)SAFETENSORS_MAX_HEADER);
-        goto fail;
-    }
-    if (n > size - 8) {
-        qerr_set(err, QERR_PARSE,
-                 "%s: header length %llu exceeds the %llu bytes that follow it (file truncated?)",
-                 path, (unsigned long long)n, (unsigned long long)(size - 8));
-        goto fail;
-    }
-    r->data = r->map + 8 + n;
-    r->data_len = size - 8 - n;
-    if (parse_header(r, r->map + 8, (size_t)n, err) < 0)
+    if (reader_parse_image(r, err) < 0)
         goto fail;
     return r;
 fail:
     safetensors_reader_destroy(&r);
     return NULL;
+}
+
+/* Validates the image r->map [r->map_len >= 8] and builds the tables. */
+static int reader_parse_image(safetensors_reader_t *r, qerr_t *err) {
+    const char *path = r->path;
+    const uint64_t size = r->map_len;
+    uint64_t n = load_le64(r->map);
+    if (n > SAFETENSORS_MAX_HEADER)
+        return qerr_set(err, QERR_PARSE, "%s: header length %llu exceeds the limit of %llu bytes",
+                        path, (unsigned long long)n, (unsigned long long)SAFETENSORS_MAX_HEADER);
+    if (n > size - 8) {
+        return qerr_set(err, QERR_PARSE,
+                        "%s: header length %llu exceeds the %llu bytes that follow it (file "
+                        "truncated?)",
+                        path, (unsigned long long)n, (unsigned long long)(size - 8));
+    }
+    r->data = r->map + 8 + n;
+    r->data_len = size - 8 - n;
+    return parse_header(r, r->map + 8, (size_t)n, err);
+}
+
+safetensors_reader_t *safetensors_reader_new_memory(const void *data, size_t len, const char *what,
+                                                    qerr_t *err) {
+    safetensors_reader_t *r = calloc(1, sizeof *r);
+    if (!r || !(r->path = strdup(what))) {
+        free(r);
+        qerr_set(err, QERR_NOMEM, "%s: out of memory", what);
+        return NULL;
+    }
+    if (len < 8) {
+        qerr_set(err, QERR_PARSE, "%s: %zu bytes, shorter than the 8-byte header length field",
+                 what, len);
+        free(r->path);
+        free(r);
+        return NULL;
+    }
+    r->map = (unsigned char *)(uintptr_t)data;
+    r->map_len = len;
+    r->borrowed = 1;
+    if (reader_parse_image(r, err) < 0) {
+        safetensors_reader_destroy(&r);
+        return NULL;
+    }
+    return r;
 }
 
 void safetensors_reader_destroy(safetensors_reader_t **rp) {
@@ -423,7 +458,7 @@ void safetensors_reader_destroy(safetensors_reader_t **rp) {
     }
     free(r->meta_keys);
     free(r->meta_values);
-    if (r->map)
+    if (r->map && !r->borrowed)
         munmap(r->map, r->map_len);
     free(r->path);
     free(r);
@@ -814,46 +849,100 @@ static int emit_safetensors(void *ctx, int fd, const char *path, qerr_t *err) {
     return 0;
 }
 
-int safetensors_writer_write(safetensors_writer_t *w, const char *path, qerr_t *err) {
+/* Lays the tensors out and builds the padded header (*header malloc'd, *padded bytes); `what`
+ * names the destination in errors. */
+static int writer_prepare(safetensors_writer_t *w, const char *what, char **header,
+                          uint64_t *padded_len, qerr_t *err) {
     if (w->n > 1)
         qsort(w->entries, w->n, sizeof *w->entries, entry_cmp_layout);
     uint64_t off = 0;
     for (size_t i = 0; i < w->n; i++) {
         w->entries[i].offset = off;
         if (__builtin_add_overflow(off, w->entries[i].nbytes, &off) || off > (uint64_t)INT64_MAX)
-            return qerr_set(err, QERR_RANGE, "%s: total tensor size overflows", path);
+            return qerr_set(err, QERR_RANGE, "%s: total tensor size overflows", what);
     }
     json_t *root = header_build(w, err);
     if (!root)
-        return qerr_wrap(err, "%s", path);
+        return qerr_wrap(err, "%s", what);
     char *text = json_dumps(root, JSON_COMPACT | JSON_SORT_KEYS);
     json_decref(root);
     if (!text)
-        return qerr_set(err, QERR_NOMEM, "%s: cannot encode the header", path);
+        return qerr_set(err, QERR_NOMEM, "%s: cannot encode the header", what);
     size_t len = strlen(text);
     size_t padded = (len + 7) & ~(size_t)7;
+    if (padded > SAFETENSORS_MAX_HEADER) {
+        free(text);
+        return qerr_set(err, QERR_RANGE, "%s: header of %zu bytes exceeds the format's limit", what,
+                        padded);
+    }
+    char *h = malloc(padded);
+    if (!h) {
+        free(text);
+        return qerr_set(err, QERR_NOMEM, "%s: out of memory", what);
+    }
+    memcpy(h, text, len);
+    memset(h + len, ' ', padded - len);
+    free(text);
+    *header = h;
+    *padded_len = padded;
+    return 0;
+}
+
+int safetensors_writer_write(safetensors_writer_t *w, const char *path, qerr_t *err) {
+    char *header = NULL;
+    uint64_t padded = 0;
+    if (writer_prepare(w, path, &header, &padded, err) < 0)
+        return -1;
     int any_fill = 0;
     for (size_t i = 0; i < w->n; i++)
         any_fill |= w->entries[i].fill != NULL;
-    char *header = malloc(padded);
     unsigned char *piece = any_fill ? malloc(FILL_PIECE) : NULL;
     int rc = -1;
-    if (!header || (any_fill && !piece)) {
+    if (any_fill && !piece) {
         qerr_set(err, QERR_NOMEM, "%s: out of memory", path);
         goto out;
     }
-    if (padded > SAFETENSORS_MAX_HEADER) {
-        qerr_set(err, QERR_RANGE, "%s: header of %zu bytes exceeds the format's limit", path,
-                 padded);
-        goto out;
-    }
-    memcpy(header, text, len);
-    memset(header + len, ' ', padded - len);
     write_ctx_t c = {w, header, padded, piece};
     rc = atomic_replace(path, emit_safetensors, &c, err);
 out:
-    free(text);
     free(header);
     free(piece);
     return rc;
+}
+
+int safetensors_writer_serialize(safetensors_writer_t *w, void **out, size_t *len, qerr_t *err) {
+    char *header = NULL;
+    uint64_t padded = 0;
+    if (writer_prepare(w, "safetensors image", &header, &padded, err) < 0)
+        return -1;
+    uint64_t total = 8 + padded;
+    for (size_t i = 0; i < w->n; i++)
+        total += w->entries[i].nbytes;
+    unsigned char *buf = total <= SIZE_MAX ? q_aligned_alloc(Q_ALIGN, (size_t)total) : NULL;
+    if (!buf) {
+        free(header);
+        return qerr_set(err, QERR_NOMEM, "safetensors image: out of memory for %llu bytes",
+                        (unsigned long long)total);
+    }
+    store_le64(buf, padded);
+    memcpy(buf + 8, header, (size_t)padded);
+    free(header);
+    unsigned char *p = buf + 8 + padded;
+    for (size_t i = 0; i < w->n; i++) {
+        const entry_t *e = &w->entries[i];
+        for (uint64_t off = 0; off < e->nbytes;) {
+            size_t n = e->nbytes - off < FILL_PIECE ? (size_t)(e->nbytes - off) : FILL_PIECE;
+            if (!e->fill)
+                memcpy(p + off, (const unsigned char *)e->data + off, n);
+            else if (e->fill(e->fill_ctx, off, p + off, n, err) < 0) {
+                q_aligned_free(buf);
+                return qerr_wrap(err, "safetensors image: tensor '%s'", e->name);
+            }
+            off += n;
+        }
+        p += e->nbytes;
+    }
+    *out = buf;
+    *len = (size_t)total;
+    return 0;
 }

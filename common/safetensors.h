@@ -83,6 +83,11 @@ typedef struct safetensors_reader safetensors_reader_t;
  * The mapping assumes the file is not truncated while open: Quillan replaces files by rename,
  * which leaves an open reader on the old, intact file. */
 safetensors_reader_t *safetensors_reader_new(const char *path, qerr_t *err);
+/* Same validation on an image of len bytes in memory, e.g. a snapshot received over the network.
+ * The bytes are borrowed: they must stay alive and unchanged until the reader is destroyed, and
+ * tensor data points into them. `what` stands for the path in every message. */
+safetensors_reader_t *safetensors_reader_new_memory(const void *data, size_t len, const char *what,
+                                                    qerr_t *err);
 /* Unmaps and frees; NULLs *r; safe on NULL and twice. Tensor and metadata pointers die. */
 void safetensors_reader_destroy(safetensors_reader_t **r);
 
@@ -141,6 +146,11 @@ int safetensors_writer_set_metadata(safetensors_writer_t *w, const char *key, co
  * tensors and may write again. On error (QERR_IO naming the path, or the fill callback's
  * error) the temporary file is removed and an existing file at path is untouched. */
 int safetensors_writer_write(safetensors_writer_t *w, const char *path, qerr_t *err);
+
+/* Produces the same bytes safetensors_writer_write would write, in one buffer allocated with
+ * q_aligned_alloc (alloc.h; 64-byte aligned, so every tensor is aligned to its element size):
+ * *out (free with q_aligned_free) and *len. Fill callbacks run as for a file. */
+int safetensors_writer_serialize(safetensors_writer_t *w, void **out, size_t *len, qerr_t *err);
 
 /* ---- Atomic replacement of small files ------------------------------------------------- */
 
