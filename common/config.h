@@ -102,12 +102,36 @@ typedef struct {
     int credits;
 } config_rollout_t;
 
+typedef enum {
+    CONFIG_LENGTH_TOKENS = 0, /* completion tokens */
+    CONFIG_LENGTH_BYTES,      /* UTF-8 bytes of the completion text */
+    CONFIG_LENGTH_COUNT
+} config_length_unit_t;
+
+#define CONFIG_REGEX_MAX 512
+
+/* The built-in scorers of `quillan-reward` (reward/scorers.h). A weight of 0 turns a scorer
+ * off; the service's score is the weighted sum of the scorers that are on. */
+typedef struct {
+    char bind[CONFIG_ADDR_MAX];       /* ZeroMQ endpoint quillan-reward binds (ROUTER) */
+    char answer_key[CONFIG_NAME_MAX]; /* metadata field holding the reference answer */
+    char eos_text[CONFIG_NAME_MAX];   /* stripped from the completion's end before matching */
+    double exact_weight;
+    double numeric_weight, numeric_abs_tol, numeric_rel_tol;
+    double format_weight;
+    char format_regex[CONFIG_REGEX_MAX]; /* PCRE2 */
+    double length_weight;
+    config_length_unit_t length_unit;
+    int length_target, length_window; /* in length_unit */
+} config_reward_builtin_t;
+
 typedef struct {
     config_reward_service_t services[CONFIG_REWARD_SERVICES_MAX];
     int n_services;
     double timeout_s;
     int retries;
     double backoff_min_s, backoff_max_s;
+    config_reward_builtin_t builtin;
 } config_reward_t;
 
 typedef struct {

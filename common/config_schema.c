@@ -49,6 +49,7 @@ static const char *const loss_agg_names[] = {"token-mean", "seq-mean-token-mean"
 static const char *const old_logprobs_names[] = {"recompute", "behaviour", NULL};
 static const char *const tokenizer_names[] = {"byte", "gpt2", NULL};
 static const char *const level_names[] = {"debug", "info", "warn", "error", NULL};
+static const char *const length_unit_names[] = {"tokens", "bytes", NULL};
 
 _Static_assert(Q_ARRAY_LEN(mode_names) == CONFIG_MODE_COUNT + 1, "one name per mode");
 _Static_assert(Q_ARRAY_LEN(lr_schedule_names) == CONFIG_LR_COUNT + 1, "one name per schedule");
@@ -56,9 +57,11 @@ _Static_assert(Q_ARRAY_LEN(loss_agg_names) == CONFIG_LOSS_COUNT + 1, "one name p
 _Static_assert(Q_ARRAY_LEN(old_logprobs_names) == CONFIG_OLD_LOGPROBS_COUNT + 1, "one per mode");
 _Static_assert(Q_ARRAY_LEN(tokenizer_names) == MODEL_TOKENIZER_COUNT + 1, "one per tokenizer");
 _Static_assert(Q_ARRAY_LEN(level_names) == LOG_LEVEL_COUNT + 1, "one name per log level");
+_Static_assert(Q_ARRAY_LEN(length_unit_names) == CONFIG_LENGTH_COUNT + 1, "one per length unit");
 /* ENUM fields are read and written as int. */
 _Static_assert(sizeof(config_mode_t) == sizeof(int) && sizeof(log_level_t) == sizeof(int) &&
-                   sizeof(model_tokenizer_kind_t) == sizeof(int),
+                   sizeof(model_tokenizer_kind_t) == sizeof(int) &&
+                   sizeof(config_length_unit_t) == sizeof(int),
                "enums are int-sized");
 
 static const config_key_t service_keys[] = {
@@ -238,6 +241,32 @@ static const config_key_t keys[] = {
         "first back-off between retries"),
     DBL("reward.backoff_max_s", reward.backoff_max_s, "8", 0, 86400, true, "s",
         "back-off doubles up to this"),
+    STR("reward.builtin.bind", reward.builtin.bind, "tcp://127.0.0.1:5557", ADDR,
+        "where quillan-reward binds its ROUTER"),
+    STR("reward.builtin.answer_key", reward.builtin.answer_key, "answer", "",
+        "metadata field with the reference answer (absent: \"no reward\")"),
+    STR("reward.builtin.eos_text", reward.builtin.eos_text, "<|endoftext|>", "",
+        "stripped from the completion's end before matching (\"\" = none)"),
+    DBL("reward.builtin.exact.weight", reward.builtin.exact_weight, "1", -1e6, 1e6, false, "",
+        "exact match of the trimmed completion and answer (1 or 0); 0 = off"),
+    DBL("reward.builtin.numeric.weight", reward.builtin.numeric_weight, "0", -1e6, 1e6, false, "",
+        "last number of the completion equals the numeric answer (1 or 0); 0 = off"),
+    DBL("reward.builtin.numeric.abs_tol", reward.builtin.numeric_abs_tol, "1e-6", 0, 1e300, false,
+        "", "numbers match when |x - y| <= max(abs_tol, rel_tol x |y|)"),
+    DBL("reward.builtin.numeric.rel_tol", reward.builtin.numeric_rel_tol, "0", 0, 1, false, "",
+        "relative tolerance of the numeric match"),
+    DBL("reward.builtin.format.weight", reward.builtin.format_weight, "0", -1e6, 1e6, false, "",
+        "completion matches format.regex (1 or 0); 0 = off"),
+    STR("reward.builtin.format.regex", reward.builtin.format_regex, "", "PCRE2",
+        "pattern searched in the completion (anchor it with ^...$ for a full match)"),
+    DBL("reward.builtin.length.weight", reward.builtin.length_weight, "0", -1e6, 1e6, false, "",
+        "length penalty in [-1, 0]: 0 up to target, linear to -1 over window; 0 = off"),
+    ENUM("reward.builtin.length.unit", reward.builtin.length_unit, "tokens", length_unit_names,
+         "tokens (completion_tokens) or bytes (UTF-8 of the completion text)"),
+    INT("reward.builtin.length.target", reward.builtin.length_target, "512", 0, 1 << 24, "",
+        "longest completion without penalty, in length.unit"),
+    INT("reward.builtin.length.window", reward.builtin.length_window, "128", 0, 1 << 24, "",
+        "the penalty reaches -1 at target + window (0: a step)"),
 
     /* data */
     STR("data.train", data.train, "", "path", "training JSONL (prompt, answer | completion)"),
