@@ -98,7 +98,9 @@ typedef struct {
 /* A training batch: rows b = group * G + sample, each row the prompt then the completion,
  * padded to T. Position t of row b predicts targets[b*T + t] from tokens[b*T + 0..t], so
  * completion token j sits at t = prompt_len - 1 + j: exactly model_batch_t's layout, and the
- * loss arrays of dapo_loss_forward. Owned by the caller: batcher_batch_free. */
+ * loss arrays of dapo_loss_forward. A mini-batch is a range of whole groups: rows
+ * [g0 G, g1 G), i.e. every [B, T] array offset by g0 G T with B = (g1 - g0) G and the same T.
+ * Owned by the caller: batcher_batch_free. */
 typedef struct {
     int B, T; /* B = n_groups x G; T = max over rows of prompt_len + len - 1 */
     int n_groups, G;
