@@ -303,6 +303,7 @@ static int reply_take(reward_client_t *c, size_t j, const net_msg_t *msg, reques
         c->stats.error_replies++;
         return qerr_set(err, QERR_INVALID, "%s failed the request: %s", s->label, r->error);
     }
+    m->req.request_id = s->request_id; /* the services' attempts carry their own ids */
     if (reward_codec_response_check(r, &m->req, err) != 0)
         return qerr_wrap(err, "%s", s->label);
     for (size_t i = 0; i < r->n_scores; i++) {
