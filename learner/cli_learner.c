@@ -119,6 +119,8 @@ static void sft_usage(FILE *out) {
             "  --log-every N    steps between progress lines (default 10)\n"
             "  --max-steps N    stop after N steps (default learner.total_steps)\n"
             "  --resume PATH    continue from a checkpoint directory, or the latest under a root\n"
+            "  --balance-bias   update the loss-free balancing biases after each step (off:\n"
+            "                   optional in SFT, where the aux balance loss evens the load)\n"
             "\n"
             "exit status: 0 ok, 1 runtime error (bad data, bad checkpoint), 2 usage error\n");
 }
@@ -155,6 +157,8 @@ int cli_sft_main(int argc, char **argv) {
         } else if (!strcmp(a, "--max-steps") && has_val) {
             rc = parse_long(cmd, a, argv[++i], 1, &v);
             opt.max_steps = v;
+        } else if (!strcmp(a, "--balance-bias")) {
+            opt.balance_bias = 1;
         } else if (!strcmp(a, "--resume") && has_val) {
             opt.resume = argv[++i];
         } else if (a[0] == '-' || file) {

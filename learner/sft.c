@@ -452,7 +452,7 @@ static int run(sft_ctx_t *c, const quillan_config_t *cfg, const sft_options_t *o
         model_backward(c->m, NULL, NULL);
         optim_result_t orr;
         const int applied = optim_step(c->o, c->m, ms.loss, &orr);
-        model_balance_update(c->m, applied);
+        model_balance_update(c->m, applied && opt->balance_bias);
         if (!applied)
             log_warn("sft/skip",
                      "step %ld: non-finite loss or gradient (loss %g, grad norm %g): "

@@ -31,6 +31,9 @@ typedef struct {
     long max_steps;     /* stop once this many steps are done (0 = learner.total_steps); the
                          * schedule still follows total_steps */
     const char *resume; /* checkpoint directory or root to continue from, or NULL */
+    int balance_bias;   /* 1: loss-free balancing bias updates at model.balance_bias_rate after
+                         * each step (MODEL.md: optional in SFT, off by default; the aux
+                         * balance loss keeps the load even) */
     double *loss_trace; /* optional: loss_trace[s] = training loss of step s, s < trace_cap */
     size_t trace_cap;
 } sft_options_t;
