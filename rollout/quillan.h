@@ -81,13 +81,12 @@ typedef struct {
     int threads;        /* worker threads in all; 0 = every online core */
     int max_batch;      /* sequences decoded together (slots); 0 = QUILLAN_DEFAULT_BATCH */
     int record_routing; /* 1: fill the routing records of every sample (routing replay) */
-    int kv_f16;         /* 1: FP16 KV cache (half the memory; K and V rounded, a small
-                         * disagreement with the learner's FP32 attention); 0: FP32 */
 } quillan_engine_params_t;
 
 #define QUILLAN_DEFAULT_BATCH 32
 
-/* threads 0, max_batch QUILLAN_DEFAULT_BATCH, record_routing 1, kv_f16 0. */
+/* threads 0, max_batch QUILLAN_DEFAULT_BATCH, record_routing 1. The KV cache is FP32, as the
+ * learner's attention (docs/ENGINE.md). */
 void quillan_engine_params_default(quillan_engine_params_t *params);
 
 /* NULL with err on bad parameters (QERR_RANGE) or no memory. Scratch is sized on first use
