@@ -315,11 +315,14 @@ static int tensors_copy(snapshot_entry_t *e, const snapshot_tensor_t *t, size_t 
     return 0;
 }
 
-/* A frozen copy of len bytes: private anonymous pages, made read-only after the copy. */
+/* A frozen copy of len bytes: private anonymous pages, made read-only after the copy.
+ * MAP_POPULATE: every page is written next anyway, and faulting them in one by one costs
+ * several times the copy itself on virtual machines (measured: 7 s vs 1.9 s for 450 MiB). */
 static int data_freeze(snapshot_entry_t *e, const void *bytes, size_t len, qerr_t *err) {
     size_t page = (size_t)sysconf(_SC_PAGESIZE);
     e->map_len = (len + page - 1) / page * page;
-    void *p = mmap(NULL, e->map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void *p = mmap(NULL, e->map_len, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
     if (p == MAP_FAILED)
         return qerr_set(err, QERR_NOMEM, "snapshot: cannot map %zu bytes", len);
     e->data = p;

@@ -103,11 +103,14 @@ const snapshot_client_tensor_t *snapshot_tensor_find(const snapshot_t *s, const 
     return NULL;
 }
 
-/* Writable private pages for len > 0 bytes; *map_len gets the mapped size. NULL on failure. */
+/* Writable private pages for len > 0 bytes; *map_len gets the mapped size. NULL on failure.
+ * MAP_POPULATE: every page is written next anyway, and faulting them in one by one costs
+ * several times the copy itself on virtual machines (measured: 7 s vs 1.9 s for 450 MiB). */
 static uint8_t *pages_new(size_t len, size_t *map_len) {
     size_t page = (size_t)sysconf(_SC_PAGESIZE);
     *map_len = (len + page - 1) / page * page;
-    void *p = mmap(NULL, *map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void *p = mmap(NULL, *map_len, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
     return p == MAP_FAILED ? NULL : p;
 }
 
