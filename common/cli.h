@@ -9,5 +9,7 @@ int cli_tokenize_main(int argc, char **argv); /* quillan tokenize [--tokenizer .
 int cli_params_main(int argc, char **argv);   /* quillan params CONFIG */
 int cli_sft_main(int argc, char **argv);      /* quillan sft CONFIG [--set a.b=c]... */
 int cli_data_main(int argc, char **argv);     /* quillan data make-task TASK --n N --out DIR */
+int cli_quantize_main(int argc, char **argv); /* quillan quantize CHECKPOINT -o POLICY.qst */
+int cli_generate_main(int argc, char **argv); /* quillan generate POLICY.qst --prompt TEXT */
 
 #endif

@@ -16,6 +16,8 @@ static const command_t commands[] = {
     {"params", cli_params_main, "print a model's parameter and rollout-size breakdown"},
     {"sft", cli_sft_main, "supervised fine-tuning on prompt/completion pairs"},
     {"data", cli_data_main, "make synthetic datasets (data make-task addition ...)"},
+    {"quantize", cli_quantize_main, "quantize a checkpoint into a policy file (.qst)"},
+    {"generate", cli_generate_main, "sample completions from a quantized policy"},
 };
 
 static void usage(FILE *out) {
