@@ -48,7 +48,8 @@ struct lease_table {
     uint64_t done_epochs;
     size_t n_open, cap_open, words;
     uint64_t *bits, *n_acc;
-    /* Remembered leases (unordered) and the re-lease queue (FIFO). Every queued unit has at
+    /* Remembered leases (in lease id order, so expiries queue oldest first) and the re-lease
+     * queue (FIFO). Every queued unit has at
      * least one EXPIRED entry, so n_queue <= n_entries and both arrays share one capacity. */
     entry_t *entries;
     unit_t *queue;
@@ -319,7 +320,8 @@ static void unit_accept(lease_table_t *t, uint64_t prompt_id, uint64_t epoch) {
         if (e->prompt_id == prompt_id && e->epoch == epoch) {
             if (e->state == ENTRY_ACTIVE)
                 t->n_active--;
-            *e = t->entries[--t->n_entries];
+            memmove(e, e + 1, (t->n_entries - i - 1) * sizeof *e);
+            t->n_entries--;
         } else {
             i++;
         }
@@ -390,24 +392,12 @@ static uint64_t get_u64(const uint8_t *buf, size_t word) {
     return v;
 }
 
-static int entry_cmp(const void *a, const void *b) {
-    uint64_t x = ((const entry_t *)a)->lease_id, y = ((const entry_t *)b)->lease_id;
-    return x < y ? -1 : x > y;
-}
-
 int lease_table_save(const lease_table_t *t, uint8_t **buf, size_t *len, qerr_t *err) {
     size_t words = LEASE_STATE_HEADER_WORDS + t->n_open * t->words +
                    t->n_entries * LEASE_STATE_ENTRY_WORDS + t->n_queue * LEASE_STATE_UNIT_WORDS;
     uint8_t *out = malloc(words * 8);
-    entry_t *sorted = malloc((t->n_entries ? t->n_entries : 1) * sizeof *sorted);
-    if (out == NULL || sorted == NULL) {
-        free(out);
-        free(sorted);
+    if (out == NULL)
         return qerr_set(err, QERR_NOMEM, "lease table: out of memory saving %zu words", words);
-    }
-    if (t->n_entries)
-        memcpy(sorted, t->entries, t->n_entries * sizeof *sorted);
-    qsort(sorted, t->n_entries, sizeof *sorted, entry_cmp);
     uint8_t *p = out;
     const uint64_t header[LEASE_STATE_HEADER_WORDS] = {
         LEASE_STATE_MAGIC, LEASE_STATE_VERSION, t->o.n_prompts, t->o.shuffle,    t->o.seed,
@@ -420,16 +410,15 @@ int lease_table_save(const lease_table_t *t, uint8_t **buf, size_t *len, qerr_t 
     for (size_t i = 0; i < t->n_open * t->words; i++)
         put_u64(&p, t->bits[i]);
     for (size_t i = 0; i < t->n_entries; i++) {
-        put_u64(&p, sorted[i].lease_id);
-        put_u64(&p, sorted[i].prompt_id);
-        put_u64(&p, sorted[i].epoch);
-        put_u64(&p, sorted[i].version);
+        put_u64(&p, t->entries[i].lease_id);
+        put_u64(&p, t->entries[i].prompt_id);
+        put_u64(&p, t->entries[i].epoch);
+        put_u64(&p, t->entries[i].version);
     }
     for (size_t i = 0; i < t->n_queue; i++) {
         put_u64(&p, t->queue[i].prompt_id);
         put_u64(&p, t->queue[i].epoch);
     }
-    free(sorted);
     *buf = out;
     *len = words * 8;
     return 0;

@@ -1,0 +1,410 @@
+/* The dispatcher's lease table (learner/dispatcher.h) without sockets: dataset order, admission,
+ * time-outs and re-leases, exactly once per (prompt, epoch), duplicates, unknown and rejected
+ * groups, worker release, and save/restore, including a randomised run against a reference. */
+#include "dispatcher.h"
+#include "rng.h"
+
+#include <criterion/criterion.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TIMEOUT 10.0
+
+static lease_table_t *table(uint64_t n, bool shuffle, uint64_t max_epochs, uint64_t limit) {
+    lease_table_options_t o = {.n_prompts = n,
+                               .shuffle = shuffle,
+                               .seed = 77,
+                               .fingerprint = 0xfeed,
+                               .max_epochs = max_epochs};
+    qerr_t err;
+    lease_table_t *t = lease_table_new(&o, &err);
+    cr_assert_not_null(t, "%s", err.msg);
+    lease_table_set_limit(t, limit);
+    return t;
+}
+
+static lease_grant_t grant1(lease_table_t *t, uint64_t owner, double now) {
+    lease_grant_t g;
+    cr_assert_eq(lease_table_grant(t, owner, 1, now, TIMEOUT, 3, &g), 1);
+    return g;
+}
+
+static lease_verdict_t submit(lease_table_t *t, const lease_grant_t *g, double now) {
+    return lease_table_submit(t, g->lease_id, g->prompt_id, g->epoch, true, now, NULL, NULL);
+}
+
+Test(lease_table, rejects_empty_dataset) {
+    lease_table_options_t o = {.n_prompts = 0};
+    qerr_t err;
+    cr_assert_null(lease_table_new(&o, &err));
+    cr_assert_eq(err.code, QERR_RANGE);
+}
+
+Test(lease_table, order_is_a_seeded_permutation_per_epoch) {
+    const uint64_t n = 50;
+    lease_table_t *plain = table(n, false, 0, 0), *shuf = table(n, true, 0, 0);
+    int same01 = 1, identity0 = 1;
+    for (uint64_t e = 0; e < 3; e++) {
+        int seen[50] = {0};
+        for (uint64_t i = 0; i < n; i++) {
+            cr_assert_eq(lease_table_order(plain, e, i), i);
+            uint64_t p = lease_table_order(shuf, e, i);
+            cr_assert_lt(p, n);
+            seen[p]++;
+            if (e == 0)
+                identity0 &= p == i;
+            if (e == 1)
+                same01 &= p == lease_table_order(shuf, 0, i);
+        }
+        for (uint64_t i = 0; i < n; i++)
+            cr_assert_eq(seen[i], 1, "epoch %llu: prompt %llu appears %d times",
+                         (unsigned long long)e, (unsigned long long)i, seen[i]);
+    }
+    cr_assert_not(identity0, "shuffled order equals dataset order");
+    cr_assert_not(same01, "epochs 0 and 1 have the same order");
+    /* Grants follow the order. */
+    lease_table_set_limit(shuf, 1000);
+    lease_grant_t g[60];
+    cr_assert_eq(lease_table_grant(shuf, 1, 60, 0, TIMEOUT, 0, g), 60);
+    for (uint64_t i = 0; i < 60; i++) {
+        cr_assert_eq(g[i].epoch, i / n);
+        cr_assert_eq(g[i].prompt_id, lease_table_order(shuf, i / n, i % n));
+        cr_assert_eq(g[i].lease_id, i + 1);
+        cr_assert_not(g[i].relet);
+    }
+    lease_table_destroy(&plain);
+    lease_table_destroy(&shuf);
+    cr_assert_null(shuf);
+}
+
+Test(lease_table, admission_limit_bounds_active_leases) {
+    lease_table_t *t = table(10, false, 0, 0);
+    lease_grant_t g[10];
+    cr_assert_eq(lease_table_grant(t, 1, 5, 0, TIMEOUT, 0, g), 0, "limit 0 grants nothing");
+    lease_table_set_limit(t, 3);
+    cr_assert_eq(lease_table_grant(t, 1, 5, 0, TIMEOUT, 0, g), 3);
+    cr_assert_eq(lease_table_grant(t, 2, 5, 0, TIMEOUT, 0, g + 3), 0);
+    cr_assert_eq(submit(t, &g[0], 1), LEASE_ACCEPTED);
+    cr_assert_eq(lease_table_grant(t, 2, 5, 1, TIMEOUT, 0, g + 3), 1, "a returned group frees one");
+    lease_table_set_limit(t, 1);
+    lease_table_stats_t s;
+    lease_table_stats(t, &s);
+    cr_assert_eq(s.active, 3, "lowering the limit revokes nothing");
+    cr_assert_eq(lease_table_grant(t, 2, 5, 1, TIMEOUT, 0, g + 4), 0);
+    lease_table_destroy(&t);
+}
+
+Test(lease_table, max_epochs_every_unit_exactly_once) {
+    const uint64_t n = 7, epochs = 3;
+    lease_table_t *t = table(n, true, epochs, 4);
+    int count[3][7] = {{0}};
+    double now = 0;
+    while (!lease_table_finished(t)) {
+        lease_grant_t g[4];
+        size_t k = lease_table_grant(t, 1, 4, now, TIMEOUT, 0, g);
+        cr_assert_gt(k, 0, "no work granted before the run finished");
+        for (size_t i = 0; i < k; i++) {
+            cr_assert_eq(submit(t, &g[i], now), LEASE_ACCEPTED);
+            cr_assert(lease_table_is_accepted(t, g[i].prompt_id, g[i].epoch));
+            count[g[i].epoch][g[i].prompt_id]++;
+        }
+        now += 1;
+    }
+    for (uint64_t e = 0; e < epochs; e++)
+        for (uint64_t p = 0; p < n; p++)
+            cr_assert_eq(count[e][p], 1);
+    lease_grant_t g;
+    cr_assert_eq(lease_table_grant(t, 1, 1, now, TIMEOUT, 0, &g), 0, "no fresh units left");
+    lease_table_stats_t s;
+    lease_table_stats(t, &s);
+    cr_assert_eq(s.accepted, n * epochs);
+    cr_assert_eq(s.done_epochs, epochs);
+    lease_table_destroy(&t);
+}
+
+Test(lease_table, timeout_relet_late_group_first_wins) {
+    lease_table_t *t = table(4, false, 0, 10);
+    lease_grant_t a = grant1(t, 1, 0);
+    cr_assert_eq(lease_table_expire(t, TIMEOUT - 0.5), 0);
+    cr_assert(lease_table_is_active(t, a.lease_id));
+    cr_assert_eq(lease_table_expire(t, TIMEOUT), 1);
+    cr_assert_not(lease_table_is_active(t, a.lease_id));
+    lease_grant_t b = grant1(t, 2, TIMEOUT);
+    cr_assert(b.relet, "the expired unit comes first");
+    cr_assert_eq(b.prompt_id, a.prompt_id);
+    cr_assert_eq(b.epoch, a.epoch);
+    cr_assert_neq(b.lease_id, a.lease_id, "a re-lease gets another group id");
+    /* The slow worker's late group arrives first: accepted. */
+    double leased_s = 0;
+    uint64_t version = 0;
+    cr_assert_eq(
+        lease_table_submit(t, a.lease_id, a.prompt_id, a.epoch, true, 12, &leased_s, &version),
+        LEASE_ACCEPTED);
+    cr_assert_float_eq(leased_s, 12.0, 1e-12);
+    cr_assert_eq(version, 3);
+    /* The re-lease's copy is a duplicate, and so is a resend of the accepted one. */
+    cr_assert_eq(submit(t, &b, 13), LEASE_DUPLICATE);
+    cr_assert_eq(submit(t, &a, 13), LEASE_DUPLICATE);
+    lease_table_stats_t s;
+    lease_table_stats(t, &s);
+    cr_assert_eq(s.expired, 1);
+    cr_assert_eq(s.relet, 1);
+    cr_assert_eq(s.accepted, 1);
+    cr_assert_eq(s.duplicates, 2);
+    cr_assert_eq(s.active, 0, "accepting the unit forgot its re-lease");
+    cr_assert_eq(s.expired_now, 0);
+    lease_table_destroy(&t);
+}
+
+Test(lease_table, expired_unit_accepted_before_relet_leaves_queue) {
+    lease_table_t *t = table(3, false, 0, 10);
+    lease_grant_t a = grant1(t, 1, 0);
+    cr_assert_eq(lease_table_expire(t, 100), 1);
+    cr_assert_eq(submit(t, &a, 101), LEASE_ACCEPTED);
+    lease_table_stats_t s;
+    lease_table_stats(t, &s);
+    cr_assert_eq(s.queued, 0);
+    lease_grant_t b = grant1(t, 1, 102);
+    cr_assert_not(b.relet);
+    cr_assert_neq(b.prompt_id, a.prompt_id);
+    lease_table_destroy(&t);
+}
+
+Test(lease_table, release_owner_expires_only_its_leases) {
+    lease_table_t *t = table(10, false, 0, 10);
+    lease_grant_t g[4];
+    cr_assert_eq(lease_table_grant(t, 1, 2, 0, TIMEOUT, 0, g), 2);
+    cr_assert_eq(lease_table_grant(t, 2, 2, 0, TIMEOUT, 0, g + 2), 2);
+    cr_assert_eq(lease_table_release(t, 1), 2);
+    cr_assert_not(lease_table_is_active(t, g[0].lease_id));
+    cr_assert_not(lease_table_is_active(t, g[1].lease_id));
+    cr_assert(lease_table_is_active(t, g[2].lease_id));
+    lease_grant_t r[2];
+    cr_assert_eq(lease_table_grant(t, 2, 2, 1, TIMEOUT, 0, r), 2);
+    cr_assert(r[0].relet && r[1].relet);
+    cr_assert_eq(r[0].prompt_id, g[0].prompt_id);
+    cr_assert_eq(r[1].prompt_id, g[1].prompt_id);
+    lease_table_stats_t s;
+    lease_table_stats(t, &s);
+    cr_assert_eq(s.released, 2);
+    cr_assert_eq(s.expired, 0);
+    lease_table_destroy(&t);
+}
+
+Test(lease_table, unknown_and_rejected) {
+    lease_table_t *t = table(5, false, 0, 10);
+    lease_grant_t a = grant1(t, 1, 0);
+    cr_assert_eq(lease_table_submit(t, 999, a.prompt_id, a.epoch, true, 1, NULL, NULL),
+                 LEASE_UNKNOWN, "never issued");
+    cr_assert_eq(lease_table_submit(t, 0, a.prompt_id, a.epoch, true, 1, NULL, NULL),
+                 LEASE_UNKNOWN);
+    cr_assert_eq(lease_table_submit(t, a.lease_id, a.prompt_id + 1, a.epoch, true, 1, NULL, NULL),
+                 LEASE_REJECTED, "the group names another prompt than its lease");
+    cr_assert_not(lease_table_is_active(t, a.lease_id), "a rejected lease is re-leased");
+    lease_grant_t b = grant1(t, 2, 2);
+    cr_assert(b.relet);
+    cr_assert_eq(b.prompt_id, a.prompt_id);
+    cr_assert_eq(lease_table_submit(t, b.lease_id, b.prompt_id, b.epoch, false, 3, NULL, NULL),
+                 LEASE_REJECTED, "invalid group");
+    cr_assert_eq(submit(t, &a, 4), LEASE_ACCEPTED, "a valid copy under the old lease still counts");
+    lease_table_stats_t s;
+    lease_table_stats(t, &s);
+    cr_assert_eq(s.unknown, 2);
+    cr_assert_eq(s.rejected, 2);
+    cr_assert_eq(s.accepted, 1);
+    lease_table_destroy(&t);
+}
+
+static lease_table_t *reload(lease_table_t **t, uint64_t n, uint64_t max_epochs, uint64_t limit) {
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    qerr_t err;
+    cr_assert_eq(lease_table_save(*t, &buf, &len, &err), 0, "%s", err.msg);
+    lease_table_options_t o = {.n_prompts = n,
+                               .shuffle = true,
+                               .seed = 77,
+                               .fingerprint = 0xfeed,
+                               .max_epochs = max_epochs};
+    lease_table_t *r = lease_table_restore(&o, buf, len, &err);
+    cr_assert_not_null(r, "%s", err.msg);
+    free(buf);
+    lease_table_destroy(t);
+    lease_table_set_limit(r, limit);
+    return r;
+}
+
+Test(lease_table, save_restore_keeps_leases_valid_and_order) {
+    lease_table_t *t = table(20, true, 0, 8), *twin = table(20, true, 0, 100);
+    lease_grant_t g[8], tg[8];
+    cr_assert_eq(lease_table_grant(t, 1, 8, 0, TIMEOUT, 5, g), 8);
+    cr_assert_eq(lease_table_grant(twin, 1, 8, 0, TIMEOUT, 5, tg), 8);
+    cr_assert_eq(submit(t, &g[0], 1), LEASE_ACCEPTED);
+    cr_assert_eq(submit(t, &g[1], 1), LEASE_ACCEPTED);
+    cr_assert_eq(lease_table_release(t, 1), 6); /* g[2..7] expired, queued */
+    lease_grant_t r = grant1(t, 2, 2);          /* g[2]'s unit re-leased */
+    cr_assert_eq(submit(t, &g[3], 2), LEASE_ACCEPTED);
+    lease_table_stats_t before, after;
+    lease_table_stats(t, &before);
+
+    t = reload(&t, 20, 0, 8);
+    lease_table_stats(t, &after);
+    cr_assert_eq(after.accepted, before.accepted);
+    cr_assert_eq(after.granted, before.granted);
+    cr_assert_eq(after.released, before.released);
+    cr_assert_eq(after.epoch, before.epoch);
+    cr_assert_eq(after.position, before.position);
+    cr_assert_eq(after.active, 0, "restored leases are all expired");
+    cr_assert_eq(after.queued, 5, "units of g[2], g[4..7] wait for a re-lease");
+    for (int i = 0; i < 4; i++)
+        cr_assert_eq(lease_table_is_accepted(t, g[i].prompt_id, g[i].epoch), i != 2);
+
+    /* A group under a lease of the old incarnation still counts once. */
+    double leased_s = 0;
+    cr_assert_eq(lease_table_submit(t, r.lease_id, r.prompt_id, r.epoch, true, 0, &leased_s, NULL),
+                 LEASE_ACCEPTED);
+    cr_assert_lt(leased_s, 0, "granted before the restore");
+    cr_assert_eq(submit(t, &g[2], 0), LEASE_DUPLICATE);
+    cr_assert_eq(submit(t, &g[0], 0), LEASE_DUPLICATE);
+    cr_assert_eq(lease_table_submit(t, 1000, 1, 0, true, 0, NULL, NULL), LEASE_UNKNOWN);
+
+    /* Re-leases of g[4..7] first (with fresh ids above every old one), then the twin's order. */
+    lease_grant_t n[8];
+    cr_assert_eq(lease_table_grant(t, 3, 8, 0, TIMEOUT, 5, n), 8);
+    for (int i = 0; i < 4; i++) {
+        cr_assert(n[i].relet);
+        cr_assert_eq(n[i].prompt_id, g[4 + i].prompt_id);
+        cr_assert_gt(n[i].lease_id, r.lease_id);
+    }
+    cr_assert_eq(lease_table_grant(twin, 1, 4, 0, TIMEOUT, 5, tg), 4);
+    for (int i = 0; i < 4; i++) {
+        cr_assert_not(n[4 + i].relet);
+        cr_assert_eq(n[4 + i].prompt_id, tg[i].prompt_id);
+        cr_assert_eq(n[4 + i].epoch, tg[i].epoch);
+    }
+    lease_table_destroy(&t);
+    lease_table_destroy(&twin);
+}
+
+Test(lease_table, restore_refuses_bad_state) {
+    lease_table_t *t = table(20, true, 0, 8);
+    lease_grant_t g[3];
+    cr_assert_eq(lease_table_grant(t, 1, 3, 0, TIMEOUT, 0, g), 3);
+    cr_assert_eq(submit(t, &g[1], 0), LEASE_ACCEPTED);
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    cr_assert_eq(lease_table_save(t, &buf, &len, NULL), 0);
+    lease_table_options_t o = {.n_prompts = 20, .shuffle = true, .seed = 77, .fingerprint = 0xfeed};
+    qerr_t err;
+    lease_table_t *r = lease_table_restore(&o, buf, len, &err);
+    cr_assert_not_null(r, "%s", err.msg);
+    lease_table_destroy(&r);
+
+    lease_table_options_t other = o;
+    other.seed = 78;
+    cr_assert_null(lease_table_restore(&other, buf, len, &err));
+    cr_assert_eq(err.code, QERR_INVALID);
+    cr_assert(strstr(err.msg, "another dataset") != NULL, "%s", err.msg);
+    other = o;
+    other.fingerprint = 1;
+    cr_assert_null(lease_table_restore(&other, buf, len, &err));
+
+    for (size_t cut = 0; cut < len; cut += 8) {
+        cr_assert_null(lease_table_restore(&o, buf, cut, &err), "cut at %zu", cut);
+        cr_assert(err.code == QERR_PARSE, "cut at %zu: %s", cut, err.msg);
+    }
+    cr_assert_null(lease_table_restore(&o, buf, len - 1, &err));
+
+    uint8_t *bad = malloc(len);
+    memcpy(bad, buf, len);
+    bad[8] = 2; /* format version */
+    cr_assert_null(lease_table_restore(&o, bad, len, &err));
+    cr_assert_eq(err.code, QERR_VERSION);
+    memcpy(bad, buf, len);
+    bad[0] ^= 1; /* magic */
+    cr_assert_null(lease_table_restore(&o, bad, len, &err));
+    cr_assert_eq(err.code, QERR_PARSE);
+    /* The first remembered lease names the accepted unit g[1]. */
+    size_t entry0 = len - 2 * 4 * 8; /* 2 leases, no queue */
+    memcpy(bad, buf, len);
+    for (int i = 0; i < 8; i++)
+        bad[entry0 + 8 + (size_t)i] = (uint8_t)(g[1].prompt_id >> (8 * i));
+    cr_assert_null(lease_table_restore(&o, bad, len, &err));
+    cr_assert_eq(err.code, QERR_INVALID, "%s", err.msg);
+    memcpy(bad, buf, len);
+    bad[entry0] = 0; /* lease id 0 */
+    memset(bad + entry0, 0, 8);
+    cr_assert_null(lease_table_restore(&o, bad, len, &err));
+    cr_assert_eq(err.code, QERR_INVALID);
+    free(bad);
+    free(buf);
+    lease_table_destroy(&t);
+}
+
+/* Randomised run: workers take leases, some return groups late, twice, or never; leases time
+ * out; workers die; the table is saved and restored now and then (restarts). Every unit of
+ * every epoch must be accepted exactly once, and every verdict must match a reference that
+ * remembers every lease ever granted. */
+Test(lease_table, randomised_exactly_once_with_restarts) {
+    const uint64_t n = 20, epochs = 4;
+    lease_table_t *t = table(n, true, epochs, 6);
+    enum { MAXL = 4096 };
+    static uint64_t lp[MAXL], le[MAXL];
+    static int held[MAXL]; /* 1: a worker still holds the lease's group */
+    static int acc[4][20];
+    uint64_t n_leases = 0;
+    rng_stream_t rs;
+    rng_stream_init(&rs, 1, 2, 3);
+    double now = 0;
+    int steps = 0, restores = 0;
+    while (!lease_table_finished(t)) {
+        cr_assert_lt(++steps, 200000, "the run does not finish");
+        now += 0.5;
+        uint64_t r = rng_stream_next_u64(&rs) % 100;
+        if (r < 30) {
+            lease_grant_t g[3];
+            size_t k = lease_table_grant(t, 1 + r % 3, 3, now, TIMEOUT, 0, g);
+            for (size_t i = 0; i < k; i++) {
+                cr_assert_eq(g[i].lease_id, n_leases + 1, "lease ids count up");
+                cr_assert_lt(n_leases, MAXL);
+                cr_assert_eq(acc[g[i].epoch][g[i].prompt_id], 0, "an accepted unit is leased");
+                lp[n_leases] = g[i].prompt_id;
+                le[n_leases] = g[i].epoch;
+                held[n_leases] = 1;
+                n_leases++;
+            }
+        } else if (r < 85 && n_leases > 0) {
+            /* Some worker returns a group: mostly recent leases, sometimes a resend. */
+            uint64_t i = n_leases - 1 - rng_stream_next_u64(&rs) % (n_leases < 8 ? n_leases : 8);
+            if (!held[i] && rng_stream_next_u64(&rs) % 4 != 0)
+                continue;
+            held[i] = 0;
+            int was = acc[le[i]][lp[i]];
+            lease_verdict_t v = lease_table_submit(t, i + 1, lp[i], le[i], true, now, NULL, NULL);
+            cr_assert_eq(v, was ? LEASE_DUPLICATE : LEASE_ACCEPTED, "lease %llu",
+                         (unsigned long long)(i + 1));
+            acc[le[i]][lp[i]] += v == LEASE_ACCEPTED;
+        } else if (r < 90) {
+            lease_table_release(t, 1 + r % 3);
+        } else if (r < 97) {
+            lease_table_expire(t, now);
+        } else {
+            t = reload(&t, n, epochs, 6);
+            restores++;
+        }
+    }
+    for (uint64_t e = 0; e < epochs; e++)
+        for (uint64_t p = 0; p < n; p++)
+            cr_assert_eq(acc[e][p], 1, "unit (%llu, %llu)", (unsigned long long)p,
+                         (unsigned long long)e);
+    lease_table_stats_t s;
+    lease_table_stats(t, &s);
+    cr_assert_eq(s.accepted, n * epochs);
+    cr_assert_eq(s.granted, n_leases);
+    /* The run went through every path it is meant to test. */
+    cr_assert_gt(s.duplicates, 0);
+    cr_assert_gt(s.expired, 0);
+    cr_assert_gt(s.released, 0);
+    cr_assert_gt(s.relet, 0);
+    cr_assert_gt(restores, 0);
+    lease_table_destroy(&t);
+}
