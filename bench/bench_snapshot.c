@@ -24,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <zmq.h>
 
@@ -34,6 +35,15 @@ static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* CPU seconds of the whole process (all threads, libzmq's included): less sensitive than wall
+ * time to other load on a shared machine. */
+static double cpu_s(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_utime.tv_sec + 1e-6 * (double)ru.ru_utime.tv_usec +
+           (double)ru.ru_stime.tv_sec + 1e-6 * (double)ru.ru_stime.tv_usec;
 }
 
 static uint64_t rng = 0x243f6a8885a308d3ull;
@@ -143,9 +153,9 @@ int main(int argc, char **argv) {
 
     printf("buffer %zu MiB (%zu bytes), chunk %d bytes, %d in flight, block %u bytes\n", mib, len,
            chunk, inflight, block);
-    printf("| transfer | changed blocks | publish s | pull s | publish-to-applied s | wire bytes "
-           "| wire / full | pull MB/s |\n");
-    printf("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    printf("| transfer | changed blocks | publish s | pull s | publish-to-applied s | CPU s "
+           "| wire bytes | wire / full | pull MB/s |\n");
+    printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     snapshot_t *held = NULL;
     size_t n_blocks = len / block + (len % block != 0);
     int rc = 0;
@@ -162,7 +172,7 @@ int main(int argc, char **argv) {
         snapshot_client_stats_t before, after;
         snapshot_client_stats(c, &before);
         snapshot_publish_stats_t ps;
-        double t0 = now_s();
+        double c0 = cpu_s(), t0 = now_s();
         if (snapshot_store_publish(store, (uint64_t)round + 1, buf, len, 0, NULL, 0, &ps, &err) !=
             0) {
             fprintf(stderr, "publish: %s\n", err.msg);
@@ -171,7 +181,7 @@ int main(int argc, char **argv) {
         }
         double t1 = now_s();
         snapshot_t *s = snapshot_client_fetch(c, 0, held, BENCH_FETCH_MS, &err);
-        double t2 = now_s();
+        double t2 = now_s(), c2 = cpu_s();
         if (s == NULL) {
             fprintf(stderr, "fetch: %s\n", err.msg);
             rc = 1;
@@ -192,9 +202,10 @@ int main(int argc, char **argv) {
         else
             snprintf(what, sizeof(what), "%s, %.1f%% edited (v%d)", delta ? "delta" : "full",
                      changed[round - 1], round + 1);
-        printf("| %s | %.2f%% | %.2f | %.2f | %.2f | %llu | %.4f | %.0f |\n", what,
-               100.0 * ps.changed_frac, t1 - t0, t2 - t1, t2 - t0, (unsigned long long)wire,
-               (double)wire / (double)len, (double)wire / 1e6 / (t2 - t1));
+        printf("| %s | %.2f%% | %.2f | %.2f | %.2f | %.2f | %llu | %.4f | %.0f |\n", what,
+               100.0 * ps.changed_frac, t1 - t0, t2 - t1, t2 - t0, c2 - c0,
+               (unsigned long long)wire, (double)wire / (double)len,
+               (double)wire / 1e6 / (t2 - t1));
         fflush(stdout);
         snapshot_unref(&held);
         held = s;
