@@ -2,12 +2,14 @@
  * next to a streaming-read bandwidth probe and int8 / fp32 compute peak probes measured in the
  * same run, so figures are ratios that survive a shared, drifting machine.
  *
- *   bench_kernels [--mib M] [--rounds R] [--threads T] [--batches 1,8,16,32] [--shapes]
+ *   bench_kernels [--mib M] [--rounds R] [--threads T] [--batches 1,8,16,32]
+ *                 [--formats ternary,int4,int8,f16,f32] [--shapes]
  *
  * Each format cycles through >= M MiB (default 512) of distinct copies of its matrix, so every
  * product reads its weights from DRAM (ANCHORS.md: cache-hot numbers overstate batch-1 speed
  * 2-3x). The rows of each product are split across T threads (1 and 2 by default) in static
- * contiguous ranges through kern_pool. Times are the best of R rounds (default 5) over all copies.
+ * contiguous ranges through kern_pool. Times are per-thread CPU times (the slowest thread; see
+ * timed_t), best of R rounds (default 5) over all copies; the wall-clock time is shown too.
  * --shapes adds the quillan-512m preset's matrix shapes. QUILLAN_ISA selects the kernel level. */
 #include "cpu_features.h"
 #include "kern_pool.h"
@@ -19,7 +21,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #define MAX_ROUNDS 64
 #define MAX_BATCH 64
@@ -40,12 +46,50 @@ static double best(const double *v, int n) {
     return m;
 }
 
+static double thread_cpu_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* CPU time of every thread inside its share of the work, summed over the runs of one pass.
+ * The machine is shared: wall-clock time includes whatever the scheduler gave to other
+ * processes, a thread's CPU time does not; the slowest thread's CPU time is the pass time an
+ * idle machine would see (the pool's synchronisation, a few us per run, is left out). */
+typedef struct {
+    kern_pool_fn fn;
+    void *ctx;
+    double cpu[KERN_POOL_MAX];
+} timed_t;
+
+static void timed_run(void *ctx, int tid, int nt) {
+    timed_t *t = ctx;
+    double t0 = thread_cpu_s();
+    t->fn(t->ctx, tid, nt);
+    t->cpu[tid] += thread_cpu_s() - t0;
+}
+
+static double timed_max(const timed_t *t, int nt) {
+    double m = 0.0;
+    for (int i = 0; i < nt; i++)
+        m = t->cpu[i] > m ? t->cpu[i] : m;
+    return m;
+}
+
+/* 2 MiB aligned and, where the kernel allows it, backed by transparent huge pages: a model's
+ * weights are loaded once and read for hours, so the engine maps them this way too, and with
+ * 4 KiB pages the streamed products would measure TLB misses as much as bandwidth. */
+#define HUGE_ALIGN ((size_t)2 << 20)
 static void *xalloc(size_t n) {
-    void *p = aligned_alloc(64, (n + 63) / 64 * 64);
+    const size_t len = (n + HUGE_ALIGN - 1) / HUGE_ALIGN * HUGE_ALIGN;
+    void *p = aligned_alloc(HUGE_ALIGN, len);
     if (!p) {
         fprintf(stderr, "bench_kernels: out of memory (%zu bytes)\n", n);
         exit(1);
     }
+#ifdef MADV_HUGEPAGE
+    madvise(p, len, MADV_HUGEPAGE);
+#endif
     return p;
 }
 
@@ -57,6 +101,26 @@ typedef struct {
     uint64_t sink[KERN_POOL_MAX];
 } probe_job_t;
 
+/* Reads the thread's share with the widest loads available (a scalar loop tops out below the
+ * memory system's rate), 4 cache lines per iteration into independent accumulators. */
+#if defined(__x86_64__)
+__attribute__((target("avx2"))) static void probe_read(void *ctx, int tid, int nt) {
+    probe_job_t *j = ctx;
+    size_t w0, w1;
+    kern_split_rows(j->words, tid, nt, 32, &w0, &w1);
+    __m256i a[8];
+    for (int k = 0; k < 8; k++)
+        a[k] = _mm256_setzero_si256();
+    for (size_t i = w0; i + 32 <= w1; i += 32) {
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; k++)
+            a[k] = _mm256_add_epi64(a[k], _mm256_load_si256((const __m256i *)(j->buf + i + 4 * k)));
+    }
+    for (int k = 1; k < 8; k++)
+        a[0] = _mm256_add_epi64(a[0], a[k]);
+    j->sink[tid] = (uint64_t)_mm256_extract_epi64(a[0], 0);
+}
+#else
 static void probe_read(void *ctx, int tid, int nt) {
     probe_job_t *j = ctx;
     size_t w0, w1;
@@ -67,15 +131,16 @@ static void probe_read(void *ctx, int tid, int nt) {
             a[k] += j->buf[i + (size_t)k];
     j->sink[tid] = a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7];
 }
+#endif
 
 /* Streaming read of a 1 GiB buffer on every thread of the pool: GB/s, best of rounds. */
 static double probe_dram(kern_pool_t *pool, const uint64_t *buf, size_t bytes, int rounds) {
     probe_job_t job = {.buf = buf, .words = bytes / 8};
     double t[MAX_ROUNDS] = {0};
     for (int r = 0; r < rounds; r++) {
-        double t0 = now_s();
-        kern_pool_run(pool, probe_read, &job);
-        t[r] = now_s() - t0;
+        timed_t tj = {.fn = probe_read, .ctx = &job};
+        kern_pool_run(pool, timed_run, &tj);
+        t[r] = timed_max(&tj, kern_pool_size(pool));
     }
     return (double)bytes / best(t, rounds) / 1e9;
 }
@@ -83,7 +148,6 @@ static double probe_dram(kern_pool_t *pool, const uint64_t *buf, size_t bytes, i
 #define PEAK_ITERS 20000000L
 
 #if defined(__x86_64__)
-#include <immintrin.h>
 
 __attribute__((target("avx512f,avx512vnni"))) static void peak_vnni(void *ctx, int tid, int nt) {
     (void)nt;
@@ -126,10 +190,12 @@ __attribute__((target("avx512f"))) static void peak_fma(void *ctx, int tid, int 
  * (64 per instruction), fp32 FMAs for FMA (16 per instruction). */
 static double probe_peak(kern_pool_t *pool, kern_pool_fn fn, double macs_per_instr) {
     int64_t sink[KERN_POOL_MAX];
-    double t0 = now_s();
-    kern_pool_run(pool, fn, sink);
-    double t = now_s() - t0;
-    return (double)kern_pool_size(pool) * PEAK_ITERS * 12 * macs_per_instr / t;
+    timed_t tj = {.fn = fn, .ctx = sink};
+    kern_pool_run(pool, timed_run, &tj);
+    double rate = 0.0;
+    for (int i = 0; i < kern_pool_size(pool); i++)
+        rate += PEAK_ITERS * 12 * macs_per_instr / tj.cpu[i];
+    return rate;
 }
 
 /* ---- products ---- */
@@ -156,7 +222,7 @@ static void mm_run(void *ctx, int tid, int nt) {
 }
 
 typedef struct {
-    double us, gbps, gmacs;
+    double us, gbps, gmacs, wall_us;
 } result_t;
 
 /* Best time per product over `rounds` passes through `copies` distinct copies. */
@@ -167,17 +233,20 @@ static result_t bench_product(kern_pool_t *pool, const kern_ops_t *ops, qtype_t 
     const size_t mb = out * qtype_row_bytes(type, in);
     mm_job_t job = {ops, type, mats, in, out, act, x, n, y};
     kern_pool_run(pool, mm_run, &job); /* warm-up: page tables, code */
-    double t[MAX_ROUNDS] = {0};
+    double t[MAX_ROUNDS] = {0}, wall[MAX_ROUNDS] = {0};
     for (int r = 0; r < rounds; r++) {
+        timed_t tj = {.fn = mm_run, .ctx = &job};
         double t0 = now_s();
         for (size_t c = 0; c < copies; c++) {
             job.w = mats + c * mb;
-            kern_pool_run(pool, mm_run, &job);
+            kern_pool_run(pool, timed_run, &tj);
         }
-        t[r] = (now_s() - t0) / (double)copies;
+        wall[r] = (now_s() - t0) / (double)copies;
+        t[r] = timed_max(&tj, kern_pool_size(pool)) / (double)copies;
     }
     double s = best(t, rounds);
-    result_t res = {s * 1e6, (double)mb / s / 1e9, (double)out * in * n / s / 1e9};
+    result_t res = {s * 1e6, (double)mb / s / 1e9, (double)out * in * n / s / 1e9,
+                    best(wall, rounds) * 1e6};
     return res;
 }
 
@@ -242,6 +311,9 @@ static int parse_list(const char *s, size_t *v, int max) {
 int main(int argc, char **argv) {
     size_t mib = 512, batches[MAX_BATCHES] = {1, 8, 16, 32};
     int nbatch = 4, rounds = 5, max_threads = 2, shapes = 0;
+    int use[QTYPE_COUNT] = {0};
+    for (size_t k = 0; k < Q_ARRAY_LEN(TYPES); k++)
+        use[TYPES[k]] = 1;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--mib") == 0 && i + 1 < argc)
             mib = (size_t)strtoul(argv[++i], NULL, 10);
@@ -251,11 +323,21 @@ int main(int argc, char **argv) {
             max_threads = atoi(argv[++i]);
         else if (strcmp(argv[i], "--batches") == 0 && i + 1 < argc)
             nbatch = parse_list(argv[++i], batches, MAX_BATCHES);
-        else if (strcmp(argv[i], "--shapes") == 0)
+        else if (strcmp(argv[i], "--formats") == 0 && i + 1 < argc) {
+            memset(use, 0, sizeof use);
+            for (char *tok = strtok(argv[++i], ","); tok; tok = strtok(NULL, ",")) {
+                qtype_t t = qtype_from_name(tok);
+                if (t == QTYPE_COUNT) {
+                    fprintf(stderr, "bench_kernels: unknown format '%s'\n", tok);
+                    return 2;
+                }
+                use[t] = 1;
+            }
+        } else if (strcmp(argv[i], "--shapes") == 0)
             shapes = 1;
         else {
             fprintf(stderr, "usage: bench_kernels [--mib M] [--rounds R] [--threads T] "
-                            "[--batches 1,8,32] [--shapes]\n");
+                            "[--batches 1,8,32] [--formats ternary,int4] [--shapes]\n");
             return 2;
         }
     }
@@ -305,7 +387,8 @@ int main(int argc, char **argv) {
                "fp32 FMA %.0f GFMA/s\n\n",
                nt, nt > 1 ? "s" : "", bw0, vnni / 1e9, fma / 1e9);
         printf("| format | B/weight | n | us/product | GB/s | / DRAM | GMAC/s | GFLOP/s | "
-               "/ roofline |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+               "/ roofline | wall us |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | "
+               "--- |\n");
         float *x = xalloc(nmax * in_max * sizeof *x), *y = xalloc(nmax * 65536 * sizeof *y);
         rng_stream_t r;
         rng_stream_init(&r, 1, 2, 3);
@@ -319,6 +402,8 @@ int main(int argc, char **argv) {
         char lines[Q_ARRAY_LEN(TYPES) * MAX_BATCHES][256];
         result_t res[Q_ARRAY_LEN(TYPES)][MAX_BATCHES];
         for (size_t k = 0; k < Q_ARRAY_LEN(TYPES); k++) {
+            if (!use[TYPES[k]])
+                continue;
             size_t copies;
             uint8_t *mats = make_copies(TYPES[k], 4096, 4096, mib << 20, &copies);
             for (int b = 0; b < nbatch; b++) {
@@ -332,6 +417,8 @@ int main(int argc, char **argv) {
         int nl = 0;
         for (size_t k = 0; k < Q_ARRAY_LEN(TYPES); k++) {
             const qtype_t t = TYPES[k];
+            if (!use[t])
+                continue;
             const double bpw = (double)qtype_row_bytes(t, 4096) / 4096.0;
             const double peak = t == QTYPE_F32 || t == QTYPE_F16 ? fma : vnni;
             for (int b = 0; b < nbatch; b++) {
@@ -340,9 +427,9 @@ int main(int argc, char **argv) {
                 if (peak < roof)
                     roof = peak;
                 snprintf(lines[nl++], sizeof lines[0],
-                         "| %s | %.4f | %zu | %.1f | %.1f | %.2f | %.0f | %.0f | %.2f |",
+                         "| %s | %.4f | %zu | %.1f | %.1f | %.2f | %.0f | %.0f | %.2f | %.1f |",
                          qtype_name(t), bpw, batches[b], e->us, e->gbps, e->gbps / bw, e->gmacs,
-                         2 * e->gmacs, e->gmacs * 1e9 / roof);
+                         2 * e->gmacs, e->gmacs * 1e9 / roof, e->wall_us);
             }
         }
         for (int i = 0; i < nl; i++)
@@ -358,6 +445,8 @@ int main(int argc, char **argv) {
                    nt, nt > 1 ? "s" : "");
             for (size_t k = 0; k < Q_ARRAY_LEN(SHAPES); k++) {
                 const shape_t *sh = &SHAPES[k];
+                if (!use[sh->type])
+                    continue;
                 size_t copies;
                 uint8_t *mats = make_copies(sh->type, sh->out, sh->in, mib << 20, &copies);
                 kern_act_t a2;

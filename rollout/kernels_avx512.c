@@ -11,12 +11,25 @@
 
 #include <immintrin.h>
 
-#define TR 4            /* weight rows per tile */
-#define TS 6            /* tokens per tile (ternary, int8, float) */
-#define TS_INT4 4       /* tokens per tile (int4: two scale registers per row) */
+#define TR 4      /* weight rows per tile */
+#define TS 6      /* tokens per tile (ternary, int8, float) */
+#define TS_INT4 4 /* tokens per tile (int4: two scale registers per row) */
+#ifndef KERN_PF_HINT
+#define KERN_PF_HINT _MM_HINT_T0
+#endif
+#ifndef KERN_PF_TILES
 #define KERN_PF_TILES 1 /* prefetch distance in tiles */
+#endif
 
 #define INLINE static inline __attribute__((always_inline))
+
+/* acc += u8 u x s8 s (vpdpbusd). GCC's intrinsic makes a register copy of the accumulator
+ * around every instruction in these tiles (the builtin's tied operand); the asm form updates
+ * it in place, which halves the instructions of the inner loops. */
+INLINE __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+    return acc;
+}
 
 /* ---- activation quantization ---- */
 
@@ -90,17 +103,55 @@ INLINE size_t block_len(size_t n, size_t s0, size_t smax) {
     do {                                                                                           \
         __m512i wk[TR];                                                                            \
         for (int r = 0; r < R; r++)                                                                \
-            wk[r] = _mm512_and_si512(                                                              \
-                _mm512_srli_epi16(_mm512_loadu_si512((const void *)(wb + r * rb)), 2 * (K)), m3);  \
+            wk[r] = _mm512_and_si512(_mm512_srli_epi16(raw[r], 2 * (K)), m3);                      \
         for (int s = 0; s < S; s++) {                                                              \
             const __m512i xv = _mm512_load_si512((const void *)(xb + s * xs + 64 * (K)));          \
             for (int r = 0; r < R; r++)                                                            \
-                acc[r][s] = _mm512_dpbusd_epi32(acc[r][s], wk[r], xv);                             \
+                acc[r][s] = dpbusd(acc[r][s], wk[r], xv);                                          \
         }                                                                                          \
     } while (0)
 
+/* One token (batch 1): no activation reuse to amortise the unpacking over, so skip the shift.
+ * Field k of a byte masked in place is code << 2k; vpdpbusd of it sums 4^k times the field's
+ * products (at most 2 << 6 = 128, still a u8), so each k gets its own accumulator and is
+ * divided back exactly at the end. One fused load+and and one vpdpbusd per 64 weights. */
+INLINE void tern_tile_s1(const int R, const uint8_t *w, size_t rb, size_t nb, const int8_t *x,
+                         const uint8_t *pf, int32_t *out) {
+    __m512i acc[TR][4];
+    for (int r = 0; r < R; r++)
+        for (int k = 0; k < 4; k++)
+            acc[r][k] = _mm512_setzero_si512();
+    const __m512i mk[4] = {_mm512_set1_epi8(0x03), _mm512_set1_epi8(0x0c), _mm512_set1_epi8(0x30),
+                           _mm512_set1_epi8((char)0xc0)};
+    for (size_t b = 0; b < nb; b++) {
+        if (pf)
+            for (int r = 0; r < R; r++)
+                _mm_prefetch((const char *)pf + (b * R + r) * 64, KERN_PF_HINT);
+        for (int k = 0; k < 4; k++) {
+            const __m512i xv =
+                _mm512_load_si512((const void *)(x + b * QTYPE_TERNARY_BLOCK + 64 * k));
+            for (int r = 0; r < R; r++)
+                acc[r][k] =
+                    dpbusd(acc[r][k],
+                           _mm512_and_si512(_mm512_loadu_si512((const void *)(w + r * rb + b * 64)),
+                                            mk[k]),
+                           xv);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        int32_t v = 0;
+        for (int k = 0; k < 4; k++)
+            v += _mm512_reduce_add_epi32(acc[r][k]) / (1 << (2 * k));
+        out[r * TS] = v;
+    }
+}
+
 INLINE void tern_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t nb,
                       const int8_t *x, size_t xs, const uint8_t *pf, int32_t *out) {
+    if (S == 1) {
+        tern_tile_s1(R, w, rb, nb, x, pf, out);
+        return;
+    }
     __m512i acc[TR][TS];
     for (int r = 0; r < R; r++)
         for (int s = 0; s < S; s++)
@@ -109,9 +160,11 @@ INLINE void tern_tile(const int R, const int S, const uint8_t *w, size_t rb, siz
     for (size_t b = 0; b < nb; b++) {
         if (pf)
             for (int r = 0; r < R; r++)
-                _mm_prefetch((const char *)pf + (b * R + r) * 64, _MM_HINT_T0);
-        const uint8_t *wb = w + b * 64;
+                _mm_prefetch((const char *)pf + (b * R + r) * 64, KERN_PF_HINT);
         const int8_t *xb = x + b * QTYPE_TERNARY_BLOCK;
+        __m512i raw[TR];
+        for (int r = 0; r < R; r++)
+            raw[r] = _mm512_loadu_si512((const void *)(w + r * rb + b * 64));
         TERN_STEP(0);
         TERN_STEP(1);
         TERN_STEP(2);
@@ -126,14 +179,14 @@ INLINE void tern_tile(const int R, const int S, const uint8_t *w, size_t rb, siz
     for (size_t b = 0; b < nb; b++) {                                                              \
         if (pf)                                                                                    \
             for (int r = 0; r < R; r++)                                                            \
-                _mm_prefetch((const char *)pf + (b * R + r) * 64, _MM_HINT_T0);                    \
+                _mm_prefetch((const char *)pf + (b * R + r) * 64, KERN_PF_HINT);                   \
         __m512i wv[TR];                                                                            \
         for (int r = 0; r < R; r++)                                                                \
             wv[r] = _mm512_loadu_si512((const void *)(w + r * rb + b * 64));                       \
         for (int s = 0; s < S; s++) {                                                              \
             const __m512i xv = _mm512_load_si512((const void *)(x + s * xs + b * 64));             \
             for (int r = 0; r < R; r++)                                                            \
-                acc[r][s] = _mm512_dpbusd_epi32(acc[r][s], wv[r], xv);                             \
+                acc[r][s] = dpbusd(acc[r][s], wv[r], xv);                                          \
         }                                                                                          \
     }
 
@@ -241,7 +294,7 @@ static void matmul_int8(const void *w, size_t in, const kern_act_t *act, float *
             const __m512i xv =                                                                     \
                 _mm512_load_si512((const void *)(x + s * xs + b * QTYPE_INT4_BLOCK + 64 * HI));    \
             for (int r = 0; r < R; r++) {                                                          \
-                const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], xv);          \
+                const __m512i d = dpbusd(_mm512_setzero_si512(), wv[r], xv);                       \
                 acc[r][s] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc[r], acc[r][s]);              \
             }                                                                                      \
         }                                                                                          \
@@ -260,7 +313,7 @@ INLINE void int4_tile(const int R, const int S, const uint8_t *w, size_t rb, siz
     for (size_t b = 0; b < nb; b++) {
         if (pf)
             for (int r = 0; r < R; r++)
-                _mm_prefetch((const char *)pf + (b * R + r) * 72, _MM_HINT_T0);
+                _mm_prefetch((const char *)pf + (b * R + r) * 72, KERN_PF_HINT);
         INT4_HALF(0);
         INT4_HALF(1);
     }
@@ -348,7 +401,7 @@ INLINE void float_tile(const int f16, const int R, const int S, const uint8_t *w
         const __mmask16 m = i + 16 <= in ? (__mmask16)0xffff : (__mmask16)((1u << (in - i)) - 1);
         if (pf && (f16 == 0 || i % 32 == 0))
             for (int r = 0; r < R; r++)
-                _mm_prefetch((const char *)pf + (i * esz) * R + r * 64, _MM_HINT_T0);
+                _mm_prefetch((const char *)pf + (i * esz) * R + r * 64, KERN_PF_HINT);
         __m512 wv[TR];
         for (int r = 0; r < R; r++)
             wv[r] = load_w(f16, w + r * rb, i, m);
