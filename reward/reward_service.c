@@ -3,6 +3,7 @@
 #include "log.h"
 #include "reward_codec.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -152,6 +153,15 @@ static void answer_mem_free(answer_mem_t *m) {
     free(m->entry_ptrs);
 }
 
+/* Cuts s back to its longest valid UTF-8 prefix: details and errors are truncated with
+ * snprintf, which may split a character, and the wire codec refuses invalid UTF-8. */
+static void utf8_trim(char *s) {
+    size_t n = strlen(s);
+    while (n > 0 && !wire_utf8_valid(s, n))
+        n--;
+    s[n] = '\0';
+}
+
 static int answer_build(reward_service_t *s, const Quillan__RewardRequest *req,
                         Quillan__RewardResponse *resp, answer_mem_t *m, size_t *no_reward) {
     size_t n = req->n_samples;
@@ -170,12 +180,17 @@ static int answer_build(reward_service_t *s, const Quillan__RewardRequest *req,
     } else {
         reward_batch_t b;
         batch_view(req, m->samples, m->kv, &b);
-        if (s->score(s->ctx, &b, m->scores, m->detail, REWARD_SERVICE_DETAIL_MAX, &e) == 0) {
+        int rc = s->score(s->ctx, &b, m->scores, m->detail, REWARD_SERVICE_DETAIL_MAX, &e);
+        for (size_t i = 0; rc == 0 && i < n; i++)
+            if (m->scores[i].has && !isfinite(m->scores[i].value))
+                rc = qerr_set(&e, QERR_INVALID, "the scorer gave sample %zu a non-finite score", i);
+        if (rc == 0) {
             for (size_t i = 0; i < n; i++) {
                 Quillan__ScoreEntry *x = &m->entries[i];
                 quillan__score_entry__init(x);
                 m->detail[(i + 1) * REWARD_SERVICE_DETAIL_MAX - 1] = '\0';
                 x->detail = &m->detail[i * REWARD_SERVICE_DETAIL_MAX];
+                utf8_trim(x->detail);
                 if (m->scores[i].has) {
                     x->maybe_score_case = QUILLAN__SCORE_ENTRY__MAYBE_SCORE_SCORE;
                     x->score = m->scores[i].value;
@@ -190,6 +205,7 @@ static int answer_build(reward_service_t *s, const Quillan__RewardRequest *req,
         }
     }
     snprintf(m->error, sizeof m->error, "%s", e.msg[0] ? e.msg : "the scorer failed");
+    utf8_trim(m->error);
     resp->error = m->error;
     return -1;
 }

@@ -2,7 +2,7 @@
 # and Python example processes on loopback. Logs of the services land in the build's tests/.
 quillan_add_test_exe(e2e_reward ${CMAKE_CURRENT_LIST_DIR}/reward_e2e.c quillan_reward
                      Threads::Threads)
-set(reward_e2e_scenarios builtin restart dead late malformed)
+set(reward_e2e_scenarios builtin restart dead late error malformed)
 if(QUILLAN_PY_GEN_DIR)
     list(APPEND reward_e2e_scenarios python combined)
 else()

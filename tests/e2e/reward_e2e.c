@@ -14,6 +14,8 @@
  *   dead       no service: the call fails with QERR_TIMEOUT after its retries, with no result
  *   late       a service (a ROUTER in this process) that answers an attempt late: the stale
  *              reply is discarded by request id and the current one accepted
+ *   error      a service that answers Error UNAVAILABLE (retried), then RewardResponse.error:
+ *              the call fails with QERR_INVALID and no rewards
  *   malformed  bad frames, another version, undecodable bytes, another protocol's body, an
  *              invalid request and a non-request to quillan-reward: each counted (reward.stop
  *              record of its log) and dropped, and the service still answers
@@ -584,6 +586,73 @@ static void scenario_late(void) {
     zmq_ctx_term(lc.zctx);
 }
 
+/* The error scenario's service: answers the first attempt with Error UNAVAILABLE (retry), the
+ * second with RewardResponse.error (the request failed as a whole). */
+static void *error_service(void *arg) {
+    late_ctx_t *lc = arg;
+    net_socket_t *s = raw_socket(lc->zctx, ZMQ_ROUTER, lc->endpoint);
+    int ok = 1;
+    for (int got = 0, polls = 0; got < 2 && polls < RAW_REPLY_POLLS; polls++) {
+        net_msg_t *m = NULL;
+        qerr_t e;
+        if (net_recv(s, 100, &m, &e) != 1)
+            continue;
+        const Quillan__Envelope *env = net_msg_envelope(m);
+        if (env->body_case == QUILLAN__ENVELOPE__BODY_REWARD_REQUEST) {
+            Quillan__Envelope out = QUILLAN__ENVELOPE__INIT;
+            Quillan__Error err = QUILLAN__ERROR__INIT;
+            Quillan__RewardResponse resp = QUILLAN__REWARD_RESPONSE__INIT;
+            if (got++ == 0) {
+                err.code = QUILLAN__ERROR_CODE__ERROR_CODE_UNAVAILABLE;
+                err.message = "warming up";
+                err.in_reply_to = env->message_id;
+                out.body_case = QUILLAN__ENVELOPE__BODY_ERROR;
+                out.error = &err;
+            } else {
+                resp.request_id = env->reward_request->request_id;
+                resp.error = "scorer crashed";
+                out.body_case = QUILLAN__ENVELOPE__BODY_REWARD_RESPONSE;
+                out.reward_response = &resp;
+            }
+            ok = ok && net_reply(s, m, &out, NULL, 0, &e) == 0;
+        }
+        net_msg_destroy(&m);
+    }
+    lc->ok = ok;
+    net_socket_destroy(&s);
+    return NULL;
+}
+
+static void scenario_error(void) {
+    late_ctx_t lc = {.zctx = zmq_ctx_new()};
+    endpoint_of(free_port(), lc.endpoint, sizeof lc.endpoint);
+    pthread_t th;
+    Q_ASSERT(pthread_create(&th, NULL, error_service, &lc) == 0);
+    char services[256];
+    snprintf(services, sizeof services, "[{address: '%s', weight: 1, name: flaky}]", lc.endpoint);
+    reward_client_t *c = client_for(services, 5, 5, 0.1, 0.2);
+    reward_sample_t x[N_COMPLETIONS];
+    reward_result_t r;
+    reward_result_init(&r);
+    qerr_t e;
+    qerr_clear(&e);
+    reward_batch_t b = batch_make(x, md_answer, Q_ARRAY_LEN(md_answer));
+    int rc = reward_client_score(c, &b, &r, &e);
+    pthread_join(th, NULL);
+    CHECK(lc.ok, "the service's replies went out");
+    CHECK(rc == -1 && e.code == QERR_INVALID, "a failed request fails the call: rc %d, %s", rc,
+          e.msg);
+    CHECK(strstr(e.msg, "scorer crashed") && strstr(e.msg, "flaky"), "%s", e.msg);
+    CHECK(r.total == NULL, "no rewards from a failed request");
+    reward_client_stats_t st;
+    reward_client_stats(c, &st);
+    CHECK(st.attempts == 2 && st.error_replies == 2 && st.timeouts == 0,
+          "UNAVAILABLE retried once: attempts %llu errors %llu", (unsigned long long)st.attempts,
+          (unsigned long long)st.error_replies);
+    reward_client_destroy(&c);
+    zmq_ctx_term(lc.zctx);
+}
+
 /* The "reward.stop" record's fields from quillan-reward's log file; NULL when absent. */
 static json_t *stop_record(const char *path) {
     FILE *f = fopen(path, "r");
@@ -719,10 +788,10 @@ int main(int argc, char **argv) {
     static const struct {
         const char *name;
         void (*fn)(void);
-    } scenarios[] = {{"builtin", scenario_builtin},    {"python", scenario_python},
-                     {"combined", scenario_combined},  {"restart", scenario_restart},
-                     {"dead", scenario_dead},          {"late", scenario_late},
-                     {"malformed", scenario_malformed}};
+    } scenarios[] = {{"builtin", scenario_builtin},   {"python", scenario_python},
+                     {"combined", scenario_combined}, {"restart", scenario_restart},
+                     {"dead", scenario_dead},         {"late", scenario_late},
+                     {"error", scenario_error},       {"malformed", scenario_malformed}};
     for (size_t i = 0; i < Q_ARRAY_LEN(scenarios); i++) {
         if (strcmp(argv[1], scenarios[i].name) == 0) {
             scenarios[i].fn();
