@@ -21,6 +21,8 @@
 #define LEASE_STATE_HEADER_WORDS 21u
 #define LEASE_STATE_ENTRY_WORDS 4u
 #define LEASE_STATE_UNIT_WORDS 2u
+/* A restored table counts lease ids on from the next multiple of 2^32. */
+#define LEASE_ID_GENERATION_BITS 32
 
 typedef enum { ENTRY_ACTIVE = 0, ENTRY_EXPIRED } entry_state_t;
 
@@ -554,6 +556,10 @@ static int restore_body(lease_table_t *t, const uint8_t *buf, size_t n_words, qe
     }
     /* A hand-made state may list a complete epoch as open. */
     epochs_close(t);
+    /* Leases granted after this state was saved, by the incarnation that died, had ids from
+     * h[6] on; the next generation of ids starts above every one of them. */
+    t->next_lease_id = ((t->next_lease_id >> LEASE_ID_GENERATION_BITS) + 1)
+                       << LEASE_ID_GENERATION_BITS;
     return 0;
 }
 

@@ -12,8 +12,11 @@
  *                  and tokenized, accepted groups handed to the caller's callback.
  *
  * Units and leases. The unit of work is (prompt_id, epoch); prompt_id is the example index in
- * the dataset. Every RolloutRequest gets its own lease id (lease ids count up from 1 and are
- * never reused, across restarts too: they are part of the saved state). The lease id is the
+ * the dataset. Every RolloutRequest gets its own lease id, never reused: ids count up from 1,
+ * and a restored table goes on from the next multiple of 2^32, above any id the dead
+ * incarnation may have granted after its state was saved (a group under such a lease is
+ * UNKNOWN_LEASE, or DUPLICATE once its unit is accepted: its unit was not leased in the saved
+ * state, so the restored table leases it afresh). The lease id is the
  * GROUP ID of TRAINING.md §Rewards: the same prompt leased twice (a re-lease, another epoch)
  * gets two different ids. Exactly once per unit: the first valid group to arrive for a unit
  * under any lease the unit was given (the current one or an expired one) is accepted; any
