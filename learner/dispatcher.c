@@ -674,15 +674,14 @@ static int options_check(const dispatcher_options_t *o, qerr_t *err) {
     return 0;
 }
 
-/* BOS + the prompt of example index into d->ids. Errors name PATH:LINE. */
+/* Example index into *ex and its prompt's tokens (without BOS) into d->ids, checked to fit
+ * max_prompt_tokens with BOS. Errors name PATH:LINE. */
 static int prompt_tokens(dispatcher_t *d, size_t index, jsonl_example_t *ex, qerr_t *err) {
     if (jsonl_reader_example(d->o.data, index, JSONL_TASK_RL, ex, err) != 0)
         return -1;
     d->ids.len = 0;
-    int32_t bos = tokenizer_bos_id(d->o.tokenizer);
-    if (tokenizer_encode_append(d->o.tokenizer, &bos, 0, &d->ids, err) != 0 ||
-        tokenizer_encode_append(d->o.tokenizer, ex->prompt, strlen(ex->prompt), &d->ids, err) !=
-            0) {
+    if (tokenizer_encode_append(d->o.tokenizer, ex->prompt, strlen(ex->prompt), &d->ids, err) !=
+        0) {
         jsonl_example_free(ex);
         return qerr_wrap(err, "%s:%zu: prompt", jsonl_reader_path(d->o.data), index + 1);
     }
@@ -1027,14 +1026,15 @@ static Quillan__RolloutRequest *request_build(dispatcher_t *d, const lease_grant
     r->group_size = d->o.limits.max_group_size;
     r->sampling = sp;
     r->min_version = d->latest;
-    r->n_prompt_tokens = d->ids.len;
-    r->prompt_tokens = malloc(d->ids.len * sizeof *r->prompt_tokens);
+    r->n_prompt_tokens = d->ids.len + 1;
+    r->prompt_tokens = malloc(r->n_prompt_tokens * sizeof *r->prompt_tokens);
     r->prompt_text = str_dup(ex.prompt);
     r->metadata = calloc(ex.n_meta ? ex.n_meta : 1, sizeof *r->metadata);
     if (r->prompt_tokens == NULL || r->prompt_text == NULL || r->metadata == NULL)
         goto oom;
+    r->prompt_tokens[0] = (uint32_t)tokenizer_bos_id(d->o.tokenizer);
     for (size_t i = 0; i < d->ids.len; i++)
-        r->prompt_tokens[i] = (uint32_t)d->ids.data[i];
+        r->prompt_tokens[i + 1] = (uint32_t)d->ids.data[i];
     for (size_t i = 0; i < ex.n_meta; i++) {
         Quillan__RolloutRequest__MetadataEntry *me = malloc(sizeof *me);
         if (me == NULL)

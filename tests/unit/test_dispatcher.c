@@ -7,6 +7,8 @@
 #include <criterion/criterion.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+#include <zmq.h>
 
 #define TIMEOUT 10.0
 
@@ -423,4 +425,216 @@ Test(lease_table, randomised_exactly_once_with_restarts) {
     cr_assert_gt(s.relet, 0);
     cr_assert_gt(restores, 0);
     lease_table_destroy(&t);
+}
+
+/* ---- the dispatcher on a real socket, driven by a hand-written worker ---- */
+
+typedef struct {
+    int groups;
+    uint64_t last_lease;
+} sink_t;
+
+static void sink_group(void *ctx, const Quillan__TrajectoryGroup *g,
+                       const dispatcher_group_info_t *info) {
+    sink_t *s = ctx;
+    s->groups++;
+    s->last_lease = info->lease_id;
+    cr_assert_eq(g->lease_id, info->lease_id);
+}
+
+/* Polls the dispatcher until the worker socket receives a message of body `want`. */
+static net_msg_t *exchange(dispatcher_t *d, net_socket_t *w, Quillan__Envelope__BodyCase want) {
+    for (int i = 0; i < 200; i++) {
+        qerr_t e;
+        cr_assert_geq(dispatcher_poll(d, 10, &e), 0, "%s", e.msg);
+        net_msg_t *m = NULL;
+        int rc = net_recv(w, 10, &m, &e);
+        cr_assert_geq(rc, 0, "%s", e.msg);
+        if (rc == 1 && net_msg_envelope(m)->body_case == want)
+            return m;
+        net_msg_destroy(&m);
+    }
+    cr_assert_fail("no '%s' arrived", wire_body_name(want));
+    return NULL;
+}
+
+static void wsend(net_socket_t *w, Quillan__Envelope *env) {
+    qerr_t e;
+    cr_assert_eq(net_send(w, NULL, env, NULL, 0, NULL, &e), 0, "%s", e.msg);
+}
+
+static Quillan__AckStatus group_answer(dispatcher_t *d, net_socket_t *w, uint64_t lease,
+                                       uint64_t prompt, size_t n_traj, const uint32_t *prompt_tok,
+                                       size_t n_prompt) {
+    uint32_t tok[2] = {'a', TOKENIZER_BYTE_EOS};
+    float lp[2] = {-1.0f, -0.5f};
+    Quillan__Trajectory t[3], *tp[3];
+    for (size_t i = 0; i < 3; i++) {
+        quillan__trajectory__init(&t[i]);
+        t[i].n_completion_tokens = 2;
+        t[i].completion_tokens = tok;
+        t[i].n_behaviour_logprobs = 2;
+        t[i].behaviour_logprobs = lp;
+        t[i].finish_reason = QUILLAN__FINISH_REASON__FINISH_REASON_STOP;
+        tp[i] = &t[i];
+    }
+    Quillan__SamplingParams sp = QUILLAN__SAMPLING_PARAMS__INIT;
+    sp.temperature = 1;
+    sp.max_new_tokens = 4;
+    Quillan__TrajectoryGroup g = QUILLAN__TRAJECTORY_GROUP__INIT;
+    g.lease_id = lease;
+    g.prompt_id = prompt;
+    g.n_prompt_tokens = n_prompt;
+    g.prompt_tokens = (uint32_t *)prompt_tok;
+    g.n_trajectories = n_traj;
+    g.trajectories = tp;
+    g.sampling = &sp;
+    Quillan__Envelope env = QUILLAN__ENVELOPE__INIT;
+    env.body_case = QUILLAN__ENVELOPE__BODY_TRAJECTORY_GROUP;
+    env.trajectory_group = &g;
+    wsend(w, &env);
+    net_msg_t *m = exchange(d, w, QUILLAN__ENVELOPE__BODY_ACK);
+    const Quillan__Ack *a = net_msg_envelope(m)->ack;
+    cr_assert_eq(a->lease_id, lease);
+    Quillan__AckStatus st = a->status;
+    net_msg_destroy(&m);
+    return st;
+}
+
+Test(dispatcher, leases_acks_and_malformed_over_a_socket) {
+    char path[] = "/tmp/quillan-test-dispatcher-XXXXXX";
+    int fd = mkstemp(path);
+    cr_assert_geq(fd, 0);
+    const char *lines = "{\"prompt\": \"1+1=\", \"answer\": \"2\"}\n"
+                        "{\"prompt\": \"2+2=\", \"answer\": \"4\"}\n";
+    cr_assert_eq(write(fd, lines, strlen(lines)), (ssize_t)strlen(lines));
+    close(fd);
+    qerr_t e;
+    jsonl_reader_t *r = jsonl_reader_new(path, 0, &e);
+    cr_assert_not_null(r, "%s", e.msg);
+    tokenizer_t *tok = tokenizer_new_byte();
+    sink_t sink = {0};
+    dispatcher_options_t o;
+    dispatcher_options_init(&o);
+    o.endpoint = "tcp://127.0.0.1:*";
+    o.limits = (dispatch_codec_limits_t){.vocab_size = TOKENIZER_BYTE_VOCAB,
+                                         .max_group_size = 2,
+                                         .max_prompt_tokens = 16,
+                                         .max_new_tokens = 4};
+    o.max_new_tokens = 4;
+    o.shuffle = false;
+    o.data = r;
+    o.tokenizer = tok;
+    o.heartbeat_ivl_s = 0.05;
+    o.on_group = sink_group;
+    o.on_group_ctx = &sink;
+    o.net.linger_ms = 0;
+    void *zctx = zmq_ctx_new();
+
+    /* A prompt longer than max_prompt_tokens is refused at start, naming the line. */
+    o.limits.max_prompt_tokens = 4;
+    cr_assert_null(dispatcher_new(zctx, &o, NULL, 0, &e));
+    cr_assert(strstr(e.msg, ":1:") != NULL, "%s", e.msg);
+    o.limits.max_prompt_tokens = 16;
+
+    dispatcher_t *d = dispatcher_new(zctx, &o, NULL, 0, &e);
+    cr_assert_not_null(d, "%s", e.msg);
+    dispatcher_set_lease_limit(d, 1);
+    dispatcher_set_versions(d, 7, 6);
+    net_socket_spec_t spec = {.type = ZMQ_DEALER,
+                              .protocol = WIRE_PROTOCOL_DISPATCH,
+                              .name = "w",
+                              .sender_id = "w",
+                              .incarnation_id = 42};
+    net_socket_t *w = net_socket_new(zctx, &spec, &o.net, &o.security, &e);
+    cr_assert_not_null(w, "%s", e.msg);
+    cr_assert_eq(net_socket_connect(w, dispatcher_endpoint(d), &e), 0);
+
+    Quillan__WorkRequest wr = QUILLAN__WORK_REQUEST__INIT;
+    wr.worker_id = "w";
+    wr.credits = 3;
+    wr.host = "h";
+    Quillan__Envelope env = QUILLAN__ENVELOPE__INIT;
+    env.body_case = QUILLAN__ENVELOPE__BODY_WORK_REQUEST;
+    env.work_request = &wr;
+    wsend(w, &env);
+    net_msg_t *m = exchange(d, w, QUILLAN__ENVELOPE__BODY_LEASE);
+    const Quillan__Lease *l = net_msg_envelope(m)->lease;
+    cr_assert_eq(l->n_requests, 1, "the admission limit caps 3 credits at 1");
+    cr_assert_eq(l->policy_version, 7);
+    const Quillan__RolloutRequest *rq = l->requests[0];
+    cr_assert_eq(rq->prompt_id, 0);
+    cr_assert_eq(rq->group_size, 2);
+    cr_assert_eq(rq->min_version, 7);
+    cr_assert_eq(rq->n_prompt_tokens, 5, "BOS + \"1+1=\"");
+    cr_assert_eq(rq->prompt_tokens[0], TOKENIZER_BYTE_BOS);
+    cr_assert_eq(rq->prompt_tokens[1], '1');
+    cr_assert_str_eq(rq->prompt_text, "1+1=");
+    cr_assert_eq(rq->n_metadata, 1);
+    cr_assert_str_eq(rq->metadata[0]->key, "answer");
+    cr_assert_str_eq(rq->metadata[0]->value, "\"2\"");
+    uint64_t lease = rq->lease_id;
+    uint32_t ptok[5];
+    memcpy(ptok, rq->prompt_tokens, sizeof ptok);
+    net_msg_destroy(&m);
+
+    /* A heartbeat from the learner carries the versions. */
+    m = exchange(d, w, QUILLAN__ENVELOPE__BODY_HEARTBEAT);
+    cr_assert_eq(net_msg_envelope(m)->heartbeat->snapshot_version, 7);
+    cr_assert_eq(net_msg_envelope(m)->heartbeat->old_policy_version, 6);
+    net_msg_destroy(&m);
+
+    cr_assert_eq(group_answer(d, w, lease + 100, 0, 2, ptok, 5),
+                 QUILLAN__ACK_STATUS__ACK_STATUS_UNKNOWN_LEASE);
+    cr_assert_eq(group_answer(d, w, lease, 0, 3, ptok, 5), QUILLAN__ACK_STATUS__ACK_STATUS_REJECTED,
+                 "3 trajectories, G is 2");
+    cr_assert_eq(sink.groups, 0);
+    /* The rejected lease went back to the queue: ask again, get the same prompt anew. */
+    wsend(w, &env);
+    m = exchange(d, w, QUILLAN__ENVELOPE__BODY_LEASE);
+    l = net_msg_envelope(m)->lease;
+    cr_assert_eq(l->n_requests, 1);
+    cr_assert_eq(l->requests[0]->prompt_id, 0);
+    cr_assert_neq(l->requests[0]->lease_id, lease);
+    uint64_t lease2 = l->requests[0]->lease_id;
+    net_msg_destroy(&m);
+    cr_assert_eq(group_answer(d, w, lease2, 0, 2, ptok, 5),
+                 QUILLAN__ACK_STATUS__ACK_STATUS_ACCEPTED);
+    cr_assert_eq(sink.groups, 1);
+    cr_assert_eq(sink.last_lease, lease2);
+    cr_assert_eq(group_answer(d, w, lease2, 0, 2, ptok, 5),
+                 QUILLAN__ACK_STATUS__ACK_STATUS_DUPLICATE);
+
+    /* A body a worker never sends is dropped and counted. */
+    Quillan__Ack ack = QUILLAN__ACK__INIT;
+    ack.lease_id = 1;
+    ack.status = QUILLAN__ACK_STATUS__ACK_STATUS_ACCEPTED;
+    Quillan__Envelope bad = QUILLAN__ENVELOPE__INIT;
+    bad.body_case = QUILLAN__ENVELOPE__BODY_ACK;
+    bad.ack = &ack;
+    wsend(w, &bad);
+    dispatcher_stats_t st = {0};
+    for (int i = 0; i < 100 && st.malformed == 0; i++) {
+        cr_assert_geq(dispatcher_poll(d, 10, &e), 0);
+        dispatcher_stats(d, &st);
+    }
+    cr_assert_eq(st.malformed, 1);
+    cr_assert_eq(st.table.accepted, 1);
+    cr_assert_eq(st.table.rejected, 1);
+    cr_assert_eq(st.table.unknown, 1);
+    cr_assert_eq(st.table.duplicates, 1);
+    dispatcher_worker_t rows[2];
+    cr_assert_eq(dispatcher_workers(d, rows, 2), 1);
+    cr_assert_str_eq(rows[0].id, "w");
+    cr_assert_str_eq(rows[0].host, "h");
+    cr_assert_eq(rows[0].groups_done, 1);
+    cr_assert(rows[0].alive);
+
+    net_socket_destroy(&w);
+    dispatcher_destroy(&d);
+    cr_assert_null(d);
+    zmq_ctx_term(zctx);
+    jsonl_reader_destroy(&r);
+    tokenizer_destroy(&tok);
+    unlink(path);
 }
