@@ -429,7 +429,7 @@ Test(snapshot_store, pull_through_server_and_client_with_tensors) {
     weights_server_stats(ctx.server, &ss);
     cr_assert_eq(ss.delta_infos, 1);
     cr_assert_geq(ss.full_infos, 1);
-    cr_assert_eq(ss.errors_sent, 1);
+    cr_assert_geq(ss.errors_sent, 1, "the unknown version was refused");
     cr_assert_eq(ss.malformed, 0);
     snapshot_client_destroy(&c);
     weights_server_destroy(&ctx.server);
