@@ -1,3 +1,4 @@
+include_guard(GLOBAL)
 # Rollout kernels (rollout/kernels.h): every SIMD level of this machine against the scalar
 # reference. Run three times: the detected level, and forced down to avx2 and to the portable
 # reference through QUILLAN_ISA (skipped, not failed, where the machine lacks AVX2).
