@@ -2,9 +2,10 @@
 # `quillan quantize` and `quillan generate` as a user runs them: a good policy works; a missing
 # file, a file of another format, a truncated policy and a prompt longer than the context each
 # give a clear error and a non-zero exit.
-# Usage: engine_test.sh QUILLAN_BINARY
+# Usage: engine_test.sh QUILLAN_BINARY GENERATE_EXAMPLE_BINARY
 set -u
 Q="$1"
+EX="$2"
 DIR=$(mktemp -d /tmp/quillan_engine_e2e.XXXXXX)
 trap 'rm -rf "$DIR"' EXIT
 fail() { echo "FAIL: $*" >&2; exit 1; }
@@ -44,4 +45,7 @@ expect_error "bad jsonl" "p2.jsonl:1" sh -c "echo '[1]' >'$DIR/p2.jsonl'; \
 expect_error "missing checkpoint" "nonexistent" "$Q" quantize /nonexistent/ckpt -o "$DIR/x.qst"
 "$Q" generate "$DIR/tiny.qst" --n 0 --prompt hi >/dev/null 2>&1
 [ $? -eq 2 ] || fail "bad --n: expected usage exit status 2"
+"$EX" "$DIR/tiny.qst" "hi" 2 >"$DIR/ex" || fail "generate_example"
+[ "$(grep -c '^sample' "$DIR/ex")" = 2 ] || fail "generate_example printed no samples"
+expect_error "example on a missing policy" "nope" "$EX" "$DIR/nope.qst" hi
 echo "all engine e2e checks passed"
