@@ -11,5 +11,7 @@ int cli_sft_main(int argc, char **argv);      /* quillan sft CONFIG [--set a.b=c
 int cli_data_main(int argc, char **argv);     /* quillan data make-task TASK --n N --out DIR */
 int cli_quantize_main(int argc, char **argv); /* quillan quantize CHECKPOINT -o POLICY.qst */
 int cli_generate_main(int argc, char **argv); /* quillan generate POLICY.qst --prompt TEXT */
+int cli_eval_main(int argc, char **argv);     /* quillan eval POLICY_OR_CHECKPOINT --data F */
+int cli_launch_main(int argc, char **argv);   /* quillan launch CONFIG [--workers N] */
 
 #endif

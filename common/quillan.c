@@ -18,6 +18,8 @@ static const command_t commands[] = {
     {"data", cli_data_main, "make synthetic datasets (data make-task addition ...)"},
     {"quantize", cli_quantize_main, "quantize a checkpoint into a policy file (.qst)"},
     {"generate", cli_generate_main, "sample completions from a quantized policy"},
+    {"eval", cli_eval_main, "accuracy of a policy or checkpoint on a test set (pass@1, pass@k)"},
+    {"launch", cli_launch_main, "run learner, rollout workers and reward service on this machine"},
 };
 
 static void usage(FILE *out) {
