@@ -92,6 +92,11 @@ typedef struct {
     char checkpoint_dir[CONFIG_PATH_MAX];
     int threads; /* 0 = all cores */
     uint64_t seed;
+    /* quillan-learner (RL): start weights, run length, periodic eval on data.test */
+    char init_checkpoint[CONFIG_PATH_MAX]; /* "" = fresh weights from model.seed */
+    int max_steps;                         /* 0 = total_steps */
+    int eval_interval;                     /* optimizer steps; 0 = no periodic eval */
+    int eval_samples;                      /* test examples per eval; 0 = all */
 } config_learner_t;
 
 typedef struct {

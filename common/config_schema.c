@@ -211,6 +211,16 @@ static const config_key_t keys[] = {
         "one directory per step, and a `latest` pointer"),
     INT("learner.threads", learner.threads, "0", 0, 4096, "threads", "CPU threads (0 = all cores)"),
     U64("learner.seed", learner.seed, "1234", "run seed: data order, sampling streams, noise"),
+    STR("learner.init_checkpoint", learner.init_checkpoint, "", "path",
+        "RL: start from this checkpoint's weights (an SFT run's directory or root); \"\" = "
+        "fresh weights"),
+    INT("learner.max_steps", learner.max_steps, "0", 0, BIG, "steps",
+        "stop after this many optimizer steps (0 = learner.total_steps); the schedule still "
+        "follows total_steps"),
+    INT("learner.eval_interval", learner.eval_interval, "0", 0, BIG, "steps",
+        "RL: greedy exact match on data.test every this many steps (0 = off)"),
+    INT("learner.eval_samples", learner.eval_samples, "200", 0, BIG, "examples",
+        "RL: test examples per evaluation (0 = all)"),
 
     /* rollout */
     INT("rollout.threads", rollout.threads, "0", 0, 4096, "threads",
