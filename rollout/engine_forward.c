@@ -177,6 +177,26 @@ int eng_fwd_fits(const eng_fwd_t *f, const quillan_policy_t *p) {
            memcmp(&f->dd, &p->dd, sizeof f->dd) == 0;
 }
 
+/* ---- row-wise wrappers ----
+ * layers.h's functions fork OpenMP threads above a size threshold; inside the engine, whose own
+ * pool already splits the products, that oversubscribes the cores. Calling them one row at a
+ * time keeps their exact per-row arithmetic on the calling thread. */
+
+static void rms_rows(float *out, float *rstd, const float *x, const float *g, int n, int C) {
+    for (int r = 0; r < n; r++)
+        rmsnorm_forward(out + (size_t)r * C, rstd + r, x + (size_t)r * C, g, 1, C);
+}
+
+static void add_rows(float *out, const float *a, const float *b, int n, int C) {
+    for (int r = 0; r < n; r++)
+        residual_forward(out + (size_t)r * C, a + (size_t)r * C, b + (size_t)r * C, (size_t)C);
+}
+
+static void relu2_rows(float *x, int n, int C) {
+    for (int r = 0; r < n; r++)
+        relu2_forward(x + (size_t)r * C, x + (size_t)r * C, (size_t)C);
+}
+
 /* ---- attention ---- */
 
 typedef struct {
@@ -203,7 +223,7 @@ static void attention_block(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t
                             const eng_layer_t *L, eng_row_t *rows, int n, int l) {
     const kern_ops_t *ops = kern_ops();
     const size_t C = (size_t)f->C;
-    rmsnorm_forward(f->xn, f->rstd, f->x, L->attn_norm, n, f->C);
+    rms_rows(f->xn, f->rstd, f->x, L->attn_norm, n, f->C);
     eng_matmul(pool, ops, &L->wq, f->xn, C, NULL, (size_t)n, f->q, C);
     eng_matmul(pool, ops, &L->wk, f->xn, C, NULL, (size_t)n, f->k, C);
     eng_matmul(pool, ops, &L->wv, f->xn, C, NULL, (size_t)n, f->v, C);
@@ -220,7 +240,7 @@ static void attention_block(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t
     kern_pool_run(pool, attn_run, &ac);
     eng_matmul(pool, ops, &L->wo, f->att, C, NULL, (size_t)n, f->br, C);
     (void)p;
-    residual_forward(f->x, f->x, f->br, (size_t)n * C);
+    add_rows(f->x, f->x, f->br, n, f->C);
 }
 
 /* ---- hierarchical MoE ---- */
@@ -310,7 +330,7 @@ static void moe_block(eng_fwd_t *f, kern_pool_t *pool, const eng_layer_t *L, eng
         const eng_mat_t v2 = {w2->w + (size_t)e * Cz * w2->row_bytes, w2->qt, Cz, w2->cols,
                               w2->row_bytes};
         eng_matmul(pool, ops, &v1, f->gx, Cz, NULL, (size_t)ng, f->eh, (size_t)EH);
-        relu2_forward(f->eh, f->eh, (size_t)ng * EH);
+        relu2_rows(f->eh, ng, EH);
         eng_matmul(pool, ops, &v2, f->eh, (size_t)EH, NULL, (size_t)ng, f->ey_g, Cz);
         for (int r = 0; r < ng; r++)
             memcpy(f->ey + (size_t)f->order[o + r] * Cz, f->ey_g + (size_t)r * Cz,
@@ -361,7 +381,7 @@ static void moe_block(eng_fwd_t *f, kern_pool_t *pool, const eng_layer_t *L, eng
 static void bitlinear(eng_fwd_t *f, kern_pool_t *pool, kern_act_t *act, const eng_mat_t *W,
                       const float *g, const float *x, int n, float *out) {
     const int in = (int)W->cols;
-    rmsnorm_forward(f->dn, f->rstd, x, g, n, in);
+    rms_rows(f->dn, f->rstd, x, g, n, in);
     kern_ops()->quantize_act(act, f->dn, (size_t)in, (size_t)n);
     eng_matmul(pool, kern_ops(), W, NULL, 0, act, (size_t)n, out, W->rows);
 }
@@ -372,8 +392,7 @@ static void diffusion_block(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t
     const eng_diff_t *D = &p->diff;
     const diffusion_dims_t *d = &f->dd;
     const int C = f->C, Lb = d->Lb, W = d->W, F = d->F, K = d->K, Lw = f->Lw;
-    const size_t nW = (size_t)n * W;
-    rmsnorm_forward(f->u, f->rstd, f->x, D->norm, n, C);
+    rms_rows(f->u, f->rstd, f->x, D->norm, n, C);
     /* BL_c(u) is the same at every step of the sampler: computed once (the learner recomputes
      * it per step and gets the same bits). */
     bitlinear(f, pool, &f->act_C, &D->in_c, D->in_c_norm, f->u, n, f->hc);
@@ -387,17 +406,17 @@ static void diffusion_block(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t
                     diffusion_bit_get(f->z + (size_t)r * Lw, b) ? 1.0f : -1.0f;
         bitlinear(f, pool, &f->act_Lb, &D->in_z, D->in_z_norm, f->zin, n, f->h);
         /* h = (BL_z + BL_c) + BL_time, in the learner's order. */
-        residual_forward(f->h, f->h, f->hc, nW);
+        add_rows(f->h, f->h, f->hc, n, W);
         const float *te = D->time_emb + (size_t)(k - 1) * W;
         for (int r = 0; r < n; r++)
             for (int i = 0; i < W; i++)
                 f->h[(size_t)r * W + i] = f->h[(size_t)r * W + i] + te[i];
         for (int nb = 0; nb < d->NB; nb++) {
-            rmsnorm_forward(f->a, f->rstd, f->h, D->blk_norm[nb], n, W);
+            rms_rows(f->a, f->rstd, f->h, D->blk_norm[nb], n, W);
             bitlinear(f, pool, &f->act_W, &D->up[nb], D->up_norm[nb], f->a, n, f->up);
-            relu2_forward(f->up, f->up, (size_t)n * F);
+            relu2_rows(f->up, n, F);
             bitlinear(f, pool, &f->act_F, &D->down[nb], D->down_norm[nb], f->up, n, f->tmp);
-            residual_forward(f->h, f->h, f->tmp, nW);
+            add_rows(f->h, f->h, f->tmp, n, W);
         }
         bitlinear(f, pool, &f->act_W, &D->out, D->out_norm, f->h, n, f->dl);
         for (int r = 0; r < n; r++) {
@@ -417,7 +436,7 @@ static void diffusion_block(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t
         for (int b = 0; b < Lb; b++)
             f->zin[(size_t)r * Lb + b] = 2 * (float)diffusion_bit_get(f->z + (size_t)r * Lw, b) - 1;
     bitlinear(f, pool, &f->act_Lb, &D->dec, D->dec_norm, f->zin, n, f->br);
-    residual_forward(f->x, f->x, f->br, (size_t)n * C);
+    add_rows(f->x, f->x, f->br, n, f->C);
 }
 
 /* ---- the whole network ---- */
@@ -437,9 +456,9 @@ void eng_forward(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t *pool, eng
         t1 = eng_now();
         st->attention_s += t1 - t0;
         t0 = t1;
-        rmsnorm_forward(f->xn, f->rstd, f->x, L->moe_norm, n, f->C);
+        rms_rows(f->xn, f->rstd, f->x, L->moe_norm, n, f->C);
         moe_block(f, pool, L, rows, n, l, f->xn, f->br, p->route_ints);
-        residual_forward(f->x, f->x, f->br, (size_t)n * C);
+        add_rows(f->x, f->x, f->br, n, f->C);
         t1 = eng_now();
         st->moe_s += t1 - t0;
         t0 = t1;
@@ -453,8 +472,7 @@ void eng_forward(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t *pool, eng
     int nh = 0;
     for (int r = 0; r < n; r++)
         if (rows[r].logits) {
-            rmsnorm_forward(f->hx + (size_t)nh * C, f->rstd, f->x + (size_t)r * C, p->final_norm, 1,
-                            f->C);
+            rms_rows(f->hx + (size_t)nh * C, f->rstd, f->x + (size_t)r * C, p->final_norm, 1, f->C);
             nh++;
         }
     eng_matmul(pool, kern_ops(), &p->head, f->hx, C, NULL, (size_t)nh, f->hl, (size_t)f->V);
