@@ -272,7 +272,12 @@ static void on_group_done(void *ctx, int index, quillan_group_t *group) {
     for (int i = 0; j->texts && i < G; i++) {
         const quillan_sample_t *smp = &j->group.samples[i];
         j->tokens += (size_t)smp->n_tokens;
-        j->texts[i] = quillan_detokenize(w->policy, smp->tokens, (size_t)smp->n_tokens, NULL, &err);
+        size_t len;
+        char *raw = quillan_detokenize(w->policy, smp->tokens, (size_t)smp->n_tokens, &len, &err);
+        if (raw == NULL)
+            break;
+        j->texts[i] = rollout_text_utf8(raw, len, NULL);
+        free(raw);
         if (j->texts[i] == NULL)
             break;
     }

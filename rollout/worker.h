@@ -95,6 +95,14 @@ void rollout_worker_destroy(rollout_worker_t **w);
 int rollout_sampling_from_proto(const Quillan__SamplingParams *s, int vocab, int32_t *stop,
                                 quillan_sampling_t *out, qerr_t *err);
 
+/* A copy of len bytes of detokenized text that is valid UTF-8 without NUL bytes (what protobuf
+ * strings and C strings need): every byte that does not start a well-formed UTF-8 sequence
+ * (overlong forms, surrogates and code points above U+10FFFF included) and every NUL becomes
+ * U+FFFD, as Python's errors="replace" does per byte. A byte-level model can emit any bytes.
+ * malloc'd (the caller frees), NUL-terminated, length in *out_len (may be NULL); NULL when out
+ * of memory. */
+char *rollout_text_utf8(const char *s, size_t len, size_t *out_len);
+
 /* The router shape of a policy, for routing records. */
 typedef struct {
     int num_layers, top_k_minis, top_k_experts, top_k_micros;

@@ -4,6 +4,7 @@
 #include "worker.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -36,6 +37,65 @@ int rollout_sampling_from_proto(const Quillan__SamplingParams *s, int vocab, int
     out->n_stop = (int)s->n_stop_tokens;
     out->seed = s->seed;
     return 0;
+}
+
+/* Length of the well-formed UTF-8 sequence at s (n bytes left), or 0 when there is none. */
+static size_t utf8_seq(const unsigned char *s, size_t n) {
+    const unsigned c = s[0];
+    if (c >= 0x01 && c <= 0x7F)
+        return 1;
+    size_t len;
+    unsigned lo = 0x80, hi = 0xBF; /* range of the second byte */
+    if (c >= 0xC2 && c <= 0xDF)
+        len = 2;
+    else if (c >= 0xE0 && c <= 0xEF) {
+        len = 3;
+        if (c == 0xE0)
+            lo = 0xA0; /* no overlong forms */
+        if (c == 0xED)
+            hi = 0x9F; /* no surrogates */
+    } else if (c >= 0xF0 && c <= 0xF4) {
+        len = 4;
+        if (c == 0xF0)
+            lo = 0x90;
+        if (c == 0xF4)
+            hi = 0x8F; /* <= U+10FFFF */
+    } else {
+        return 0;
+    }
+    if (n < len || s[1] < lo || s[1] > hi)
+        return 0;
+    for (size_t i = 2; i < len; i++)
+        if ((s[i] & 0xC0) != 0x80)
+            return 0;
+    return len;
+}
+
+char *rollout_text_utf8(const char *s, size_t len, size_t *out_len) {
+    /* Each bad byte grows to the 3 bytes of U+FFFD. */
+    if (len > (SIZE_MAX - 1) / 3)
+        return NULL;
+    char *out = malloc(len * 3 + 1);
+    if (out == NULL)
+        return NULL;
+    const unsigned char *u = (const unsigned char *)s;
+    size_t o = 0;
+    for (size_t i = 0; i < len;) {
+        size_t k = utf8_seq(u + i, len - i);
+        if (k == 0) {
+            memcpy(out + o, "\xEF\xBF\xBD", 3);
+            o += 3;
+            i++;
+        } else {
+            memcpy(out + o, u + i, k);
+            o += k;
+            i += k;
+        }
+    }
+    out[o] = '\0';
+    if (out_len)
+        *out_len = o;
+    return out;
 }
 
 static uint32_t *u32_copy(const uint32_t *src, size_t n) {
