@@ -472,11 +472,6 @@ static tokenizer_t *tokenizer_for(const model_config_t *mc, qerr_t *err) {
 static int config_check(const quillan_config_t *c, qerr_t *err) {
     if (c->learner.mode != CONFIG_MODE_RL)
         return qerr_set(err, QERR_INVALID, "learner.mode: the RL learner needs mode rl");
-    if (!(c->rollout.temperature > 0))
-        return qerr_set(err, QERR_INVALID,
-                        "rollout.temperature: %g; RL samples at a temperature > 0 (the learner "
-                        "computes log-probs of logits / temperature)",
-                        c->rollout.temperature);
     if (c->rollout.top_k != 0 || (c->rollout.top_p > 0 && c->rollout.top_p < 1))
         return qerr_set(err, QERR_INVALID,
                         "rollout.top_k / rollout.top_p: the learner's forward computes "
