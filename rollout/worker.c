@@ -383,20 +383,25 @@ static void *gen_main(void *arg) {
                 job_free(j);
         }
         w->gen_q = keep;
-        if (w->gen_q.head == NULL) {
-            cond_wait_s(&w->gen_cv, &w->mu, THREAD_WAKE_S);
-            continue;
-        }
         const uint64_t rgen = w->restart_gen, latest = w->latest;
         uint64_t need = 0;
         for (j = w->gen_q.head; j; j = j->next)
             if (j->rq->min_version > need)
                 need = j->rq->min_version;
+        const bool idle = w->gen_q.head == NULL;
+        /* A newly announced version is fetched at once, even without work, so that the next
+         * lease starts on it; without any announcement only work makes a fetch worth trying. */
+        const uint64_t have = w->snap ? snapshot_version(w->snap) : 0;
+        const bool stale = w->snap == NULL || w->snap_gen != rgen;
+        const bool update = stale ? !idle || latest > 0 : latest > have || need > have;
+        if (idle && !update) {
+            cond_wait_s(&w->gen_cv, &w->mu, THREAD_WAKE_S);
+            continue;
+        }
         pthread_mutex_unlock(&w->mu);
 
         /* Between batches only: the last batch has finished with the policy it started with. */
-        const uint64_t have = w->snap ? snapshot_version(w->snap) : 0;
-        if (w->snap == NULL || w->snap_gen != rgen || latest > have || need > have) {
+        if (update) {
             qerr_t err = {0};
             if (snapshot_update(w, rgen, &err) != 0) {
                 log_warn("rollout.snapshot_failed", "%s", err.msg);
@@ -919,6 +924,8 @@ int rollout_worker_run(rollout_worker_t *w, qerr_t *err) {
     pthread_mutex_unlock(&w->mu);
     pthread_join(gen, NULL);
     pthread_join(rew, NULL);
+    if (rc == 0)
+        out_drain(w); /* groups scored before the stop still go out (the socket lingers) */
     rollout_worker_stats_t st;
     rollout_worker_stats(w, &st);
     const log_field_t f[] = {{"groups_done", (double)st.groups_sent},

@@ -6,15 +6,15 @@
  *   network (the caller of rollout_worker_run): the dispatch client (credits = rollout.credits,
  *       heartbeats, acks, learner restarts); sends finished groups and keeps each until its Ack
  *       (resent when the Ack does not come in time);
- *   generation: the snapshot client and the engine. Between batches it fetches the version the
- *       learner announced (a delta against the snapshot it holds when the server has one),
- *       loads it from memory and switches; a batch is every waiting lease whose min_version the
- *       loaded snapshot satisfies, generated together (continuous batching across leases) with
- *       one snapshot, so a group never mixes versions. Snapshots are reference-counted: the
- *       policy of a finished batch is released only after the next one is loaded;
- *   reward: the reward client. A group whose rewards cannot be had (services down: QERR_TIMEOUT)
- *       is kept and retried after a back-off (reward.backoff_max_s), counted and logged, never
- *       scored 0; if its lease expires meanwhile the learner drops the late copy. A service that
+ *   generation: the snapshot client and the engine. Between batches (and while idle) it fetches
+ *       the latest version as soon as the learner announces a newer one (a delta against the
+ *       snapshot it holds when the server has one), loads it from memory and switches; a batch is
+ * every waiting lease whose min_version the loaded snapshot satisfies, generated together
+ * (continuous batching across leases) with one snapshot, so a group never mixes versions. Snapshots
+ * are reference-counted: the policy of a finished batch is released only after the next one is
+ * loaded; reward: the reward client. A group whose rewards cannot be had (services down:
+ * QERR_TIMEOUT) is kept and retried after a back-off (reward.backoff_max_s), counted and logged,
+ * never scored 0; if its lease expires meanwhile the learner drops the late copy. A service that
  *       answers with an error is retried REWARD_ERROR_ATTEMPTS times, then the lease is given up
  *       (the learner re-leases it after its time-out).
  * On a learner restart (new incarnation) every lease is dropped, groups in progress are thrown
