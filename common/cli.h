@@ -13,5 +13,7 @@ int cli_quantize_main(int argc, char **argv); /* quillan quantize CHECKPOINT -o 
 int cli_generate_main(int argc, char **argv); /* quillan generate POLICY.qst --prompt TEXT */
 int cli_eval_main(int argc, char **argv);     /* quillan eval POLICY_OR_CHECKPOINT --data F */
 int cli_launch_main(int argc, char **argv);   /* quillan launch CONFIG [--workers N] */
+int cli_monitor_main(int argc, char **argv);  /* quillan monitor ADDRESS [--jsonl] */
+int cli_plot_main(int argc, char **argv);     /* quillan plot RUN.jsonl -o OUT.svg */
 
 #endif

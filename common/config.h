@@ -166,7 +166,10 @@ typedef struct {
 typedef struct {
     log_level_t level;
     char file[CONFIG_PATH_MAX]; /* "" = stderr only */
+    int file_max_mb;            /* rotate the file at this size (MiB); 0 = never */
+    int file_keep;              /* rotated files kept: FILE.1 .. FILE.<keep> */
     bool hub;
+    char tensorboard[CONFIG_PATH_MAX]; /* TensorBoard event directory; "" = off */
 } config_logging_t;
 
 typedef struct {

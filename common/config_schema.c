@@ -320,6 +320,12 @@ static const config_key_t keys[] = {
     ENUM("logging.level", logging.level, "info", level_names, "lowest level emitted"),
     STR("logging.file", logging.file, "", "path", "JSON-lines log file (\"\" = stderr only)"),
     BOOL("logging.hub", logging.hub, "true", "publish records to the log hub (network.log_in)"),
+    INT("logging.file_max_mb", logging.file_max_mb, "64", 0, 1 << 20, "MiB",
+        "rotate logging.file when it would grow past this size; 0 = never"),
+    INT("logging.file_keep", logging.file_keep, "5", 0, 1000, "files",
+        "rotated log files kept (FILE.1 is the newest); 0 = none"),
+    STR("logging.tensorboard", logging.tensorboard, "", "path",
+        "directory for TensorBoard event files of the learner's metrics (\"\" = off)"),
 };
 
 _Static_assert(Q_ARRAY_LEN(keys) <= CONFIG_KEYS_MAX, "origin table holds every row");

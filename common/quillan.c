@@ -20,6 +20,8 @@ static const command_t commands[] = {
     {"generate", cli_generate_main, "sample completions from a quantized policy"},
     {"eval", cli_eval_main, "accuracy of a policy or checkpoint on a test set (pass@1, pass@k)"},
     {"launch", cli_launch_main, "run learner, rollout workers and reward service on this machine"},
+    {"monitor", cli_monitor_main, "live dashboard of a run from the learner's log hub"},
+    {"plot", cli_plot_main, "SVG charts of a run's metrics from its JSON-lines log"},
 };
 
 static void usage(FILE *out) {
