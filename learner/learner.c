@@ -1280,6 +1280,10 @@ static int state_write(learner_t *l, const char *path, const uint8_t *ds, size_t
     return rc;
 }
 
+long learner_checkpoint_step(const learner_t *l) {
+    return l->last_ckpt_step;
+}
+
 int learner_batcher_save(learner_t *l, uint8_t **buf, size_t *len, qerr_t *err) {
     pthread_mutex_lock(&l->lock);
     const int rc = batcher_save(l->b, buf, len, err);

@@ -146,6 +146,9 @@ int learner_eval(learner_t *l, double *accuracy, qerr_t *err);
  * since the last checkpoint. */
 int learner_checkpoint_due(const learner_t *l);
 
+/* The step of the last checkpoint written or resumed from (0 before any). */
+long learner_checkpoint_step(const learner_t *l);
+
 /* Thread-safe. The batcher's state (batcher_save; *buf malloc'd, the caller frees). Take it at
  * the same moment as the dispatcher's (dispatcher_save) with the dispatcher paused, so that
  * together they hold every accepted group exactly once; call it between learner_train calls,

@@ -445,7 +445,9 @@ static int run_rl(const quillan_config_t *cfg, const char *resume, qerr_t *err) 
         /* A checkpoint in every case where the state is sound: the end, a signal, a starved
          * batcher (the run can resume with other settings). */
         qerr_t e2 = {0};
-        if (!a.net_failed && checkpoint(&a, &e2) != 0) {
+        const int fresh = learner_checkpoint_step(l) == learner_steps(l) &&
+                          (learner_steps(l) > 0 || learner_resumed_from(l)[0]);
+        if (!a.net_failed && !fresh && checkpoint(&a, &e2) != 0) {
             log_error("learner.error", "final checkpoint: %s", e2.msg);
             if (rc == 0) {
                 *err = e2;
