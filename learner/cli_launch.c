@@ -23,6 +23,7 @@
 #include "cli.h"
 #include "config.h"
 #include "jsonl.h"
+#include "log.h"
 #include "log_codec.h"
 #include "net.h"
 
@@ -266,6 +267,15 @@ static int config_check(const launch_opts_t *o, quillan_config_t *cfg, qerr_t *e
         if (!r)
             return config_wrap(cfg, err, "data.test");
         jsonl_reader_destroy(&r);
+    } else if (cfg->learner.eval_interval > 0) {
+        return config_error(cfg, err, "learner.eval_interval",
+                            "%d: evaluating needs a test set in data.test",
+                            cfg->learner.eval_interval);
+    }
+    if (cfg->learner.init_checkpoint[0] && !o->resume) {
+        char dir[PATH_MAX];
+        if (checkpoint_resolve(cfg->learner.init_checkpoint, dir, sizeof dir, err) < 0)
+            return config_wrap(cfg, err, "learner.init_checkpoint");
     }
     return 0;
 }
@@ -576,7 +586,8 @@ static void print_line(int tty, const char *fmt, ...) {
 }
 
 /* Takes in one record from the hub. */
-static void progress_record(progress_t *p, const Quillan__LogRecord *lr, double t, int tty) {
+static void progress_record(progress_t *p, const Quillan__LogRecord *lr, double t, int tty,
+                            int stopping) {
     if (!strcmp(lr->event, "learner.step")) {
         const double step = field(lr, "step");
         p->step = isnan(step) ? p->step + 1 : step;
@@ -609,8 +620,10 @@ static void progress_record(progress_t *p, const Quillan__LogRecord *lr, double 
             p->workers[slot].at = t;
         }
     }
-    if (lr->level >= QUILLAN__LOG_LEVEL__LOG_LEVEL_WARN &&
-        progress_warn_new(p, lr->process, lr->event, t))
+    /* While stopping, peers leaving is what warnings report: only errors are news then. */
+    const Quillan__LogLevel least =
+        stopping ? QUILLAN__LOG_LEVEL__LOG_LEVEL_ERROR : QUILLAN__LOG_LEVEL__LOG_LEVEL_WARN;
+    if (lr->level >= least && progress_warn_new(p, lr->process, lr->event, t))
         print_line(tty, "[%s] %s %s: %s", lr->process,
                    lr->level == QUILLAN__LOG_LEVEL__LOG_LEVEL_WARN ? "warning" : "error", lr->event,
                    lr->text ? lr->text : "");
@@ -817,7 +830,8 @@ static int run_loop(run_t *r, const quillan_config_t *cfg, const launch_opts_t *
                     .eval_acc = NAN,
                     .learner_tps = NAN,
                     .rollout_tps = NAN,
-                    .total_steps = cfg->learner.total_steps};
+                    .total_steps = cfg->learner.max_steps > 0 ? cfg->learner.max_steps
+                                                              : cfg->learner.total_steps};
     double last_print = 0;
     char line[512];
     for (;;) {
@@ -837,7 +851,7 @@ static int run_loop(run_t *r, const quillan_config_t *cfg, const launch_opts_t *
         const int got = net_recv(mon, 100, &m, &err);
         const double t = now_s();
         if (got == 1) {
-            progress_record(&p, net_msg_envelope(m)->log_record, t, tty);
+            progress_record(&p, net_msg_envelope(m)->log_record, t, tty, r->stopping);
             net_msg_destroy(&m);
         }
         const int running = run_reap(r, tty);
@@ -917,6 +931,9 @@ int cli_launch_main(int argc, char **argv) {
             qerr_set(&err, QERR_IO, "zmq_ctx_new: %s", zmq_strerror(zmq_errno()));
         goto fail;
     }
+    /* This process talks to the user; its own records (socket notes) stay off stderr. */
+    log_init("quillan-launch");
+    log_set_stderr(0);
     struct sigaction sa = {0};
     sa.sa_handler = on_signal;
     sigemptyset(&sa.sa_mask);

@@ -312,19 +312,24 @@ case_procs() {
         wait_gone "$p" 5 || fail "child $p is still running"
     done
     # 3. A child that fails at start (its port is taken): exit 1 with its error shown.
+    local port
+    port=$(free_port)
     "$PY" -c "
-import socket, time
-s = socket.socket(); s.bind(('127.0.0.1', $REWARD_PORT)); s.listen(); time.sleep(60)" &
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('127.0.0.1', $port)); s.listen(); print('ready', flush=True); time.sleep(120)" >holder.txt &
     local holder=$!
-    sleep 0.5
+    wait_for holder.txt ready 30
     rc=0
-    "$Q" launch "${args[@]}" --workers 0 >out3.txt 2>&1 || rc=$?
+    timeout -s INT 60 "$Q" launch "${args[@]}" --workers 0 \
+        --set "reward.builtin.bind=tcp://127.0.0.1:$port" \
+        --set "reward.services.0.address=tcp://127.0.0.1:$port" >out3.txt 2>&1 || rc=$?
     kill "$holder"
     cat out3.txt
     [ "$rc" -eq 1 ] || fail "launch exited $rc when the reward service could not bind"
     grep -q "reward (pid [0-9]*) exited with status 1 unexpectedly" out3.txt ||
         fail "no report of the failed start"
-    grep -q "| .*$REWARD_PORT" out3.txt || fail "the child's error is not shown"
+    grep -q "| .*$port" out3.txt || fail "the child's error is not shown"
 }
 
 case_run() {
@@ -364,7 +369,10 @@ case_run() {
         ! kill -0 "$p" 2>/dev/null || fail "child $p is still running"
     done
     ! pgrep -g "$pgid" >/dev/null || fail "processes left in group $pgid"
-    grep -q "^checkpoint: " out.txt || fail "launch did not report the checkpoint"
+    grep -q "^checkpoint: .*/ck/$(cat ck/latest)" out.txt || fail "launch did not report the checkpoint"
+    local last
+    last=$(sed -n 's/^step-0*\([0-9][0-9]*\)$/\1/p' ck/latest)
+    [ "${last:-0}" -ge 3 ] || fail "the last checkpoint is $(cat ck/latest), expected step >= 3"
     # Steps advanced monotonically in the progress lines.
     sed -n 's/^step \([0-9]*\)\/.*/\1/p' out.txt | "$PY" -c '
 import sys
