@@ -1,8 +1,8 @@
 /* `quillan-learner`: the learner process of ARCHITECTURE.md §1. In RL mode it binds the
  * dispatcher (network.dispatcher), the weights server (network.weights) and the log hub
  * (network.log_in / log_out), and trains (learner/learner.h) on the groups rollout workers
- * return; in SFT mode it runs learner/sft.h. Logs go to stderr as JSON lines (and to the hub and
- * logging.file); nothing is printed on stdout.
+ * return; in SFT mode it runs learner/sft.h. Logs go to stderr as JSON lines (and to the hub,
+ * logging.file and logging.tensorboard); nothing is printed on stdout.
  *
  * Threads: the training thread (main) and one network thread that serves the dispatcher and the
  * weights server (a training step takes longer than a heartbeat interval). The network thread
@@ -19,8 +19,10 @@
 #include "jsonl.h"
 #include "learner.h"
 #include "log.h"
+#include "log_file.h"
 #include "loghub.h"
 #include "sft.h"
+#include "tensorboard.h"
 #include "tokenizer.h"
 #include "weights_server.h"
 
@@ -68,23 +70,6 @@ static void usage(FILE *out) {
         "Logs are JSON lines on stderr (learner.step records carry the metrics of\n"
         "TRAINING.md; eval records carry eval/accuracy).\n"
         "exit status: 0 ok, 1 runtime error, 2 usage error\n");
-}
-
-/* log.h sink writing every record as a JSON line to logging.file; runs under the log lock. */
-static void file_sink(void *ctx, const log_record_t *rec) {
-    char buf[4096];
-    size_t n = log_record_format_json(rec, buf, sizeof buf);
-    if (n >= sizeof buf) {
-        char *big = malloc(n + 1);
-        if (big == NULL)
-            return;
-        log_record_format_json(rec, big, n + 1);
-        fputs(big, ctx);
-        free(big);
-    } else {
-        fputs(buf, ctx);
-    }
-    fflush(ctx);
 }
 
 /* ---- the RL process ---- */
@@ -553,16 +538,20 @@ int main(int argc, char **argv) {
     }
     log_init("quillan-learner");
     log_set_level(cfg->logging.level);
-    FILE *log_file = NULL;
-    if (cfg->logging.file[0]) {
-        log_file = fopen(cfg->logging.file, "a");
-        if (!log_file || log_sink_add(file_sink, log_file) != 0) {
-            fprintf(stderr, "quillan-learner: logging.file: cannot open '%s'\n", cfg->logging.file);
-            if (log_file)
-                fclose(log_file);
-            free(cfg);
-            return 1;
-        }
+    log_file_t *log_file = NULL;
+    tensorboard_sink_t *tb = NULL;
+    if (cfg->logging.file[0])
+        log_file = log_file_sink_new(cfg->logging.file, (uint64_t)cfg->logging.file_max_mb << 20,
+                                     cfg->logging.file_keep, &err);
+    if (!(cfg->logging.file[0] && !log_file) && cfg->logging.tensorboard[0])
+        tb = tensorboard_sink_new(cfg->logging.tensorboard, &err);
+    if ((cfg->logging.file[0] && !log_file) || (cfg->logging.tensorboard[0] && !tb)) {
+        fprintf(stderr, "quillan-learner: %s: %s\n",
+                log_file || !cfg->logging.file[0] ? "logging.tensorboard" : "logging.file",
+                err.msg);
+        log_file_destroy(&log_file);
+        free(cfg);
+        return 1;
     }
     struct sigaction sa = {0};
     sa.sa_handler = on_signal;
@@ -574,10 +563,8 @@ int main(int argc, char **argv) {
                                               : run_rl(cfg, resume, &err);
     if (rc != 0)
         fprintf(stderr, "quillan-learner: %s\n", err.msg);
-    if (log_file) {
-        log_sink_remove(file_sink, log_file);
-        fclose(log_file);
-    }
+    tensorboard_sink_destroy(&tb);
+    log_file_destroy(&log_file);
     free(cfg);
     return rc != 0 ? 1 : 0;
 }
