@@ -553,11 +553,15 @@ int main(int argc, char **argv) {
         free(cfg);
         return 1;
     }
-    struct sigaction sa = {0};
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
+    /* RL stops at the next step boundary and checkpoints; sft_run has no stop hook, so SFT
+     * keeps the default action (its checkpoints come every learner.checkpoint_interval). */
+    if (cfg->learner.mode == CONFIG_MODE_RL) {
+        struct sigaction sa = {0};
+        sa.sa_handler = on_signal;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGINT, &sa, NULL);
+        sigaction(SIGTERM, &sa, NULL);
+    }
 
     rc = cfg->learner.mode == CONFIG_MODE_SFT ? run_sft(cfg, resume, &err)
                                               : run_rl(cfg, resume, &err);
