@@ -57,7 +57,7 @@ static void usage(FILE *out) {
         "return, until learner.max_steps (or learner.total_steps). learner.mode sft:\n"
         "supervised fine-tuning on data.train (as `quillan sft`).\n"
         "Checkpoints go to learner.checkpoint_dir every learner.checkpoint_interval steps,\n"
-        "at the end and on SIGINT/SIGTERM.\n"
+        "at the end and (RL) on SIGINT/SIGTERM.\n"
         "\n"
         "options:\n"
         "  --config FILE    YAML config of the run (docs/CONFIG.md)\n"
