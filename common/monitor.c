@@ -128,6 +128,14 @@ void monitor_set_link(monitor_t *m, const char *address, uint64_t garbage, uint6
 
 /* ---- state updates ---- */
 
+/* Text from the wire goes on screen: control characters (an ESC could drive the terminal)
+ * become spaces. */
+static void blank_controls(char *s) {
+    for (; *s; s++)
+        if ((unsigned char)*s < 0x20 || *s == 0x7f)
+            *s = ' ';
+}
+
 static metric_t *metric_find(monitor_t *m, const char *name) {
     for (size_t i = 0; i < m->n_metrics; i++)
         if (strcmp(m->metrics[i].name, name) == 0)
@@ -192,6 +200,8 @@ static peer_t *peer_get(peers_t *p, const char *id, const char *host) {
     memset(x, 0, sizeof *x);
     snprintf(x->id, sizeof x->id, "%s", id);
     snprintf(x->host, sizeof x->host, "%s", host);
+    blank_controls(x->id);
+    blank_controls(x->host);
     x->snapshot_version = x->tokens_per_s = x->groups_done = NAN;
     return x;
 }
@@ -222,9 +232,7 @@ static void recent_add(monitor_t *m, const log_record_t *rec, const char *who, d
     r->time = now;
     snprintf(r->line, sizeof r->line, "%s %s %s: %s", log_level_name(rec->level), who, rec->event,
              rec->text ? rec->text : "");
-    for (char *c = r->line; *c; c++) /* one line on screen, whatever the text held */
-        if ((unsigned char)*c < 0x20)
-            *c = ' ';
+    blank_controls(r->line);
 }
 
 static int starts_with(const char *s, const char *prefix) {
@@ -249,6 +257,7 @@ void monitor_ingest(monitor_t *m, const log_record_t *rec, const char *sender, u
         if (incarnation)
             m->learner_incarnation = incarnation;
         snprintf(m->learner_host, sizeof m->learner_host, "%s", host);
+        blank_controls(m->learner_host);
         m->learner_last_seen = now;
         if (strcmp(event, "learner.step") == 0 || strcmp(event, "eval") == 0) {
             int is_eval = event[0] == 'e';
@@ -290,9 +299,7 @@ void monitor_ingest(monitor_t *m, const log_record_t *rec, const char *sender, u
             m->worker_reward_failure = now;
             snprintf(m->worker_reward_failure_text, sizeof m->worker_reward_failure_text, "%s: %s",
                      who, rec->text ? rec->text : event);
-            for (char *c = m->worker_reward_failure_text; *c; c++)
-                if ((unsigned char)*c < 0x20)
-                    *c = ' ';
+            blank_controls(m->worker_reward_failure_text);
         }
     } else if (starts_with(proc, PROC_REWARD)) {
         peer_t *x = peer_get(&m->rewards, who, host);
@@ -425,8 +432,10 @@ static const char *num(char *buf, size_t cap, double v) {
         snprintf(buf, cap, "-");
     else if (v == floor(v) && fabs(v) < 1e7)
         snprintf(buf, cap, "%.0f", v);
-    else if (fabs(v) >= 1e4 || fabs(v) < 1e-3)
+    else if (fabs(v) >= 1e5 || fabs(v) < 1e-3)
         snprintf(buf, cap, "%.3g", v);
+    else if (fabs(v) >= 100)
+        snprintf(buf, cap, "%.1f", v);
     else
         snprintf(buf, cap, "%.4f", v);
     return buf;
@@ -538,9 +547,11 @@ static void alerts_build(monitor_t *m, double now, sbuf_t *b) {
             sb_printf(b, "staleness rising: %s -> %s versions over the last %d steps\n", NUM(first),
                       NUM(last), w);
     }
-    double stale = cur(m, "groups/stale");
-    if (isfinite(stale) && stale > 0)
-        sb_printf(b, "%s stale groups dropped at the last step\n", NUM(stale));
+    /* Workers that cannot keep up waste most of their work: more stale groups than kept. */
+    double stale = cur(m, "groups/stale"), kept = cur(m, "groups/kept");
+    if (isfinite(stale) && isfinite(kept) && stale > kept)
+        sb_printf(b, "more groups dropped as stale (%s) than kept (%s) at the last step\n",
+                  NUM(stale), NUM(kept));
 }
 
 char *monitor_alerts(monitor_t *m, double now) {
