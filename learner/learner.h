@@ -34,7 +34,9 @@
  * parameters untouched) when its mini-batch has no policy-gradient token, or when the loss or
  * the gradient norm is not finite. At learning rate 0 the balancing biases stay too, so such a
  * step changes no weight and the next snapshot has the same bytes. Every step (skipped ones
- * included) logs one `learner.step` record with the metrics of TRAINING.md.
+ * included) logs one `learner.step` record with the metrics of TRAINING.md (snapshot/changed_frac
+ * is the fraction of the snapshot's bytes that changed, snapshot/changed_blocks_frac that of its
+ * delta blocks).
  *
  * Threads: learner_add_group, learner_lease_room and learner_waiting may be called from any
  * thread (the dispatcher's); everything else from one training thread. */

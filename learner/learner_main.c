@@ -418,6 +418,13 @@ static int run_rl(const quillan_config_t *cfg, const char *resume, qerr_t *err) 
                  weights_server_endpoint(a.ws), hub ? ", log hub " : "",
                  hub ? loghub_in_endpoint(hub) : "",
                  cfg->security.bind_any ? "" : " (plain TCP, loopback only)");
+        /* The policy's accuracy before RL changes it: the baseline of the eval curve. */
+        double acc0;
+        const int eval_on = cfg->learner.eval_interval > 0 && cfg->data.test[0];
+        if (eval_on && learner_steps(l) == 0)
+            rc = learner_eval(l, &acc0, err);
+    }
+    if (rc == 0) {
         rc = pthread_create(&net_thread, NULL, net_main, &a) == 0
                  ? 0
                  : qerr_set(err, QERR_IO, "cannot start the network thread");
@@ -440,7 +447,8 @@ static int run_rl(const quillan_config_t *cfg, const char *resume, qerr_t *err) 
             }
         }
         double acc;
-        if (rc == 0 && !stop_flag && cfg->learner.eval_interval > 0 && cfg->data.test[0])
+        if (rc == 0 && !stop_flag && cfg->learner.eval_interval > 0 && cfg->data.test[0] &&
+            learner_steps(l) % cfg->learner.eval_interval != 0)
             rc = learner_eval(l, &acc, err);
         const log_field_t f[] = {{"step", (double)learner_steps(l)},
                                  {"policy/version", (double)learner_version(l)}};
