@@ -98,6 +98,17 @@ void quant_fake_act_forward(real *out, const real *x, int rows, int cols);
 void bitlinear_forward(real *out, real *wq, real *sw, real *xq, real *sx, const real *inp,
                        const real *weight, int BT, int C, int OC);
 
+/* The weight half of bitlinear_forward, for callers that run the same weights many times per
+ * optimizer step: wcode[OC, C] = ternary codes of weight[OC, C] as reals, wq[OC, C] =
+ * s_w * code, sw[OC] (all ASSIGNED; wcode != wq). Surrogate mode: wcode = wq = weight,
+ * sw = 1. */
+void bitlinear_weight_codes(real *wcode, real *wq, real *sw, const real *weight, int C, int OC);
+
+/* The activation half: out[BT, OC], xq[BT, C] and sx[BT] exactly as bitlinear_forward fills
+ * them for the weights whose codes and scales bitlinear_weight_codes gave (all ASSIGNED). */
+void bitlinear_forward_codes(real *out, real *xq, real *sx, const real *inp, const real *wcode,
+                             const real *sw, int BT, int C, int OC);
+
 /* STE backward of bitlinear_forward, from the wq and xq it filled: dinp[BT, C] += dout wq,
  * dweight[OC, C] += dout^T xq (both ACCUMULATED; either may be NULL to skip it). */
 void bitlinear_backward(real *dinp, real *dweight, const real *dout, const real *wq, const real *xq,
