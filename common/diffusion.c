@@ -224,12 +224,12 @@ typedef struct {
     real *xq;   /* [BT, IC] dequantised int8 activations */
 } blact_t;
 
-/* out [BT, OC] = bitlinear(RMSNorm_g(x), w) (ASSIGNED). wq [OC, IC] receives the dequantised
- * weights (the same values for every call in a step); sw [OC] and sx [BT] are scratch. */
-static void bl_forward(real *out, blact_t *a, real *wq, real *sw, real *sx, const real *x,
-                       const real *g, const real *w, int BT, int IC, int OC) {
+/* out [BT, OC] = bitlinear(RMSNorm_g(x), w) (ASSIGNED) from w's ternary codes wc [OC, IC] and
+ * scales sw [OC] (bitlinear_weight_codes); sx [BT] is scratch. */
+static void bl_forward(real *out, blact_t *a, const real *wc, const real *sw, real *sx,
+                       const real *x, const real *g, int BT, int IC, int OC) {
     rmsnorm_forward(a->n, a->rstd, x, g, BT, IC);
-    bitlinear_forward(out, wq, sw, a->xq, sx, a->n, w, BT, IC, OC);
+    bitlinear_forward_codes(out, a->xq, sx, a->n, wc, sw, BT, IC, OC);
 }
 
 /* ACCUMULATES dx [BT, IC] (may be NULL), dw, dg; dn [BT, IC] is scratch. */
@@ -266,6 +266,15 @@ static blact_t blk(const blact_t *a, int b, int BT, int IC) {
                      a->xq + (size_t)b * BT * IC};
 }
 
+/* Scales s_w of every BitLinear weight, one per output row. */
+typedef struct {
+    real *in_z, *in_c, *time; /* [W] each */
+    real *up;                 /* [NB, F] */
+    real *down;               /* [NB, W] */
+    real *out;                /* [Lb] */
+    real *dec;                /* [C] */
+} wscale_t;
+
 struct diffusion_acts {
     diffusion_dims_t d;
     int max_BT, BT, loss_BT;
@@ -273,15 +282,22 @@ struct diffusion_acts {
     den_t den_loss; /* the training loss path */
     real *wq_buf;   /* dequantised weights, diffusion_params_map layout */
     diffusion_params_t wq;
-    blact_t bdec; /* IC = Lb */
-    real *cin;    /* [BT, Lb] 2 c_hat - 1 */
+    real *wc_buf; /* ternary codes of the same weights, same layout */
+    diffusion_params_t wc;
+    real *ws_buf; /* the scales, wscale_t layout */
+    wscale_t ws;
+    uint64_t wver; /* the caller's weight version, 0 = none */
+    uint64_t qver; /* the version the codes were made from, 0 = none */
+    real *hc;      /* [BT, W] BL_c(u) of the current diffusion_forward */
+    blact_t bdec;  /* IC = Lb */
+    real *cin;     /* [BT, Lb] 2 c_hat - 1 */
     diffusion_plan_t plan;
     uint64_t *zk, *zn;         /* [BT, Lw] sampler state */
     uint64_t *m;               /* [BT, Lw] loss-path flip mask */
     real *mask;                /* [BT] loss-path position weights */
     real *tau;                 /* [BT] sampler time of the current step */
     real *dl;                  /* [BT, Lb] gradient of a denoiser's logits */
-    real *sw, *sx;             /* [max OC], [BT] BitLinear scale scratch */
+    real *sx;                  /* [BT] BitLinear activation-scale scratch */
     real *dh, *dt, *dt2, *dt3; /* [BT, max width] backward scratch */
 };
 
@@ -360,7 +376,13 @@ diffusion_acts_t *diffusion_acts_new(const diffusion_dims_t *d, int max_BT, qerr
     den_alloc(&a->den_plan, &ok, d, BT);
     den_alloc(&a->den_loss, &ok, d, BT);
     size_t s[DIFFUSION_NUM_TENSORS];
-    a->wq_buf = xcalloc(&ok, diffusion_params_sizes(d, s), sizeof(real));
+    const size_t np = diffusion_params_sizes(d, s);
+    a->wq_buf = xcalloc(&ok, np, sizeof(real));
+    a->wc_buf = xcalloc(&ok, np, sizeof(real));
+    const size_t W = (size_t)d->W, NB = (size_t)d->NB;
+    a->ws_buf = xcalloc(&ok, 3 * W + NB * (size_t)d->F + NB * W + (size_t)d->Lb + (size_t)d->C,
+                        sizeof(real));
+    a->hc = xcalloc(&ok, BT * W, sizeof(real));
     blact_alloc(&a->bdec, &ok, BT, (size_t)d->Lb);
     a->cin = xcalloc(&ok, BT * d->Lb, sizeof(real));
     a->zk = xcalloc(&ok, BT * Lw, sizeof(uint64_t));
@@ -369,7 +391,6 @@ diffusion_acts_t *diffusion_acts_new(const diffusion_dims_t *d, int max_BT, qerr
     a->mask = xcalloc(&ok, BT, sizeof(real));
     a->tau = xcalloc(&ok, BT, sizeof(real));
     a->dl = xcalloc(&ok, BT * d->Lb, sizeof(real));
-    a->sw = xcalloc(&ok, mw, sizeof(real));
     a->sx = xcalloc(&ok, BT, sizeof(real));
     a->dh = xcalloc(&ok, BT * mw, sizeof(real));
     a->dt = xcalloc(&ok, BT * mw, sizeof(real));
@@ -383,8 +404,16 @@ diffusion_acts_t *diffusion_acts_new(const diffusion_dims_t *d, int max_BT, qerr
                  max_BT);
         return NULL;
     }
-    if (a->wq_buf)
-        diffusion_params_map(&a->wq, a->wq_buf, d);
+    diffusion_params_map(&a->wq, a->wq_buf, d);
+    diffusion_params_map(&a->wc, a->wc_buf, d);
+    wscale_t *w = &a->ws;
+    w->in_z = a->ws_buf;
+    w->in_c = w->in_z + d->W;
+    w->time = w->in_c + d->W;
+    w->up = w->time + d->W;
+    w->down = w->up + NB * (size_t)d->F;
+    w->out = w->down + NB * W;
+    w->dec = w->out + d->Lb;
     return a;
 }
 
@@ -396,8 +425,8 @@ void diffusion_acts_destroy(diffusion_acts_t **pa) {
     den_free(&a->den_loss);
     blact_free(&a->bdec);
     diffusion_plan_free(&a->plan);
-    void *bufs[] = {a->wq_buf, a->cin, a->zk, a->zn, a->m,  a->mask, a->tau,
-                    a->dl,     a->sw,  a->sx, a->dh, a->dt, a->dt2,  a->dt3};
+    void *bufs[] = {a->wq_buf, a->wc_buf, a->ws_buf, a->hc, a->cin, a->zk, a->zn,  a->m,
+                    a->mask,   a->tau,    a->dl,     a->sx, a->dh,  a->dt, a->dt2, a->dt3};
     for (size_t i = 0; i < Q_ARRAY_LEN(bufs); i++)
         q_aligned_free(bufs[i]);
     q_aligned_free(a);
@@ -408,23 +437,65 @@ const diffusion_plan_t *diffusion_acts_plan(const diffusion_acts_t *acts) {
     return &acts->plan;
 }
 
-/* logits = f(z, tau, u) over BT rows, z packed [BT, Lw], saving into e. */
-static void den_forward(diffusion_acts_t *A, den_t *e, const uint64_t *z, const real *tau,
-                        const real *u, const diffusion_params_t *p, int BT) {
+void diffusion_acts_weights_version(diffusion_acts_t *acts, uint64_t version) {
+    acts->wver = version;
+}
+
+/* Ternary codes, scales and dequantised values of every BitLinear weight of p, unless the codes
+ * already belong to the caller's current weight version. Surrogate mode always recomputes (the
+ * gradient checks move weights between calls). */
+static void weights_prepare(diffusion_acts_t *A, const diffusion_params_t *p) {
+    if (A->wver != 0 && A->wver == A->qver && !quant_surrogate_get())
+        return;
     const diffusion_dims_t *d = &A->d;
-    const int C = d->C, Lb = d->Lb, W = d->W, F = d->F, D = d->D, Lw = diffusion_words(Lb);
+    const int C = d->C, Lb = d->Lb, W = d->W, F = d->F, D = d->D;
+    diffusion_params_t *c = &A->wc, *q = &A->wq;
+    wscale_t *s = &A->ws;
+    bitlinear_weight_codes(c->in_z_w, q->in_z_w, s->in_z, p->in_z_w, Lb, W);
+    bitlinear_weight_codes(c->in_c_w, q->in_c_w, s->in_c, p->in_c_w, C, W);
+    bitlinear_weight_codes(c->time_w, q->time_w, s->time, p->time_w, D, W);
+    for (int nb = 0; nb < d->NB; nb++) {
+        const size_t o = (size_t)nb * F * W;
+        bitlinear_weight_codes(c->up_w + o, q->up_w + o, s->up + (size_t)nb * F, p->up_w + o, W, F);
+        bitlinear_weight_codes(c->down_w + o, q->down_w + o, s->down + (size_t)nb * W,
+                               p->down_w + o, F, W);
+    }
+    bitlinear_weight_codes(c->out_w, q->out_w, s->out, p->out_w, W, Lb);
+    bitlinear_weight_codes(c->dec_w, q->dec_w, s->dec, p->dec_w, Lb, C);
+    A->qver = A->wver;
+}
+
+/* hc [BT, W] = BL_c(u), saving its input state into e->bc: the part of the denoiser that does
+ * not depend on z or tau. */
+static void den_context(diffusion_acts_t *A, den_t *e, real *hc, const real *u,
+                        const diffusion_params_t *p, int BT) {
+    const diffusion_dims_t *d = &A->d;
+    bl_forward(hc, &e->bc, A->wc.in_c_w, A->ws.in_c, A->sx, u, p->in_c_norm, BT, d->C, d->W);
+}
+
+/* logits = f(z, tau, u) over BT rows, z packed [BT, Lw], saving into e; hc is den_context's
+ * BL_c(u) for this e (weights prepared by weights_prepare). */
+static void den_forward(diffusion_acts_t *A, den_t *e, const uint64_t *z, const real *tau,
+                        const real *hc, const diffusion_params_t *p, int BT) {
+    const diffusion_dims_t *d = &A->d;
+    const int Lb = d->Lb, W = d->W, F = d->F, D = d->D, Lw = diffusion_words(Lb);
     const size_t BW = (size_t)BT * W, BF = (size_t)BT * F;
-    diffusion_params_t *q = &A->wq;
+    const diffusion_params_t *c = &A->wc;
+    const wscale_t *s = &A->ws;
     for (int t = 0; t < BT; t++) {
         for (int b = 0; b < Lb; b++)
             e->zin[(size_t)t * Lb + b] = diffusion_bit_get(z + (size_t)t * Lw, b) ? 1 : -1;
-        diffusion_sinusoid(e->sinus + (size_t)t * D, tau[t], D);
+        real *row = e->sinus + (size_t)t * D;
+        /* The sampler runs every position at the same tau: one evaluation, copied. */
+        if (t > 0 && memcmp(&tau[t], &tau[t - 1], sizeof *tau) == 0)
+            memcpy(row, row - D, (size_t)D * sizeof *row);
+        else
+            diffusion_sinusoid(row, tau[t], D);
     }
     real *h = e->h, *tmp = A->dt;
-    bl_forward(h, &e->bz, q->in_z_w, A->sw, A->sx, e->zin, p->in_z_norm, p->in_z_w, BT, Lb, W);
-    bl_forward(tmp, &e->bc, q->in_c_w, A->sw, A->sx, u, p->in_c_norm, p->in_c_w, BT, C, W);
-    residual_forward(h, h, tmp, BW);
-    bl_forward(tmp, &e->bt, q->time_w, A->sw, A->sx, e->sinus, p->time_norm, p->time_w, BT, D, W);
+    bl_forward(h, &e->bz, c->in_z_w, s->in_z, A->sx, e->zin, p->in_z_norm, BT, Lb, W);
+    residual_forward(h, h, hc, BW);
+    bl_forward(tmp, &e->bt, c->time_w, s->time, A->sx, e->sinus, p->time_norm, BT, D, W);
     residual_forward(h, h, tmp, BW);
     for (int nb = 0; nb < d->NB; nb++) {
         const real *hb = e->h + nb * BW;
@@ -432,15 +503,15 @@ static void den_forward(diffusion_acts_t *A, den_t *e, const uint64_t *z, const 
              *r = e->r + nb * BF;
         blact_t bu = blk(&e->bup, nb, BT, W), bd = blk(&e->bdown, nb, BT, F);
         rmsnorm_forward(a, e->rstd_a + (size_t)nb * BT, hb, p->blk_norm + (size_t)nb * W, BT, W);
-        bl_forward(up, &bu, q->up_w + (size_t)nb * F * W, A->sw, A->sx, a,
-                   p->up_norm + (size_t)nb * W, p->up_w + (size_t)nb * F * W, BT, W, F);
+        bl_forward(up, &bu, c->up_w + (size_t)nb * F * W, s->up + (size_t)nb * F, A->sx, a,
+                   p->up_norm + (size_t)nb * W, BT, W, F);
         relu2_forward(r, up, BF);
-        bl_forward(tmp, &bd, q->down_w + (size_t)nb * W * F, A->sw, A->sx, r,
-                   p->down_norm + (size_t)nb * F, p->down_w + (size_t)nb * W * F, BT, F, W);
+        bl_forward(tmp, &bd, c->down_w + (size_t)nb * W * F, s->down + (size_t)nb * W, A->sx, r,
+                   p->down_norm + (size_t)nb * F, BT, F, W);
         residual_forward(hn, hb, tmp, BW);
     }
-    bl_forward(e->logits, &e->bout, q->out_w, A->sw, A->sx, e->h + (size_t)d->NB * BW, p->out_norm,
-               p->out_w, BT, W, Lb);
+    bl_forward(e->logits, &e->bout, c->out_w, s->out, A->sx, e->h + (size_t)d->NB * BW, p->out_norm,
+               BT, W, Lb);
 }
 
 /* Backward of den_forward from dlogits [BT, Lb]; ACCUMULATES du (may be NULL) and *dp. */
@@ -497,6 +568,10 @@ int diffusion_forward(diffusion_acts_t *acts, real *out, diffusion_aux_t *aux, c
     A->BT = plan->BT = BT;
     aux->positions = BT;
     aux->mismatches = 0;
+    /* The weights and u are the same for all K denoiser evaluations: quantize the weights once
+     * and evaluate BL_c(u) once. */
+    weights_prepare(A, p);
+    den_context(A, e, A->hc, u, p, BT);
     if (!replay) {
         for (int t = 0; t < BT; t++)
             diffusion_plan_noise(A->zk + (size_t)t * Lw, diffusion_seed, (uint64_t)pos[t], Lb);
@@ -504,7 +579,7 @@ int diffusion_forward(diffusion_acts_t *acts, real *out, diffusion_aux_t *aux, c
         for (int k = K; k >= 2; k--) {
             for (int t = 0; t < BT; t++)
                 A->tau[t] = (real)k / (real)K;
-            den_forward(A, e, A->zk, A->tau, u, p, BT);
+            den_forward(A, e, A->zk, A->tau, A->hc, p, BT);
             for (int t = 0; t < BT; t++)
                 diffusion_plan_step(A->zn + (size_t)t * Lw, A->zk + (size_t)t * Lw,
                                     e->logits + (size_t)t * Lb, k, K, Lb);
@@ -518,7 +593,7 @@ int diffusion_forward(diffusion_acts_t *acts, real *out, diffusion_aux_t *aux, c
     }
     for (int t = 0; t < BT; t++)
         A->tau[t] = (real)1 / (real)K;
-    den_forward(A, e, plan->z1, A->tau, u, p, BT);
+    den_forward(A, e, plan->z1, A->tau, A->hc, p, BT);
     for (int t = 0; t < BT; t++) {
         uint64_t *own = replay ? A->zn + (size_t)t * Lw : plan->z0 + (size_t)t * Lw;
         diffusion_plan_step(own, plan->z1 + (size_t)t * Lw, e->logits + (size_t)t * Lb, 1, K, Lb);
@@ -543,8 +618,7 @@ int diffusion_forward(diffusion_acts_t *acts, real *out, diffusion_aux_t *aux, c
             }
             A->cin[i] = 2 * c - 1;
         }
-    bl_forward(out, &A->bdec, A->wq.dec_w, A->sw, A->sx, A->cin, p->dec_norm, p->dec_w, BT, Lb,
-               d->C);
+    bl_forward(out, &A->bdec, A->wc.dec_w, A->ws.dec, A->sx, A->cin, p->dec_norm, BT, Lb, d->C);
     return 0;
 }
 
@@ -583,7 +657,9 @@ real diffusion_loss_forward(diffusion_acts_t *acts, const uint64_t *code, const 
     memcpy(A->mask, mask, (size_t)BT * sizeof(real));
     diffusion_bits_xor(A->zn, code, m, (int)nw);
     den_t *e = &A->den_loss;
-    den_forward(A, e, A->zn, tau, u, p, BT);
+    weights_prepare(A, p);
+    den_context(A, e, A->dt3, u, p, BT);
+    den_forward(A, e, A->zn, tau, A->dt3, p, BT);
     real wsum = 0, acc = 0;
     for (int t = 0; t < BT; t++) {
         if (mask[t] == 0)

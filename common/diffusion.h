@@ -146,6 +146,15 @@ typedef struct diffusion_acts diffusion_acts_t;
 diffusion_acts_t *diffusion_acts_new(const diffusion_dims_t *d, int max_BT, qerr_t *err);
 void diffusion_acts_destroy(diffusion_acts_t **acts);
 
+/* Weight codes. Each diffusion_forward and diffusion_loss_forward call quantizes the stage's
+ * BitLinear weights once and shares the codes among its K denoiser evaluations and the
+ * write-back. A caller that knows when its weights change may also share them across calls:
+ * with a version >= 1 set here, the codes are made by the first call that sees the version and
+ * kept until it changes (the model passes a counter it advances whenever its fake-quantized
+ * weights are refreshed). 0, the default, means no reuse across calls. Surrogate mode never
+ * reuses. */
+void diffusion_acts_weights_version(diffusion_acts_t *acts, uint64_t version);
+
 /* The plan the last diffusion_forward used (own or replayed); owned by acts. */
 const diffusion_plan_t *diffusion_acts_plan(const diffusion_acts_t *acts);
 

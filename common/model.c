@@ -77,6 +77,7 @@ struct model {
     real *grads;  /* [n_reals] */
     real *qp;     /* [n_reals] fake-quantized copy used by the forward */
     int q_dirty;
+    uint64_t q_version; /* advanced on every refresh of qp: the diffusion stage's code cache */
 
     size_t embed, final_norm, head;
     layer_ofs_t *lofs; /* [L] */
@@ -488,6 +489,7 @@ static void quantize_weights(model_t *m) {
         }
     }
     m->q_dirty = 0;
+    m->q_version++;
 }
 
 /* ---- Diffusion stage glue ---- */
@@ -662,6 +664,7 @@ static int diff_forward(model_t *m, real *xout, const model_batch_t *b, model_st
     diffusion_params_t qp;
     diffusion_params_map(&qp, m->qp + m->diff, &m->dd);
     diffusion_aux_t aux;
+    diffusion_acts_weights_version(ds->acts, m->q_version);
     if (diffusion_forward(ds->acts, m->br, &aux, ds->u, ds->pos, &qp, b->plan_replay,
                           m->cfg.diffusion_seed, &m->dd, BT, err))
         return qerr_wrap(err, "diffusion stage");
