@@ -1108,6 +1108,15 @@ static int train_step(learner_t *l, step_ctx_t *sc, replay_t *rp, const real *lo
         /* At lr 0 nothing may change: the balancing biases travel in snapshots too. */
         model_balance_update(l->m, orr.applied && lr > 0);
     }
+    if (mt.mismatch_kl > LEARNER_ALERT_MISMATCH_KL) {
+        const log_field_t f[] = {{"step", (double)l->step},
+                                 {"mismatch/kl", mt.mismatch_kl},
+                                 {"tis/mean_weight", mt.tis_mean_weight}};
+        log_emit(LOG_WARN, "learner.alert", f, Q_ARRAY_LEN(f),
+                 "sampler log-probs far from the old policy's (mismatch/kl %.3g > %.3g): are the "
+                 "workers running the published snapshot?",
+                 mt.mismatch_kl, LEARNER_ALERT_MISMATCH_KL);
+    }
     if (res->steps == 0)
         res->first = mt;
     res->last = mt;

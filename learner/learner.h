@@ -53,6 +53,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* A step whose mismatch/kl (sampler vs the learner's old policy, per token) exceeds this logs a
+ * `learner.alert` warning: the workers are likely not running the published weights (a silent
+ * weight-sync failure, TRAINING.md), since an honest sampler sits near 0. */
+#define LEARNER_ALERT_MISMATCH_KL 0.5
+
 /* Format string of the learner's own checkpoint file. */
 #define LEARNER_STATE_FORMAT "quillan-learner-state-1"
 /* The learner's file in a checkpoint step directory, beside checkpoint.h's two: the

@@ -6,6 +6,8 @@
  * - The first step of a batch sees the old policy equal to the current one: ratio 1, KL 0.
  * - A batch without a policy-gradient token is skipped and counted; the weights stay.
  * - A non-finite loss is skipped and counted; the weights stay.
+ * - old_logprobs behaviour: no mismatch, TIS weight 1; kl.beta > 0: KL 0 to the starting
+ *   policy before the first update, > 0 after.
  * - Routing records equal to the learner's own routing give the same numbers as no records
  *   (so the record of completion token j is replayed at position prompt_len - 1 + j); a
  *   malformed record is refused and nothing is kept.
@@ -426,6 +428,44 @@ Test(learner, checkpoint_resume_continues_exactly, .init = quiet) {
     char cmd[256];
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
     cr_expect(system(cmd) == 0);
+}
+
+Test(learner, behaviour_logprobs_as_old_policy, .init = quiet) {
+    quillan_config_t *cfg = malloc(sizeof *cfg);
+    tiny_config(cfg, "1e-2", NULL);
+    set(cfg, "learner.old_logprobs=behaviour");
+    learner_t *l = make(cfg, NULL);
+    add(l, 1, 1, 51, -1, NULL);
+    add(l, 2, 1, 52, -1, NULL);
+    learner_train_result_t r;
+    train(l, &r);
+    /* The sampler's numbers are the old policy: no mismatch, TIS weight 1; the ratio now
+     * compares the learner with the (hand-made) sampler, so it is not 1. */
+    cr_expect_eq(r.first.mismatch_kl, 0.0);
+    cr_expect_eq(r.first.tis_mean_weight, 1.0);
+    cr_expect_neq(r.first.ratio_mean, 1.0);
+    cr_expect_eq(r.applied, 2);
+    learner_destroy(&l);
+    free(cfg);
+}
+
+Test(learner, kl_to_frozen_reference, .init = quiet) {
+    quillan_config_t *cfg = malloc(sizeof *cfg);
+    tiny_config(cfg, "1e-2", NULL);
+    set(cfg, "learner.kl.beta=0.1");
+    learner_t *l = make(cfg, NULL);
+    add(l, 1, 1, 61, -1, NULL);
+    add(l, 2, 1, 62, -1, NULL);
+    learner_train_result_t r;
+    train(l, &r);
+    cr_expect_eq(r.first.kl, 0.0); /* the reference is the starting policy */
+    cr_expect(r.last.kl > 0, "after an update the policy moved away from the reference");
+    add(l, 3, 2, 63, -1, NULL);
+    add(l, 4, 2, 64, -1, NULL);
+    train(l, &r);
+    cr_expect(r.first.kl > 0);
+    learner_destroy(&l);
+    free(cfg);
 }
 
 Test(learner, bad_config_refused, .init = quiet) {
