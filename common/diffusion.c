@@ -135,15 +135,30 @@ static real sigm(real x) {
     return 1 / (1 + R_EXP(-x));
 }
 
+/* Confidence |2 pi - 1| of a flip logit. */
+static real plan_conf(real logit) {
+    return R_FABS(2 * sigm(logit) - 1);
+}
+
+/* Codes up to this length keep their confidences on the stack instead of recomputing them in
+ * every minimum scan of diffusion_plan_step. */
+#define PLAN_CONF_STACK 1024
+
 int diffusion_plan_step(uint64_t *z_prev, const uint64_t *z, const real *logits, int k, int K,
                         int Lb) {
     Q_ASSERT(Lb >= 1 && Lb <= DIFFUSION_MAX_BITS && z_prev != z);
     const int Lw = diffusion_words(Lb);
     uint64_t e[DIFFUSION_MAX_BITS / 64];
+    real conf[PLAN_CONF_STACK];
+    const int keep = Lb <= PLAN_CONF_STACK;
     memset(e, 0, (size_t)Lw * sizeof *e);
-    for (int b = 0; b < Lb; b++)
-        if (sigm(logits[b]) > (real)0.5)
+    for (int b = 0; b < Lb; b++) {
+        const real pi = sigm(logits[b]);
+        if (keep)
+            conf[b] = R_FABS(2 * pi - 1);
+        if (pi > (real)0.5)
             diffusion_bit_set(e, b, 1);
+    }
     diffusion_bits_xor(z_prev, z, e, Lw);
     const int n = diffusion_plan_nflip(k, K, diffusion_bits_popcount(e, Lw));
     /* Re-noise the n least confident flips: repeated minimum scans over the remaining set bits
@@ -154,7 +169,7 @@ int diffusion_plan_step(uint64_t *z_prev, const uint64_t *z, const real *logits,
         for (int b = 0; b < Lb; b++) {
             if (!diffusion_bit_get(e, b))
                 continue;
-            real c = R_FABS(2 * sigm(logits[b]) - 1);
+            const real c = keep ? conf[b] : plan_conf(logits[b]);
             if (best < 0 || c < best_c) {
                 best = b;
                 best_c = c;
