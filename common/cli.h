@@ -15,5 +15,6 @@ int cli_eval_main(int argc, char **argv);     /* quillan eval POLICY_OR_CHECKPOI
 int cli_launch_main(int argc, char **argv);   /* quillan launch CONFIG [--workers N] */
 int cli_monitor_main(int argc, char **argv);  /* quillan monitor ADDRESS [--jsonl] */
 int cli_plot_main(int argc, char **argv);     /* quillan plot RUN.jsonl -o OUT.svg */
+int cli_keygen_main(int argc, char **argv);   /* quillan keygen OUT_PREFIX */
 
 #endif

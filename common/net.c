@@ -1,6 +1,7 @@
 #include "net.h"
 
 #include "log.h"
+#include "net_security.h"
 
 #include <errno.h>
 #include <sodium.h>
@@ -26,7 +27,11 @@ struct net_socket {
     wire_protocol_t protocol;
     int64_t max_frame; /* ZMQ_MAXMSGSIZE in force */
     size_t decode_budget;
-    int require_user_id; /* set by security_apply: drop messages without a User-Id */
+    int require_user_id; /* a CURVE server: drop messages without a User-Id */
+    void *zctx;
+    net_security_t sec;
+    int role;     /* 0 until the first bind/connect, then NET_ROLE_SERVER or NET_ROLE_CLIENT */
+    int zap_held; /* this socket holds a reference on its context's ZAP handler */
     net_validate_fn validate;
     void *validate_ctx;
     char name[64];
@@ -129,15 +134,101 @@ static int set_int(net_socket_t *s, int opt, int v, const char *name, qerr_t *er
     return 0;
 }
 
-/* The one place where transport security is switched on. CURVE goes here: server or client
- * keys (ZMQ_CURVE_SERVER, ZMQ_CURVE_SECRETKEY, ...), ZMQ_ZAP_DOMAIN, and
- * s->require_user_id = 1 so that net_recv drops messages the ZAP handler did not vouch for. */
-static int security_apply(net_socket_t *s, const net_security_t *sec, qerr_t *err) {
+static int z85_key_ok(const char *k) {
+    uint8_t bin[32];
+    return strlen(k) == NET_KEY_Z85_LEN && zmq_z85_decode(bin, k) != NULL;
+}
+
+/* Checks the security settings; they are applied by security_role once the socket binds or
+ * connects. */
+static int security_check(net_socket_t *s, const net_security_t *sec, qerr_t *err) {
     switch (sec->mode) {
-    case NET_SECURITY_NONE: s->require_user_id = 0; return 0;
+    case NET_SECURITY_NONE: break;
+    case NET_SECURITY_CURVE:
+        if (!zmq_has("curve"))
+            return qerr_set(err, QERR_INVALID, "%s: this libzmq has no CURVE support", s->name);
+        const char *const keys[] = {sec->server_public, sec->server_secret, sec->client_public,
+                                    sec->client_secret};
+        for (size_t i = 0; i < Q_ARRAY_LEN(keys); i++)
+            if (keys[i][0] && !z85_key_ok(keys[i]))
+                return qerr_set(err, QERR_INVALID, "%s: a CURVE key is not 40 characters of Z85",
+                                s->name);
+        break;
     default:
         return qerr_set(err, QERR_INVALID, "%s: unknown security mode %d", s->name, (int)sec->mode);
     }
+    s->sec = *sec;
+    return 0;
+}
+
+static int set_str(net_socket_t *s, int opt, const char *v, const char *name, qerr_t *err) {
+    if (zmq_setsockopt(s->zsock, opt, v, strlen(v)) != 0)
+        return qerr_set(err, QERR_IO, "%s: setting %s: %s", s->name, name,
+                        zmq_strerror(zmq_errno()));
+    return 0;
+}
+
+static int is_loopback_host(const char *host) {
+    static const char *const loopback[] = {"127.", "localhost:", "[::1]:", "lo:"};
+    for (size_t i = 0; i < Q_ARRAY_LEN(loopback); i++)
+        if (strncmp(host, loopback[i], strlen(loopback[i])) == 0)
+            return 1;
+    return 0;
+}
+
+/* The one place where transport security is switched on, before the first bind (server) or
+ * connect (client); see net.h. */
+static int security_role(net_socket_t *s, const char *endpoint, int bind, qerr_t *err) {
+    if (strncmp(endpoint, "inproc://", 9) == 0)
+        return 0; /* no handshake on inproc */
+    if (s->sec.mode == NET_SECURITY_NONE) {
+        if (!bind || strncmp(endpoint, "tcp://", 6) != 0 || is_loopback_host(endpoint + 6))
+            return 0;
+        if (!s->sec.bind_any)
+            return qerr_set(err, QERR_INVALID,
+                            "%s: %s is not a loopback address; without security.curve set "
+                            "security.bind_any: true to serve other hosts over plain TCP",
+                            s->name, endpoint);
+        log_emit(LOG_WARN, "net.insecure", NULL, 0,
+                 "%s: serving %s over plain TCP without authentication (security.bind_any)",
+                 s->name, endpoint);
+        return 0;
+    }
+    int role = bind ? NET_ROLE_SERVER : NET_ROLE_CLIENT;
+    if (s->role == role)
+        return 0;
+    if (s->role != 0)
+        return qerr_set(err, QERR_INVALID, "%s: a CURVE socket cannot both bind and connect",
+                        s->name);
+    if (bind) {
+        if (!s->sec.server_secret[0] || !s->sec.allow_list[0])
+            return qerr_set(err, QERR_INVALID,
+                            "%s: a CURVE server needs its secret key (security.keys.server) and "
+                            "an allow-list (security.allow_list)",
+                            s->name);
+        /* The handler runs before the bind: without it libzmq 4.3 admits any client that knows
+         * the server key. */
+        if (net_zap_acquire(s->zctx, s->sec.allow_list, err) != 0)
+            return qerr_wrap(err, "%s", s->name);
+        s->zap_held = 1;
+        if (set_int(s, ZMQ_CURVE_SERVER, 1, "ZMQ_CURVE_SERVER", err) ||
+            set_str(s, ZMQ_CURVE_SECRETKEY, s->sec.server_secret, "ZMQ_CURVE_SECRETKEY", err) ||
+            set_str(s, ZMQ_ZAP_DOMAIN, "quillan", "ZMQ_ZAP_DOMAIN", err))
+            return -1;
+        s->require_user_id = 1;
+    } else {
+        if (!s->sec.client_secret[0] || !s->sec.client_public[0] || !s->sec.server_public[0])
+            return qerr_set(err, QERR_INVALID,
+                            "%s: a CURVE client needs its key pair (security.keys.client) and the "
+                            "server's public key (security.keys.server)",
+                            s->name);
+        if (set_str(s, ZMQ_CURVE_SERVERKEY, s->sec.server_public, "ZMQ_CURVE_SERVERKEY", err) ||
+            set_str(s, ZMQ_CURVE_PUBLICKEY, s->sec.client_public, "ZMQ_CURVE_PUBLICKEY", err) ||
+            set_str(s, ZMQ_CURVE_SECRETKEY, s->sec.client_secret, "ZMQ_CURVE_SECRETKEY", err))
+            return -1;
+    }
+    s->role = role;
+    return 0;
 }
 
 static int options_apply(net_socket_t *s, const net_options_t *o, qerr_t *err) {
@@ -205,6 +296,7 @@ net_socket_t *net_socket_new(void *zctx, const net_socket_spec_t *spec, const ne
     s->validate = spec->validate;
     s->validate_ctx = spec->validate_ctx;
     s->incarnation_id = spec->incarnation_id;
+    s->zctx = zctx;
     snprintf(s->name, sizeof s->name, "%s", spec->name);
     snprintf(s->sender_id, sizeof s->sender_id, "%s", spec->sender_id);
     s->zsock = zmq_socket(zctx, spec->type);
@@ -214,7 +306,7 @@ net_socket_t *net_socket_new(void *zctx, const net_socket_spec_t *spec, const ne
         net_socket_destroy(&s);
         return NULL;
     }
-    if (options_apply(s, opt, err) != 0 || security_apply(s, sec, err) != 0 ||
+    if (options_apply(s, opt, err) != 0 || security_check(s, sec, err) != 0 ||
         monitor_start(s, zctx, err) != 0) {
         net_socket_destroy(&s);
         return NULL;
@@ -233,11 +325,16 @@ void net_socket_destroy(net_socket_t **sp) {
     }
     if (s->monitor)
         zmq_close(s->monitor);
+    if (s->zap_held)
+        net_zap_release(s->zctx);
+    sodium_memzero(&s->sec, sizeof s->sec);
     free(s);
     *sp = NULL;
 }
 
 static int endpoint_op(net_socket_t *s, const char *endpoint, int bind, qerr_t *err) {
+    if (security_role(s, endpoint, bind, err) != 0)
+        return -1;
     int rc = bind ? zmq_bind(s->zsock, endpoint) : zmq_connect(s->zsock, endpoint);
     if (rc != 0)
         return qerr_set(err, QERR_IO, "%s: %s %s: %s", s->name, bind ? "bind" : "connect", endpoint,

@@ -25,6 +25,7 @@
 
 #include "wire_codec.h"
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -60,18 +61,41 @@ int net_options_validate(const net_options_t *o, qerr_t *err);
 /* ZMQ_MAXMSGSIZE that sockets of this protocol use under o. */
 int64_t net_options_max_frame(const net_options_t *o, wire_protocol_t protocol);
 
-/* Transport security, applied by net_socket_new before any bind or connect. Only NONE exists
- * today. CURVE (ARCHITECTURE.md §4) is added in net.c's security_apply() alone: it sets the
- * CURVE keys and ZAP domain, and sets the socket's require_user_id flag, which the receive
- * path already honours by dropping every message whose "User-Id" metadata is empty (counted as
- * NET_DROP_UNAUTHENTICATED). No receive or send code changes when CURVE is switched on. */
+/* Transport security (ARCHITECTURE.md §4), checked by net_socket_new and applied by the first
+ * net_socket_bind or net_socket_connect of the socket, which is when its role shows:
+ *   - NONE: plain TCP. A tcp:// bind must name a loopback host (127.x, localhost, [::1]) unless
+ *     bind_any is set; with bind_any a non-loopback bind logs a "net.insecure" warning.
+ *   - CURVE, bound socket (a server): ZMQ_CURVE_SERVER with server_secret, ZAP domain
+ *     "quillan", and the context's ZAP handler (net_security.h) is started BEFORE the bind, so
+ *     only client keys listed in allow_list complete the handshake. Every received message
+ *     whose "User-Id" metadata is empty is dropped (NET_DROP_UNAUTHENTICATED): libzmq 4.3
+ *     admits any client that knows the server key when no ZAP handler answers.
+ *   - CURVE, connected socket (a client): client_public/client_secret, and server_public as
+ *     the key the server must prove it holds.
+ * inproc:// endpoints never run a security handshake (libzmq), so they are exempt from both
+ * the role and the loopback rule. A socket that binds and then connects (or the reverse)
+ * under CURVE is refused: one socket has one role. Fill this with net_security_from_config
+ * (net_security.h); {.mode = NET_SECURITY_NONE} is plain loopback TCP. */
 typedef enum {
-    NET_SECURITY_NONE = 0, /* plain TCP: bind to loopback unless the network is trusted */
+    NET_SECURITY_NONE = 0, /* plain TCP: bind to loopback unless bind_any */
+    NET_SECURITY_CURVE,    /* CurveZMQ with a ZAP allow-list */
     NET_SECURITY_MODE_COUNT
 } net_security_mode_t;
 
+/* Characters of a Z85-encoded CURVE key (32 bytes), without the NUL. */
+#define NET_KEY_Z85_LEN 40
+/* Bytes of a file path kept in net_security_t, NUL included. */
+#define NET_SECURITY_PATH_MAX 1024
+
 typedef struct {
     net_security_mode_t mode;
+    bool bind_any; /* NONE: tcp:// binds beyond loopback allowed (with a warning) */
+    /* CURVE keys, Z85 and NUL-terminated; "" where the role does not need them. */
+    char server_public[NET_KEY_Z85_LEN + 1]; /* servers and clients */
+    char server_secret[NET_KEY_Z85_LEN + 1]; /* servers only */
+    char client_public[NET_KEY_Z85_LEN + 1]; /* clients only */
+    char client_secret[NET_KEY_Z85_LEN + 1]; /* clients only */
+    char allow_list[NET_SECURITY_PATH_MAX];  /* servers: the ZAP handler's allow-list file */
 } net_security_t;
 
 /* Why a received message was dropped. */
@@ -122,8 +146,8 @@ typedef struct net_socket net_socket_t;
 uint64_t net_incarnation_new(void);
 
 /* Creates a socket in the ZeroMQ context zctx with every option applied; NULL with err on
- * failure (invalid options, unknown security mode, libzmq error). Destroy with
- * net_socket_destroy before zmq_ctx_term. */
+ * failure (invalid options, unknown security mode, a CURVE key that is not Z85, libzmq error).
+ * sec is copied. Destroy with net_socket_destroy before zmq_ctx_term. */
 net_socket_t *net_socket_new(void *zctx, const net_socket_spec_t *spec, const net_options_t *opt,
                              const net_security_t *sec, qerr_t *err);
 
@@ -131,10 +155,14 @@ net_socket_t *net_socket_new(void *zctx, const net_socket_spec_t *spec, const ne
 void net_socket_destroy(net_socket_t **s);
 
 /* Binds to endpoint ("tcp://127.0.0.1:*" picks a free port: read it with
- * net_socket_endpoint). Returns 0, or -1 with QERR_IO naming the endpoint. */
+ * net_socket_endpoint). Returns 0, or -1 with QERR_IO naming the endpoint; QERR_INVALID when
+ * the security rules above refuse it (plain TCP beyond loopback, CURVE server keys or
+ * allow-list missing, a connected CURVE socket); the ZAP handler's errors (allow-list file). */
 int net_socket_bind(net_socket_t *s, const char *endpoint, qerr_t *err);
 
-/* Connects to endpoint; libzmq connects and reconnects in the background. */
+/* Connects to endpoint; libzmq connects and reconnects in the background. Under CURVE the
+ * client keys and server_public must be set (QERR_INVALID otherwise). A server that refuses
+ * our key is not reported here: libzmq keeps retrying and nothing is ever delivered. */
 int net_socket_connect(net_socket_t *s, const char *endpoint, qerr_t *err);
 
 /* The last endpoint bound or connected, with the port resolved; "" before either. */

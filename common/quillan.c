@@ -22,6 +22,7 @@ static const command_t commands[] = {
     {"launch", cli_launch_main, "run learner, rollout workers and reward service on this machine"},
     {"monitor", cli_monitor_main, "live dashboard of a run from the learner's log hub"},
     {"plot", cli_plot_main, "SVG charts of a run's metrics from its JSON-lines log"},
+    {"keygen", cli_keygen_main, "write a CurveZMQ key pair (OUT_PREFIX.key, OUT_PREFIX.pub)"},
 };
 
 static void usage(FILE *out) {

@@ -2,6 +2,7 @@
 
 #include "log.h"
 #include "net.h"
+#include "net_security.h"
 #include "reward_codec.h"
 #include "reward_service.h"
 
@@ -35,6 +36,7 @@ struct reward_client {
     void *zctx;
     quillan_config_t cfg;
     net_options_t opt;
+    net_security_t sec; /* client role of cfg's security section */
     reward_codec_limits_t limits;
     char sender_id[128];
     uint64_t incarnation_id;
@@ -64,7 +66,6 @@ void reward_result_free(reward_result_t *r) {
 /* Closes the service's socket (if any) and connects a fresh one. */
 static int socket_renew(reward_client_t *c, service_t *s, qerr_t *err) {
     net_socket_destroy(&s->sock);
-    net_security_t sec = {.mode = NET_SECURITY_NONE};
     net_socket_spec_t spec = {.type = ZMQ_DEALER,
                               .protocol = WIRE_PROTOCOL_REWARD,
                               .name = s->name,
@@ -72,7 +73,7 @@ static int socket_renew(reward_client_t *c, service_t *s, qerr_t *err) {
                               .incarnation_id = c->incarnation_id,
                               .validate = reward_codec_net_validate,
                               .validate_ctx = &c->limits};
-    s->sock = net_socket_new(c->zctx, &spec, &c->opt, &sec, err);
+    s->sock = net_socket_new(c->zctx, &spec, &c->opt, &c->sec, err);
     if (s->sock == NULL || net_socket_connect(s->sock, s->cfg.address, err) != 0) {
         net_socket_destroy(&s->sock);
         return qerr_wrap(err, "%s", s->label);
@@ -87,11 +88,6 @@ reward_client_t *reward_client_new(const quillan_config_t *cfg, const char *send
         qerr_set(err, QERR_INVALID, "reward.services: no reward service configured");
         return NULL;
     }
-    if (cfg->security.curve) {
-        qerr_set(err, QERR_INVALID,
-                 "security.curve: CurveZMQ is not available in this build of the reward client");
-        return NULL;
-    }
     reward_client_t *c = calloc(1, sizeof *c);
     if (c == NULL) {
         qerr_set(err, QERR_NOMEM, "reward client: out of memory");
@@ -99,6 +95,10 @@ reward_client_t *reward_client_new(const quillan_config_t *cfg, const char *send
     }
     c->cfg = *cfg;
     reward_net_options(cfg, &c->opt);
+    if (net_security_from_config(cfg, NET_ROLE_CLIENT, &c->sec, err) != 0) {
+        reward_client_destroy(&c);
+        return NULL;
+    }
     c->limits = (reward_codec_limits_t){.max_samples = REWARD_MAX_SAMPLES, .vocab_size = 0};
     snprintf(c->sender_id, sizeof c->sender_id, "%s",
              sender_id ? sender_id : CLIENT_SENDER_DEFAULT);

@@ -4,6 +4,7 @@
 #include "config.h"
 #include "log.h"
 #include "log_pub.h"
+#include "net_security.h"
 #include "reward_service.h"
 #include "scorers.h"
 
@@ -165,9 +166,11 @@ int main(int argc, char **argv) {
     if (rc == 0 && cfg->logging.hub) {
         net_options_t opt;
         reward_net_options(cfg, &opt);
-        net_security_t sec = {.mode = NET_SECURITY_NONE};
-        pub = log_pub_new(zctx, cfg->network.log_in, &opt, &sec, "quillan-reward",
-                          net_incarnation_new(), &err);
+        net_security_t sec;
+        rc = net_security_from_config(cfg, NET_ROLE_CLIENT, &sec, &err);
+        pub = rc == 0 ? log_pub_new(zctx, cfg->network.log_in, &opt, &sec, "quillan-reward",
+                                    net_incarnation_new(), &err)
+                      : NULL;
         if (pub == NULL)
             rc = -1;
     }

@@ -1,6 +1,7 @@
 #include "reward_service.h"
 
 #include "log.h"
+#include "net_security.h"
 #include "reward_codec.h"
 
 #include <math.h>
@@ -39,11 +40,7 @@ void reward_net_options(const quillan_config_t *cfg, net_options_t *o) {
 /* Without CURVE, plain TCP stays on loopback unless security.bind_any says otherwise
  * (ARCHITECTURE.md §4). */
 static int bind_allowed(const quillan_config_t *cfg, const char *endpoint, qerr_t *err) {
-    if (cfg->security.curve)
-        return qerr_set(err, QERR_INVALID,
-                        "security.curve: CurveZMQ is not available in this build of the reward "
-                        "service (common/net.h supports plain TCP only)");
-    if (strncmp(endpoint, "tcp://", 6) != 0 || cfg->security.bind_any)
+    if (cfg->security.curve || strncmp(endpoint, "tcp://", 6) != 0 || cfg->security.bind_any)
         return 0;
     const char *host = endpoint + 6;
     static const char *const loopback[] = {"127.", "localhost:", "[::1]:", "lo:"};
@@ -71,7 +68,11 @@ reward_service_t *reward_service_new(void *zctx, const quillan_config_t *cfg, co
     s->ctx = ctx;
     net_options_t opt;
     reward_net_options(cfg, &opt);
-    net_security_t sec = {.mode = NET_SECURITY_NONE};
+    net_security_t sec;
+    if (net_security_from_config(cfg, NET_ROLE_SERVER, &sec, err) != 0) {
+        reward_service_destroy(&s);
+        return NULL;
+    }
     net_socket_spec_t spec = {.type = ZMQ_ROUTER,
                               .protocol = WIRE_PROTOCOL_REWARD,
                               .name = "reward",

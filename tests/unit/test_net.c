@@ -111,7 +111,7 @@ Test(net, options_are_applied_and_validated) {
     cr_assert_null(c);
     net_socket_destroy(&c);
 
-    net_security_t unknown = {NET_SECURITY_MODE_COUNT};
+    net_security_t unknown = {.mode = NET_SECURITY_MODE_COUNT};
     cr_assert_null(net_socket_new(zctx, &spec, &opt, &unknown, &e));
     cr_assert_not_null(strstr(e.msg, "security mode"), "%s", e.msg);
 }
