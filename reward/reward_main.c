@@ -3,6 +3,7 @@
  * stop, 1 on a runtime failure (bad config, bind failure), 2 on a usage error. */
 #include "config.h"
 #include "log.h"
+#include "log_file.h"
 #include "log_pub.h"
 #include "net_security.h"
 #include "reward_service.h"
@@ -45,23 +46,6 @@ static void usage(FILE *out) {
             "           number\n"
             "  format   1 if the PCRE2 pattern format.regex matches the completion, else 0\n"
             "  length   0 up to length.target, linear to -1 at target + window\n");
-}
-
-/* log.h sink writing every record as a JSON line to logging.file; runs under the log lock. */
-static void file_sink(void *ctx, const log_record_t *rec) {
-    char buf[2048];
-    size_t n = log_record_format_json(rec, buf, sizeof buf);
-    if (n >= sizeof buf) {
-        char *big = malloc(n + 1);
-        if (big == NULL)
-            return;
-        log_record_format_json(rec, big, n + 1);
-        fputs(big, ctx);
-        free(big);
-    } else {
-        fputs(buf, ctx);
-    }
-    fflush(ctx);
 }
 
 static int is_help(const char *a) {
@@ -135,11 +119,13 @@ int main(int argc, char **argv) {
 
     log_init("quillan-reward");
     log_set_level(cfg->logging.level);
-    FILE *log_file = NULL;
+    /* logging.file: JSON lines rotated by size (common/log_file.h) */
+    log_file_t *log_file = NULL;
     if (cfg->logging.file[0]) {
-        log_file = fopen(cfg->logging.file, "a");
+        log_file = log_file_sink_new(cfg->logging.file, (uint64_t)cfg->logging.file_max_mb << 20,
+                                     cfg->logging.file_keep, &err);
         if (log_file == NULL) {
-            fprintf(stderr, "quillan-reward: logging.file: cannot open '%s'\n", cfg->logging.file);
+            fprintf(stderr, "quillan-reward: logging.file: %s\n", err.msg);
             free(cfg);
             return 1;
         }
@@ -157,10 +143,6 @@ int main(int argc, char **argv) {
     log_pub_t *pub = NULL;
     if (zctx == NULL) {
         qerr_set(&err, QERR_IO, "zmq_ctx_new failed");
-        rc = -1;
-    }
-    if (rc == 0 && log_file && log_sink_add(file_sink, log_file) != 0) {
-        qerr_set(&err, QERR_IO, "logging.file: sink table full");
         rc = -1;
     }
     if (rc == 0 && cfg->logging.hub) {
@@ -190,10 +172,7 @@ int main(int argc, char **argv) {
     reward_service_destroy(&svc);
     reward_scorers_destroy(&scorers);
     log_pub_destroy(&pub);
-    if (log_file) {
-        log_sink_remove(file_sink, log_file);
-        fclose(log_file);
-    }
+    log_file_destroy(&log_file);
     if (zctx)
         zmq_ctx_term(zctx);
     free(cfg);
