@@ -1,7 +1,9 @@
 #include "monitor.h"
 
+#include "config.h"
 #include "log_codec.h"
 #include "net.h"
+#include "net_security.h"
 #include "tensorboard.h"
 
 #include <math.h>
@@ -733,31 +735,36 @@ static void mon_on_signal(int sig) {
 }
 
 static void mon_usage(FILE *out) {
-    fprintf(out,
-            "usage: quillan monitor ADDRESS [--jsonl] [--filter EVENT,...] [options]\n"
-            "\n"
-            "Watches a run through the learner's log hub (network.log_out, default port %d):\n"
-            "a live dashboard of the learner's metrics, the workers, the reward services and\n"
-            "alerts. ADDRESS is a ZeroMQ endpoint (tcp://HOST:PORT) or HOST[:PORT]. It waits\n"
-            "for a hub that is not up yet and reconnects when the learner restarts.\n"
-            "\n"
-            "options:\n"
-            "  --jsonl            print the records instead, one JSON object per line (the\n"
-            "                     log-file format plus \"sender\"); `quillan plot` reads it\n"
-            "  --filter E,...     only these events; a name ending in '*' is a prefix\n"
-            "                     (e.g. --filter learner.step,eval,rollout.*)\n"
-            "  --interval S       seconds between screen updates (default 1; 10 when stdout is\n"
-            "                     not a terminal: then each update is printed as plain text)\n"
-            "  --duration S       exit 0 after S seconds (default: run until Ctrl-C)\n"
-            "  --silent-after S   alert when a worker or the learner is silent this long (60)\n"
-            "  --tensorboard DIR  also write learner.step and eval records as TensorBoard\n"
-            "                     scalars into DIR\n"
-            "  --no-color         no ANSI colours even on a terminal\n"
-            "  --help             this text\n"
-            "\n"
-            "On a terminal the screen is redrawn in place with colours; otherwise plain text.\n"
-            "Messages that are not log records are dropped and counted (\"garbage\").\n",
-            MON_DEFAULT_PORT);
+    fprintf(
+        out,
+        "usage: quillan monitor ADDRESS|--config FILE [--jsonl] [--filter EVENT,...] [options]\n"
+        "\n"
+        "Watches a run through the learner's log hub (network.log_out, default port %d):\n"
+        "a live dashboard of the learner's metrics, the workers, the reward services and\n"
+        "alerts. ADDRESS is a ZeroMQ endpoint (tcp://HOST:PORT) or HOST[:PORT]. It waits\n"
+        "for a hub that is not up yet and reconnects when the learner restarts.\n"
+        "\n"
+        "options:\n"
+        "  --jsonl            print the records instead, one JSON object per line (the\n"
+        "                     log-file format plus \"sender\"); `quillan plot` reads it\n"
+        "  --filter E,...     only these events; a name ending in '*' is a prefix\n"
+        "                     (e.g. --filter learner.step,eval,rollout.*)\n"
+        "  --interval S       seconds between screen updates (default 1; 10 when stdout is\n"
+        "                     not a terminal: then each update is printed as plain text)\n"
+        "  --duration S       exit 0 after S seconds (default: run until Ctrl-C)\n"
+        "  --silent-after S   alert when a worker or the learner is silent this long (60)\n"
+        "  --tensorboard DIR  also write learner.step and eval records as TensorBoard\n"
+        "                     scalars into DIR\n"
+        "  --no-color         no ANSI colours even on a terminal\n"
+        "  --config FILE      the run's config: its security section (CurveZMQ: this\n"
+        "                     monitor is a client, security.keys.client and the\n"
+        "                     server's public key) and, without ADDRESS, network.log_out\n"
+        "  --set K=V          override a config key (with or without --config)\n"
+        "  --help             this text\n"
+        "\n"
+        "On a terminal the screen is redrawn in place with colours; otherwise plain text.\n"
+        "Messages that are not log records are dropped and counted (\"garbage\").\n",
+        MON_DEFAULT_PORT);
 }
 
 typedef struct {
@@ -768,6 +775,9 @@ typedef struct {
     size_t n_filters;
     double interval, duration, silent_after;
     const char *tensorboard;
+    const char *config;
+    char **sets;
+    size_t n_sets;
 } mon_args_t;
 
 static int filter_match(const mon_args_t *a, const char *event) {
@@ -843,7 +853,8 @@ static int mon_args_parse(int argc, char **argv, mon_args_t *a) {
         } else if (!strcmp(o, "--no-color")) {
             a->no_color = 1;
         } else if (!strcmp(o, "--filter") || !strcmp(o, "--interval") || !strcmp(o, "--duration") ||
-                   !strcmp(o, "--silent-after") || !strcmp(o, "--tensorboard")) {
+                   !strcmp(o, "--silent-after") || !strcmp(o, "--tensorboard") ||
+                   !strcmp(o, "--config") || !strcmp(o, "--set")) {
             if (i + 1 >= argc) {
                 fprintf(stderr, "quillan monitor: %s needs a value\n", o);
                 return 2;
@@ -858,7 +869,15 @@ static int mon_args_parse(int argc, char **argv, mon_args_t *a) {
                 rc = parse_seconds(o, v, 0, &a->duration);
             else if (!strcmp(o, "--silent-after"))
                 rc = parse_seconds(o, v, 1, &a->silent_after);
-            else
+            else if (!strcmp(o, "--config"))
+                a->config = v;
+            else if (!strcmp(o, "--set")) {
+                char **sv = realloc(a->sets, (a->n_sets + 1) * sizeof *sv);
+                if (sv == NULL)
+                    return 2;
+                a->sets = sv;
+                sv[a->n_sets++] = (char *)v;
+            } else
                 a->tensorboard = v;
             if (rc != 0)
                 return 2;
@@ -873,10 +892,12 @@ static int mon_args_parse(int argc, char **argv, mon_args_t *a) {
             a->address_arg = o;
         }
     }
-    if (a->address_arg == NULL) {
+    if (a->address_arg == NULL && a->config == NULL) {
         mon_usage(stderr);
         return 2;
     }
+    if (a->address_arg == NULL)
+        return 0; /* network.log_out of the config, once it is loaded */
     if (address_normalize(a->address_arg, a->address, sizeof a->address) != 0) {
         fprintf(stderr, "quillan monitor: bad ADDRESS '%s'\n", a->address_arg);
         return 2;
@@ -967,6 +988,7 @@ int cli_monitor_main(int argc, char **argv) {
         for (size_t i = 0; i < a.n_filters; i++)
             free(a.filters[i]);
         free(a.filters);
+        free(a.sets);
         return prc == 1 ? 0 : 2;
     }
     const int tty = isatty(STDOUT_FILENO);
@@ -988,6 +1010,23 @@ int cli_monitor_main(int argc, char **argv) {
 
     qerr_t err = {0};
     int rc = 0;
+    net_security_t sec = {.mode = NET_SECURITY_NONE};
+    if (a.config || a.n_sets) {
+        quillan_config_t *cfg = malloc(sizeof *cfg);
+        if (cfg == NULL)
+            rc = qerr_set(&err, QERR_NOMEM, "out of memory");
+        else
+            config_defaults(cfg);
+        if (rc == 0 && a.config)
+            rc = config_load(cfg, a.config, &err);
+        for (size_t i = 0; rc == 0 && i < a.n_sets; i++)
+            rc = config_set(cfg, a.sets[i], &err);
+        if (rc == 0)
+            rc = net_security_from_config(cfg, NET_ROLE_CLIENT, &sec, &err);
+        if (rc == 0 && a.address_arg == NULL)
+            snprintf(a.address, sizeof a.address, "%s", cfg->network.log_out);
+        free(cfg);
+    }
     monitor_options_t mo;
     monitor_options_init(&mo);
     mo.silent_after_s = a.silent_after;
@@ -996,7 +1035,7 @@ int cli_monitor_main(int argc, char **argv) {
     void *zctx = zmq_ctx_new();
     net_socket_t *s = NULL;
     tensorboard_writer_t *tb = NULL;
-    if (m == NULL || fields == NULL || zctx == NULL)
+    if (rc == 0 && (m == NULL || fields == NULL || zctx == NULL))
         rc = qerr_set(&err, QERR_NOMEM, "out of memory");
     if (rc == 0 && a.tensorboard && (tb = tensorboard_writer_new(a.tensorboard, &err)) == NULL)
         rc = -1;
@@ -1005,7 +1044,6 @@ int cli_monitor_main(int argc, char **argv) {
         net_options_init(&opt);
         opt.linger_ms = 0;
         opt.rcvhwm = 100000; /* a burst of records waits here rather than in the hub */
-        net_security_t sec = {.mode = NET_SECURITY_NONE};
         net_socket_spec_t spec = {.type = ZMQ_SUB,
                                   .protocol = WIRE_PROTOCOL_LOG,
                                   .name = "monitor",
@@ -1095,6 +1133,7 @@ int cli_monitor_main(int argc, char **argv) {
     for (size_t i = 0; i < a.n_filters; i++)
         free(a.filters[i]);
     free(a.filters);
+    free(a.sets);
     if (rc != 0) {
         fprintf(stderr, "quillan monitor: %s\n", err.msg);
         return 1;
