@@ -77,7 +77,6 @@ typedef struct {
     pid_t pid; /* 0 before start */
     int running;
     int status;     /* waitpid status once it ended */
-    int expected;   /* it ended after we asked it to (or it finished the run) */
     long log_start; /* size of the log before this run: its tail shows only this run */
 } child_t;
 
@@ -695,7 +694,6 @@ static int run_reap(run_t *r, int tty) {
         char how[96];
         describe_status(c->status, how, sizeof how);
         if (!r->stopping && clean && !strcmp(c->name, "learner")) {
-            c->expected = 1;
             r->finished = 1;
             run_stop(r, "the learner finished the run", tty);
         } else if (!r->stopping) {
@@ -711,8 +709,6 @@ static int run_reap(run_t *r, int tty) {
                 fflush(stdout);
                 child_tail(c);
             }
-        } else {
-            c->expected = 1;
         }
     }
     return running;
@@ -876,6 +872,9 @@ static int run_loop(run_t *r, const quillan_config_t *cfg, const launch_opts_t *
     }
     progress_format(&p, now_s(), line, sizeof line);
     print_line(tty, "%s", line);
+    if (!r->failed)
+        printf("%s: %s; every process stopped cleanly\n", CMD,
+               r->finished ? "the run finished" : "the run was stopped");
     return r->failed ? 1 : 0;
 }
 
