@@ -18,8 +18,9 @@
 enum { TQ = ATTN_TILE_Q, TK = ATTN_TILE_K };
 
 /* Below this many multiply-adds a call runs on one thread: a fork costs more, and much more
- * on an oversubscribed machine. */
-#define ATTN_PARALLEL_MIN_WORK (1 << 18)
+ * on an oversubscribed machine, where each fork-join waits for a descheduled thread while the
+ * others spin (see GEMM_PARALLEL_MIN_WORK in gemm.c). */
+#define ATTN_PARALLEL_MIN_WORK (1 << 24)
 
 static int par_ok(double work) {
 #ifdef _OPENMP

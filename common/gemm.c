@@ -20,8 +20,13 @@
  * (A MC x KC, B KC x NC) and the tile accumulator live on the thread's stack: 96 KiB in float,
  * 192 KiB in double. */
 enum { MC = 32, NC = 128, KC = 128 };
-/* Below this many multiply-adds the fallback runs on one thread: a fork costs more. */
-#define GEMM_PARALLEL_MIN_WORK (1 << 18)
+/* Below this many multiply-adds (about 1 ms on one idle core) a product runs on one thread,
+ * in the fallback and in OpenBLAS alike. Every threaded product is a fork-join of the OpenMP
+ * team, and a join needs every thread on a core: on a loaded machine a descheduled partner
+ * costs a scheduler time slice per product while the others spin (2 threads made the tiny
+ * model's step 30 times costlier in CPU time), and the model's small products gain little
+ * from a second thread even on an idle one. */
+#define GEMM_PARALLEL_MIN_WORK (1 << 25)
 
 static int g_threads_recorded; /* the value gemm_threads_set recorded; 0 = never set */
 
@@ -171,10 +176,23 @@ void gemm(gemm_trans_t ta, gemm_trans_t tb, int M, int N, int K, real alpha, con
     }
     const enum CBLAS_TRANSPOSE cta = ta == GEMM_N ? CblasNoTrans : CblasTrans;
     const enum CBLAS_TRANSPOSE ctb = tb == GEMM_N ? CblasNoTrans : CblasTrans;
+#ifdef _OPENMP
+    /* OpenBLAS's OpenMP build takes its thread count from the caller's OpenMP setting at each
+     * call: a small product gets one thread by lowering that setting around the call. */
+    const int nt = (double)M * N * K < GEMM_PARALLEL_MIN_WORK && !omp_in_parallel()
+                       ? omp_get_max_threads()
+                       : 1;
+    if (nt > 1)
+        omp_set_num_threads(1);
+#endif
 #if REAL_IS_DOUBLE
     cblas_dgemm(CblasRowMajor, cta, ctb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 #else
     cblas_sgemm(CblasRowMajor, cta, ctb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+#endif
+#ifdef _OPENMP
+    if (nt > 1)
+        omp_set_num_threads(nt);
 #endif
 #else
     gemm_fallback(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);

@@ -13,8 +13,10 @@
 #define OMP_PRAGMA(x)
 #endif
 
-/* Below this many elements a loop runs on one thread. */
-#define LAYERS_PARALLEL_MIN (1 << 15)
+/* Below this many elements (a pass of a few hundred microseconds) a loop runs on one thread:
+ * each parallel loop is a fork-join, which on a loaded machine costs a scheduler time slice
+ * while the other threads spin (see GEMM_PARALLEL_MIN_WORK in gemm.c). */
+#define LAYERS_PARALLEL_MIN (1 << 20)
 
 static int par_ok(size_t work) {
 #ifdef _OPENMP

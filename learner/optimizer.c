@@ -14,6 +14,9 @@
 
 /* Elements per partial sum of the gradient norm: the sum order is fixed whatever the threads. */
 #define OPTIM_NORM_CHUNK 65536
+/* Below this many elements a loop runs on one thread: a fork-join of the OpenMP team costs a
+ * scheduler time slice on a loaded machine (see GEMM_PARALLEL_MIN_WORK in gemm.c). */
+#define OPTIM_PARALLEL_MIN (1 << 20)
 
 struct optim {
     optim_config_t cfg;
@@ -90,7 +93,7 @@ void optim_destroy(optim_t **po) {
  * construction, so the whole buffer can be summed in fixed chunks. */
 static double grad_norm2(optim_t *o, const real *g) {
     const long nc = (long)o->n_chunks;
-    OMP_PRAGMA(omp parallel for schedule(static))
+    OMP_PRAGMA(omp parallel for schedule(static) if (o->n >= OPTIM_PARALLEL_MIN))
     for (long c = 0; c < nc; c++) {
         const size_t lo = (size_t)c * OPTIM_NORM_CHUNK;
         const size_t hi = lo + OPTIM_NORM_CHUNK < o->n ? lo + OPTIM_NORM_CHUNK : o->n;
@@ -132,7 +135,7 @@ int optim_step(optim_t *o, model_t *model, double loss, optim_result_t *res) {
         real *pp = p + tt->offset, *mm = o->m + tt->offset, *vv = o->v + tt->offset;
         const real *gg = g + tt->offset;
         const long n = (long)tt->numel;
-        OMP_PRAGMA(omp parallel for schedule(static) if (n > 32768))
+        OMP_PRAGMA(omp parallel for schedule(static) if (n >= OPTIM_PARALLEL_MIN))
         for (long i = 0; i < n; i++) {
             const real gi = gg[i] * sc;
             mm[i] = b1 * mm[i] + (1 - b1) * gi;
