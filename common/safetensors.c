@@ -198,7 +198,8 @@ static int parse_tensor(safetensors_reader_t *r, const char *name, const json_t 
         return qerr_set(err, QERR_INVALID,
                         "%s: tensor '%s': data_offsets must be [BEGIN, END], got %zu entries",
                         r->path, name, json_array_size(offsets));
-    uint64_t begin, end;
+    /* read_count sets both on success; GCC at -O3 cannot see that through its error paths. */
+    uint64_t begin = 0, end = 0;
     if (read_count(r, name, "data_offsets[0]", json_array_get(offsets, 0), &begin, err) < 0 ||
         read_count(r, name, "data_offsets[1]", json_array_get(offsets, 1), &end, err) < 0)
         return -1;
