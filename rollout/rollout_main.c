@@ -3,6 +3,7 @@
  * error. */
 #include "config.h"
 #include "log.h"
+#include "log_file.h"
 #include "log_pub.h"
 #include "reward_service.h"
 #include "worker.h"
@@ -39,23 +40,6 @@ static void usage(FILE *out) {
             "  --threads N     engine threads (default rollout.threads; 0 = every core)\n"
             "  --set K=V       override one key, e.g. --set rollout.credits=4\n"
             "  --help          this text\n");
-}
-
-/* log.h sink writing every record as a JSON line to logging.file; runs under the log lock. */
-static void file_sink(void *ctx, const log_record_t *rec) {
-    char buf[2048];
-    size_t n = log_record_format_json(rec, buf, sizeof buf);
-    if (n >= sizeof buf) {
-        char *big = malloc(n + 1);
-        if (big == NULL)
-            return;
-        log_record_format_json(rec, big, n + 1);
-        fputs(big, ctx);
-        free(big);
-    } else {
-        fputs(buf, ctx);
-    }
-    fflush(ctx);
 }
 
 static int is_help(const char *a) {
@@ -144,11 +128,12 @@ int main(int argc, char **argv) {
     }
     log_init("quillan-rollout");
     log_set_level(cfg->logging.level);
-    FILE *log_file = NULL;
+    log_file_t *log_file = NULL;
     if (cfg->logging.file[0]) {
-        log_file = fopen(cfg->logging.file, "a");
+        log_file = log_file_sink_new(cfg->logging.file, (uint64_t)cfg->logging.file_max_mb << 20,
+                                     cfg->logging.file_keep, &err);
         if (log_file == NULL) {
-            fprintf(stderr, "quillan-rollout: logging.file: cannot open '%s'\n", cfg->logging.file);
+            fprintf(stderr, "quillan-rollout: logging.file: %s\n", err.msg);
             free(cfg);
             return 1;
         }
@@ -165,8 +150,6 @@ int main(int argc, char **argv) {
     rollout_worker_t *w = NULL;
     if (zctx == NULL)
         rc = qerr_set(&err, QERR_IO, "zmq_ctx_new failed");
-    if (rc == 0 && log_file && log_sink_add(file_sink, log_file) != 0)
-        rc = qerr_set(&err, QERR_IO, "logging.file: sink table full");
     if (rc == 0 && cfg->logging.hub && cfg->network.log_in[0]) {
         net_options_t opt;
         reward_net_options(cfg, &opt);
@@ -189,10 +172,7 @@ int main(int argc, char **argv) {
         log_error("rollout.error", "%s", err.msg);
     rollout_worker_destroy(&w);
     log_pub_destroy(&pub);
-    if (log_file) {
-        log_sink_remove(file_sink, log_file);
-        fclose(log_file);
-    }
+    log_file_destroy(&log_file);
     if (zctx)
         zmq_ctx_term(zctx);
     free(cfg);
