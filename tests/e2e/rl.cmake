@@ -9,7 +9,7 @@ if(QUILLAN_PY_GEN_DIR AND TARGET quillan-learner AND TARGET quillan-rollout)
                  COMMAND /usr/bin/python3 ${CMAKE_CURRENT_LIST_DIR}/rl_e2e.py ${case}
                          --build ${CMAKE_BINARY_DIR} --src ${CMAKE_SOURCE_DIR}
                          --work ${CMAKE_CURRENT_BINARY_DIR}/e2e_rl --gen-dir ${QUILLAN_PY_GEN_DIR})
-        set_tests_properties(e2e.rl_${case} PROPERTIES TIMEOUT 240 SKIP_RETURN_CODE 77)
+        set_tests_properties(e2e.rl_${case} PROPERTIES TIMEOUT 300 SKIP_RETURN_CODE 77)
     endforeach()
 else()
     message(STATUS "RL e2e: no protoc or no learner/rollout targets, e2e.rl_* not added")

@@ -31,6 +31,7 @@ Only /usr/bin/python3 with Debian's python3-zmq and python3-protobuf is needed. 
 data set is written here; every process this script starts is stopped on the way out.
 """
 import argparse
+import ctypes
 import hashlib
 import json
 import os
@@ -102,11 +103,17 @@ def field(r, key, default=None):
     return r.get("fields", {}).get(key, default)
 
 
+def die_with_parent():
+    """In the child: SIGKILL when this driver dies, however it dies (a CTest timeout)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class Proc:
-    def __init__(self, name, argv, log, env=None):
+    def __init__(self, name, argv, log):
         self.name, self.log = name, log
         self.out = open(log, "ab")
-        self.p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self.out, env=env)
+        self.p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self.out,
+                                  preexec_fn=die_with_parent)
         self.rc = None
 
     def alive(self):
@@ -302,9 +309,10 @@ class Cluster:
 
 # ---- shared assertions ----
 
-def finish(c, learner, steps, timeout):
+def finish(c, learner, steps, timeout=150):
     """Waits for the learner to reach `steps` and exit 0 on its own."""
-    c.wait("learner step %d" % steps, lambda: len(c.steps()) >= steps or not learner.alive(),
+    c.wait("%s step %d" % (learner.name, steps),
+           lambda: len(events(learner.log, "learner.step")) >= steps or not learner.alive(),
            timeout)
     rc = learner.wait(60)
     check(rc == 0, "quillan-learner exited %s" % rc)
@@ -397,7 +405,7 @@ def run_loop(c, steps, with_python=True):
     learner = c.learner(["learner.max_steps=%d" % steps])
     c.wait("learner up", lambda: events(learner.log, "learner.start"), 120)
     w1, w2 = c.worker("w1"), c.worker("w2")
-    finish(c, learner, steps, 300)
+    finish(c, learner, steps)
     # groups arrived from both workers and were accepted (an Ack other than ACCEPTED is logged)
     for wid in ("w1", "w2"):
         check(c.groups(wid), "%s returned no group" % wid)
@@ -419,6 +427,11 @@ def run_loop(c, steps, with_python=True):
     deltas = [r for wid in ("w1", "w2") for r in events(c.path(wid + ".log"), "rollout.snapshot")
               if field(r, "delta") == 1]
     check(deltas, "no worker applied a delta snapshot")
+    # "loaded ... (delta)" comes only after the applied buffer matched the full snapshot's
+    # BLAKE2b digest (rollout/snapshot_client.c); a mismatch would be retried and logged
+    for wid in ("w1", "w2"):
+        for ev in ("rollout.snapshot_failed", "snapshot.retry"):
+            check(not events(c.path(wid + ".log"), ev), "%s: %s" % (wid, ev))
     for r in deltas:
         check(field(r, "transfer_bytes") < field(r, "bytes"), "delta as large as full: %s" % r)
     pubs = events(learner.log, "snapshot.publish")
@@ -490,7 +503,7 @@ def case_kill_worker(c):
     w1.signal(signal.SIGKILL)  # holding up to `credits` leases mid-generation
     w1.wait(10)
     c.wait("w1 declared dead", lambda: events(learner.log, "dispatch.worker_dead"), 60)
-    finish(c, learner, steps, 300)
+    finish(c, learner, steps)
     stop_clean(c, [w2, reward])
     dead = events(learner.log, "dispatch.worker_dead")
     say("dead: " + dead[0]["text"])
@@ -537,7 +550,7 @@ def case_reward_restart(c):
     steps_during = len(c.steps())
     reward2 = c.reward("reward2")
     t_back = time.time()
-    finish(c, learner, steps, 300)
+    finish(c, learner, steps)
     stop_clean(c, [w1, w2, reward2])
     # every trained reward came from the service: its scores lie in [2, 3]; a fabricated one
     # (0, or a missing one turned into a number) would show in reward/min or no_reward_samples
@@ -758,7 +771,7 @@ def case_learner_restart(c):
           "resumed at step %s version %s, stopped at %d / %d" %
           (field(st, "step"), field(st, "policy/version"), s_stop, v_stop))
     n_before = {w: len(c.groups(w)) for w in ("w1", "w2")}
-    finish(c, learner2, steps - s_stop, 300)
+    finish(c, learner2, steps - s_stop)
     s2 = check_versions_advance(c, "learner2", s_stop + 1)
     check(int(field(s2[-1], "step")) == steps, "last step %s" % field(s2[-1], "step"))
     # the same worker processes carried on: noticed the restart, returned groups to learner2
