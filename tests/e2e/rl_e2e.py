@@ -866,29 +866,32 @@ def case_lr0(c):
 
 
 def case_config(c):
-    learner = c.bin("quillan-learner")
-
     # the run's settings without its reward service, so that the files below decide
     base = [s for s in c.sets if not s.startswith("reward.services.")]
 
-    def refused(name, extra, *subs, cfg=None):
-        argv = [learner, "--config", cfg or c.config]
-        for s in base + list(extra):
-            argv += ["--set", s]
-        t0 = time.monotonic()
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-        check(p.returncode == 1, "%s: exit %d, expected 1\n%s" % (name, p.returncode, p.stderr))
-        for s in subs:
-            check(s in p.stderr, "%s: no '%s' in:\n%s" % (name, s, p.stderr))
-        for ev in ("dispatch.listen", "weights.listen", "loghub.listen", "learner.start"):
-            check(ev not in p.stderr, "%s: %s although the config is bad" % (name, ev))
-        check(not os.path.exists(c.ck), "%s: %s was created" % (name, c.ck))
-        # nothing bound: the dispatcher's port is still free
-        s = socket.socket()
-        s.bind(("127.0.0.1", int(c.ep["dispatcher"].rsplit(":", 1)[1])))
-        s.close()
-        say("%s: refused in %.1f s: %s" % (name, time.monotonic() - t0,
-                                          p.stderr.strip().splitlines()[-1]))
+    def refused(name, extra, *subs, cfg=None, worker=True):
+        """quillan-learner (and quillan-rollout: the keys it reads) exit 1 naming the key, with
+        nothing bound or written."""
+        for b in ["quillan-learner"] + (["quillan-rollout"] if worker else []):
+            argv = [c.bin(b), "--config", cfg or c.config]
+            for s in base + list(extra):
+                argv += ["--set", s]
+            t0 = time.monotonic()
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+            check(p.returncode == 1, "%s, %s: exit %d, expected 1\n%s" %
+                  (name, b, p.returncode, p.stderr))
+            for s in subs:
+                check(s in p.stderr, "%s, %s: no '%s' in:\n%s" % (name, b, s, p.stderr))
+            for ev in ("dispatch.listen", "weights.listen", "loghub.listen", "learner.start",
+                       "rollout.start"):
+                check(ev not in p.stderr, "%s, %s: %s although the config is bad" % (name, b, ev))
+            check(not os.path.exists(c.ck), "%s, %s: %s was created" % (name, b, c.ck))
+            # nothing bound: the dispatcher's port is still free
+            s = socket.socket()
+            s.bind(("127.0.0.1", int(c.ep["dispatcher"].rsplit(":", 1)[1])))
+            s.close()
+            say("%s: %s refused in %.1f s: %s" % (name, b, time.monotonic() - t0,
+                                                  p.stderr.strip().splitlines()[-1]))
 
     refused("group size 1", ["learner.group_size=1"], "learner.group_size", "at least 2")
     nosvc = c.path("nosvc.yaml")
@@ -904,8 +907,9 @@ def case_config(c):
     with open(c.data) as f, open(small, "w") as g:
         g.writelines(f.readlines()[:5])
     refused("batch > data set", ["data.train=" + small, "learner.batch_groups=8"],
-            "learner.batch_groups", "8 groups", "5 prompts", small)
-    refused("missing data set", ["data.train=" + c.path("none.jsonl")], "none.jsonl")
+            "learner.batch_groups", "8 groups", "5 prompts", small, worker=False)
+    refused("missing data set", ["data.train=" + c.path("none.jsonl")], "none.jsonl",
+            worker=False)
 
 
 CASES = {k[5:]: v for k, v in globals().items() if k.startswith("case_")}
