@@ -73,7 +73,8 @@ SETS=(--set "network.dispatcher=tcp://127.0.0.1:$(free_port)"
       --set network.lease_timeout_s=30 --set "network.heartbeat_liveness=$LIVENESS"
       --set "data.train=$OUT/data/train.jsonl" --set "learner.checkpoint_dir=$OUT/ck"
       --set learner.checkpoint_interval=100000 --set learner.max_steps=100000
-      --set learner.eval_interval=0)
+      --set learner.eval_interval=0 --set learner.minibatches=2 --set learner.ppo_epochs=1)
+SPB=2 # learner.step records per batch: minibatches x ppo_epochs
 
 "$REWARD" --config "$CFG" "${SETS[@]}" --bind "tcp://127.0.0.1:$rp" 2>reward.log &
 RP=$!
@@ -141,7 +142,7 @@ PIDS=()
 
 "$LEDGER" "$OUT/ck/$(cat "$OUT/ck/latest")" "$CFG" "${SETS[@]}" >ledger.json
 books=0
-"$PY" "$SRC/tests/e2e/netns_check.py" ledger.json learner.log w*.log >books.txt || books=1
+"$PY" "$SRC/tests/e2e/netns_check.py" --steps-per-batch $SPB ledger.json learner.log w*.log >books.txt || books=1
 cat books.txt
 
 rss_ok=0

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Holds a finished RL run's books against each other (tests/e2e/netns_test.sh, bench/soak.sh).
 
-    netns_check.py LEDGER_JSON LEARNER_LOG [WORKER_LOG...]
+    netns_check.py [--steps-per-batch N] LEDGER_JSON LEARNER_LOG [WORKER_LOG...]
 
-LEDGER_JSON is netns_ledger's output for the learner's final checkpoint; the logs are the
+N is learner.minibatches x learner.ppo_epochs (default 1): the optimizer steps (learner.step
+records) of one batch, each repeating the batch's groups/kept. LEDGER_JSON is netns_ledger's output for the learner's final checkpoint; the logs are the
 daemons' stderr JSON lines (the learner's at logging.level debug, so that every grant is
 logged). Checks, each printed as "ok" or "FAIL":
 
@@ -14,7 +15,8 @@ logged). Checks, each printed as "ok" or "FAIL":
                log records add up to its lease table's counters
   batcher      groups accepted by the dispatcher = groups the batcher took + groups the learner
                refused; groups the batcher took = groups in trained batches (learner.step
-               groups/kept) + waiting + filtered (equal, few) + stale; one learner.step per batch
+               groups/kept of each batch's first step) + waiting + filtered (equal, few) +
+               stale; N learner.step records per batch (the last batch's may stop early)
   workers      every accepted unit was sent by a worker (rollout.group records); no lease id
                was sent twice
 
@@ -49,7 +51,11 @@ def field(r, name, default=0.0):
 
 
 def main(argv):
-    if len(argv) < 3:
+    spb = 1
+    if len(argv) > 2 and argv[1] == "--steps-per-batch":
+        spb = int(argv[2])
+        argv = argv[:1] + argv[3:]
+    if len(argv) < 3 or spb < 1:
         print(__doc__, file=sys.stderr)
         return 2
     with open(argv[1], encoding="utf-8") as f:
@@ -111,7 +117,7 @@ def main(argv):
 
     # The batcher: every accepted group trained, waiting, filtered or stale.
     steps = ev.get("learner.step", [])
-    kept = sum(int(field(r, "groups/kept")) for r in steps)
+    kept = sum(int(field(r, "groups/kept")) for r in steps if (int(field(r, "step")) - 1) % spb == 0)
     refused = count("learner.group_refused")
     check("groups accepted = batcher + refused", d["accepted"] == b["arrived"] + refused,
           f"{d['accepted']} accepted = {b['arrived']} to the batcher + {refused} refused")
@@ -119,7 +125,8 @@ def main(argv):
     check("batcher groups = trained + waiting + filtered + stale", b["arrived"] == rhs,
           f"{b['arrived']} = {kept} trained + {b['waiting']} waiting + {b['filtered_equal']} "
           f"equal + {b['filtered_few']} few + {b['stale']} stale")
-    check("one learner.step per batch", len(steps) == b["batches"],
+    check(f"{spb} learner.step per batch",
+          b["batches"] * spb - (spb - 1) <= len(steps) <= b["batches"] * spb,
           f"{len(steps)} learner.step records, {b['batches']} batches")
 
     # The workers' side.
