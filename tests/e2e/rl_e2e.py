@@ -491,19 +491,27 @@ def case_gpt2(c):
           (snaps[0]["fields"]["bytes"] if snaps else None))
 
 
+def stop_learner_after(c, learner, more):
+    """Lets the learner train `more` further steps, then stops it with SIGTERM (exit 0, with a
+    checkpoint): the runs below never depend on how fast training is against the fault."""
+    n = len(c.steps())
+    c.wait("%d more steps" % more, lambda: len(c.steps()) >= n + more or not learner.alive(), 150)
+    stop_clean(c, [learner])
+    return len(c.steps())
+
+
 def case_kill_worker(c):
-    steps = 6
     # a dead worker is noticed after heartbeat_liveness silent heartbeats; its leases go back
     c.sets += ["network.heartbeat_liveness=3"]
     reward = c.reward()
-    learner = c.learner(["learner.max_steps=%d" % steps])
+    learner = c.learner()  # runs until stopped
     c.wait("learner up", lambda: events(learner.log, "learner.start"), 120)
     w1, w2 = c.worker("w1"), c.worker("w2")
     c.wait("w1 busy", lambda: len(c.groups("w1")) >= 2, 120)
     w1.signal(signal.SIGKILL)  # holding up to `credits` leases mid-generation
     w1.wait(10)
     c.wait("w1 declared dead", lambda: events(learner.log, "dispatch.worker_dead"), 60)
-    finish(c, learner, steps)
+    steps = stop_learner_after(c, learner, 3)
     stop_clean(c, [w2, reward])
     dead = events(learner.log, "dispatch.worker_dead")
     say("dead: " + dead[0]["text"])
@@ -532,11 +540,10 @@ def case_kill_worker(c):
 
 
 def case_reward_restart(c):
-    steps = 5
     c.sets += ["reward.timeout_s=2", "reward.retries=1", "reward.backoff_min_s=0.2",
                "reward.backoff_max_s=0.5"]
     reward = c.reward("reward1")
-    learner = c.learner(["learner.max_steps=%d" % steps])
+    learner = c.learner()  # runs until stopped
     c.wait("learner up", lambda: events(learner.log, "learner.start"), 120)
     w1, w2 = c.worker("w1"), c.worker("w2")
     c.wait("first step", lambda: c.steps(), 180)
@@ -550,7 +557,10 @@ def case_reward_restart(c):
     steps_during = len(c.steps())
     reward2 = c.reward("reward2")
     t_back = time.time()
-    finish(c, learner, steps)
+    c.wait("groups scored by the restarted service",
+           lambda: events(reward2.log, "reward.start") and
+           sum(1 for w in ("w1", "w2") for r in c.groups(w) if r["time"] > t_back) >= 2, 120)
+    stop_learner_after(c, learner, 2)
     stop_clean(c, [w1, w2, reward2])
     # every trained reward came from the service: its scores lie in [2, 3]; a fabricated one
     # (0, or a missing one turned into a number) would show in reward/min or no_reward_samples
