@@ -73,7 +73,8 @@ SETS=(--set "network.dispatcher=tcp://127.0.0.1:$(free_port)"
       --set network.lease_timeout_s=30 --set "network.heartbeat_liveness=$LIVENESS"
       --set "data.train=$OUT/data/train.jsonl" --set "learner.checkpoint_dir=$OUT/ck"
       --set learner.checkpoint_interval=100000 --set learner.max_steps=100000
-      --set learner.eval_interval=0 --set learner.minibatches=2 --set learner.ppo_epochs=1)
+      --set learner.eval_interval=0 --set learner.minibatches=2 --set learner.ppo_epochs=1
+      --set learner.dynamic_sampling=false)
 SPB=2 # learner.step records per batch: minibatches x ppo_epochs
 
 "$REWARD" --config "$CFG" "${SETS[@]}" --bind "tcp://127.0.0.1:$rp" 2>reward.log &

@@ -131,7 +131,8 @@ SETS=(--set "network.dispatcher=tcp://${ADDR[L]}:5555" --set "network.weights=tc
       --set "network.heartbeat_liveness=$LIVENESS"
       --set "data.train=$W/data/train.jsonl" --set "learner.checkpoint_dir=$W/ck"
       --set learner.checkpoint_interval=100000 --set learner.max_steps=100000
-      --set learner.eval_interval=0 --set learner.minibatches=2 --set learner.ppo_epochs=1)
+      --set learner.eval_interval=0 --set learner.minibatches=2 --set learner.ppo_epochs=1
+      --set learner.dynamic_sampling=false)
 SPB=2 # learner.step records per batch: minibatches x ppo_epochs
 
 start_in() { # NODE LOGFILE CMD... : starts CMD in NODE's namespace; sets STARTED
