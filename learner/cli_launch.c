@@ -406,6 +406,10 @@ static int child_start(child_t *c, pid_t *pgid, qerr_t *err) {
         return qerr_set(err, QERR_IO, "%s: cannot open: %s", c->log, strerror(errno));
     struct stat st;
     c->log_start = fstat(fd, &st) == 0 ? (long)st.st_size : 0;
+    /* The learner and the workers share the cores: libgomp's default spin-waiting at barriers
+     * then burns a descheduled peer's time slice (measured: 2-thread steps ~25x slower).
+     * libgomp reads this once at start-up, so it is set for the children; a user's value wins. */
+    setenv("OMP_WAIT_POLICY", "passive", 0);
     const int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
     const pid_t parent = getpid();
     const pid_t pid = fork();
