@@ -7,7 +7,8 @@
 #       full snapshot v1 and, after one real RL step, v2 (a delta against v1): bytes on the wire,
 #       publish seconds (learner), fetch seconds (worker), publish-to-applied (from the start of
 #       the learner's publish to the worker's "loaded" record; both stamp the same clock).
-#       Tiny batch (1 group of 4, 4 new tokens). Needs ~12 GB of memory and, on 2 cores, ~15 min.
+#       Tiny batch (1 group of 4, 4 new tokens). Needs ~20 GB of memory (the learner peaks at
+#       ~19 GB) and, on 2 loaded cores, ~20 min.
 #       The learner is SIGKILLed at the end (a 512m checkpoint is ~8 GB of disk).
 #   bench/bench_rl.sh throughput BUILD_DIR [WORK_DIR] [STEPS]
 #       configs/tiny.yaml, STEPS steps (default 12) with 1 and then 2 workers: learner wait
@@ -88,12 +89,16 @@ snapshot)
          --set reward.builtin.length.target=8 --set reward.builtin.length.window=32)
     "$BUILD/reward/quillan-reward" "${CFG[@]}" 2>reward.log &
     PIDS+=($!)
-    /usr/bin/time -v "$BUILD/learner/quillan-learner" "${CFG[@]}" 2>learner.log &
-    PIDS+=($!)
-    wait_for learner.log '"event":"learner.start"' 1800
-    /usr/bin/time -v "$BUILD/rollout/quillan-rollout" "${CFG[@]}" --id w1 --threads 1 2>w1.log &
-    PIDS+=($!)
+    "$BUILD/learner/quillan-learner" "${CFG[@]}" 2>learner.log &
+    LP=$!
+    PIDS+=($LP)
+    wait_for learner.log '"event":"learner.start"' 3600
+    "$BUILD/rollout/quillan-rollout" "${CFG[@]}" --id w1 --threads 1 2>w1.log &
+    WP=$!
+    PIDS+=($WP)
     wait_for w1.log '"snapshot_version":2,' 3600
+    echo "peak RSS: learner $(sed -n 's/VmHWM:\s*//p' /proc/$LP/status), worker" \
+        "$(sed -n 's/VmHWM:\s*//p' /proc/$WP/status)"
     ;;
 throughput)
     for n in 1 2; do
