@@ -66,11 +66,23 @@ const char *net_drop_name(net_drop_t reason) {
 
 /* ---- options ---- */
 
+/* libzmq before 4.3.5 can abort the whole process ("Assertion failed: !_io_error
+ * (stream_engine_base.cpp:331)", libzmq issues #4364 and #3937) when its heartbeat timeout
+ * fires on a connection that is already failing, e.g. a worker whose learner restarts. We saw
+ * it kill a worker in our learner-restart test. On those versions libzmq's own heartbeats stay
+ * off and the application heartbeats (Paranoid Pirate, dispatcher and dispatch client) detect
+ * dead peers alone. */
+static int zmq_heartbeats_safe(void) {
+    int major, minor, patch;
+    zmq_version(&major, &minor, &patch);
+    return major * 10000 + minor * 100 + patch >= 40305;
+}
+
 void net_options_init(net_options_t *o) {
     *o = (net_options_t){
         .control_max_msg_bytes = (int64_t)4 << 20,
         .chunk_bytes = (int64_t)1 << 20,
-        .heartbeat_ivl_ms = 1000,
+        .heartbeat_ivl_ms = zmq_heartbeats_safe() ? 1000 : 0,
         .heartbeat_timeout_ms = 5000,
         .heartbeat_ttl_ms = 5000,
         .linger_ms = 500,
@@ -237,7 +249,8 @@ static int options_apply(net_socket_t *s, const net_options_t *o, qerr_t *err) {
         return qerr_set(err, QERR_IO, "%s: setting ZMQ_MAXMSGSIZE: %s", s->name,
                         zmq_strerror(zmq_errno()));
     int never_block = s->type == ZMQ_ROUTER || s->type == ZMQ_PUB || s->type == ZMQ_XPUB;
-    if (set_int(s, ZMQ_HEARTBEAT_IVL, o->heartbeat_ivl_ms, "ZMQ_HEARTBEAT_IVL", err) ||
+    const int heartbeat_ivl_ms = zmq_heartbeats_safe() ? o->heartbeat_ivl_ms : 0;
+    if (set_int(s, ZMQ_HEARTBEAT_IVL, heartbeat_ivl_ms, "ZMQ_HEARTBEAT_IVL", err) ||
         set_int(s, ZMQ_HEARTBEAT_TIMEOUT, o->heartbeat_timeout_ms, "ZMQ_HEARTBEAT_TIMEOUT", err) ||
         set_int(s, ZMQ_HEARTBEAT_TTL, o->heartbeat_ttl_ms, "ZMQ_HEARTBEAT_TTL", err) ||
         set_int(s, ZMQ_LINGER, o->linger_ms, "ZMQ_LINGER", err) ||

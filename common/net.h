@@ -39,7 +39,9 @@ typedef struct {
                                       4 MiB; range [64 KiB, 1 GiB] */
     int64_t chunk_bytes;           /* weight chunk size: 1 MiB; weights sockets get ZMQ_MAXMSGSIZE
                                       chunk + 64 KiB; range [4 KiB, 256 MiB] */
-    int heartbeat_ivl_ms;          /* ZMQ_HEARTBEAT_IVL: 1000; [0 (off), 60000] */
+    int heartbeat_ivl_ms;          /* ZMQ_HEARTBEAT_IVL: 1000; [0 (off), 60000]; always off
+                                    * with libzmq < 4.3.5, whose heartbeat timeout can abort
+                                    * the process (net.c) */
     int heartbeat_timeout_ms;      /* ZMQ_HEARTBEAT_TIMEOUT: 5000 (5 missed); [ivl, 600000] */
     int heartbeat_ttl_ms;          /* ZMQ_HEARTBEAT_TTL asked of the peer: 5000; [0, 6553500] */
     int linger_ms;                 /* ZMQ_LINGER on close: 500; [0, 60000] */

@@ -73,6 +73,7 @@ static fixture_t fx;
 
 Test(net, options_are_applied_and_validated) {
     net_options_t bad = opt;
+    bad.heartbeat_ivl_ms = 1000;
     bad.heartbeat_timeout_ms = 10; /* below the interval */
     qerr_t e;
     cr_assert_eq(net_options_validate(&bad, &e), -1);
