@@ -9,7 +9,8 @@ socket on the log hub are what the assertions read. Cases:
 
   loop            learner + 2 workers + the C and the Python reward services (weighted): groups
                   from both workers, versions advance, snapshots switch between groups only,
-                  deltas applied, checkpoints, learner.step and rollout.group through the hub
+                  deltas applied by the workers, a delta pulled and applied here equal to the
+                  full snapshot, checkpoints, learner.step and rollout.group through the hub
   gpt2            the same few steps with the GPT-2 BPE tokenizer and the full 50257 vocabulary
                   (configs/test-gpt2.yaml); exit 77 (skipped) without ../shared/data/gpt2
   kill_worker     SIGKILL a worker holding leases: its leases are re-leased, the run finishes,
@@ -309,17 +310,6 @@ class Cluster:
 
 # ---- shared assertions ----
 
-def finish(c, learner, steps, timeout=150):
-    """Waits for the learner to reach `steps` and exit 0 on its own."""
-    c.wait("%s step %d" % (learner.name, steps),
-           lambda: len(events(learner.log, "learner.step")) >= steps or not learner.alive(),
-           timeout)
-    rc = learner.wait(60)
-    check(rc == 0, "quillan-learner exited %s" % rc)
-    stop = events(learner.log, "learner.stop")
-    check(stop and stop[-1]["text"] == "step limit reached", "learner.stop: %s" % stop)
-
-
 def stop_clean(c, procs):
     for p in procs:
         p.signal(signal.SIGTERM)
@@ -396,31 +386,58 @@ def latest_checkpoint(c):
 
 # ---- cases ----
 
+def check_delta_equals_full(c, v):
+    """Pulls snapshot v in full and as a delta against v - 1 from the running learner: the
+    delta, applied here to v - 1, gives exactly v's bytes and full digest."""
+    pb, ep = c.a.pb, c.ep["weights"]
+    _, base = pull_snapshot(pb, ep, v - 1)
+    info_full, full = pull_snapshot(pb, ep, v)
+    info, delta = pull_snapshot(pb, ep, v, have=v - 1)
+    check(info.base_version == v - 1, "the learner offered no delta for v%d against v%d" % (v, v - 1))
+    applied = delta_apply(base, delta)
+    check(applied == full and hashlib.blake2b(applied, digest_size=32).digest() ==
+          info.full_digest == info_full.full_digest, "delta v%d-v%d applied != full v%d" %
+          (v - 1, v, v))
+    return len(delta), len(full)
+
+
 def run_loop(c, steps, with_python=True):
+    """The learner runs until stopped: until `steps` steps are trained and a worker has run
+    groups on two snapshot versions (else every group of a short run can come from v1), and
+    the test has pulled a delta from it."""
     hub = c.subscribe()
     reward = c.reward()
     procs = [reward]
     if with_python:
         procs.append(c.py_reward())
-    learner = c.learner(["learner.max_steps=%d" % steps])
+    c.sets += ["learner.snapshots_kept=%d" % (steps + 4)]
+    learner = c.learner()
     c.wait("learner up", lambda: events(learner.log, "learner.start"), 120)
     w1, w2 = c.worker("w1"), c.worker("w2")
-    finish(c, learner, steps)
+
+    def switched():
+        return any(len({field(r, "snapshot_version") for r in c.groups(w)}) >= 2
+                   for w in ("w1", "w2"))
+    c.wait("%d steps and a snapshot switch" % steps,
+           lambda: (len(c.steps()) >= steps and switched()) or not learner.alive(), 150)
+    dsize = check_delta_equals_full(c, steps + 1)
+    stop_clean(c, [learner])
     # groups arrived from both workers and were accepted (an Ack other than ACCEPTED is logged)
     for wid in ("w1", "w2"):
         check(c.groups(wid), "%s returned no group" % wid)
     joined = {r["text"] for r in events(learner.log, "dispatch.worker_new")}
     check(joined >= {"worker w1 joined", "worker w2 joined"}, "workers joined: %s" % joined)
     st = check_versions_advance(c)
-    check(int(field(st[-1], "policy/version")) == steps + 1,
-          "version %s after %d steps" % (field(st[-1], "policy/version"), steps))
+    for r in st:  # one batch per step, one published version per batch
+        check(int(field(r, "policy/version")) == int(field(r, "step")) + 1,
+              "version %s after step %s" % (field(r, "policy/version"), field(r, "step")))
     # rewards: quillan-reward's [2, 3] (+ 0.5 x the Python service's 0 or 1, when it runs)
     hi = 3.5 if with_python else 3
     for r in st:
         check(2 <= field(r, "reward/min") <= field(r, "reward/max") <= hi,
               "step %s: rewards outside [2, %g]: %s" % (field(r, "step"), hi, r["fields"]))
     kept = sum(int(field(r, "groups/kept")) for r in st)
-    check(kept >= 2 * steps, "groups trained: %d" % kept)
+    check(kept >= 2 * len(st), "groups trained: %d in %d steps" % (kept, len(st)))
     # snapshots: switched between groups only, deltas applied (the worker verifies the full
     # digest after applying a delta; byte equality of delta and full: e2e.snapshot_transfer)
     seen = {}
@@ -444,12 +461,14 @@ def run_loop(c, steps, with_python=True):
     # checkpoints
     ck = latest_checkpoint(c)
     hd, ones, meta = lease_state(ck)
-    check(int(meta["step"]) == steps and int(meta["version"]) == steps + 1,
-          "checkpoint metadata %s" % meta)
+    last = events(learner.log, "learner.step")[-1]
+    check(int(meta["step"]) == int(field(last, "step")) and
+          int(meta["version"]) == int(field(last, "policy/version")),
+          "checkpoint metadata %s, last step %s" % (meta, last["fields"]))
     check(hd["accepted"] == ones and hd["duplicates"] == 0, "lease table %s, %d bits" % (hd, ones))
     check(os.path.isfile(os.path.join(ck, "model.safetensors")), "no model.safetensors")
     # metrics through the hub, from the learner and both workers (senders are the worker ids)
-    c.wait("hub records", lambda: hub.count("learner.step") >= steps and
+    c.wait("hub records", lambda: hub.count("learner.step") >= len(st) and
            hub.count("rollout.group", "w1") and hub.count("rollout.group", "w2"), 20)
     # both reward services were called
     stop_clean(c, [w1, w2] + procs)
@@ -463,10 +482,12 @@ def run_loop(c, steps, with_python=True):
             check(int(field(r, "rewarded")) == G, "%s: group without rewards: %s" % (wid, r))
     say("steps %d, versions %s, groups trained %d, w1 %d groups on versions %s, w2 %d on %s, "
         "%d deltas applied, hub: learner.step %d, rollout.group w1 %d w2 %d" %
-        (steps, [int(field(r, "policy/version")) for r in st], kept, len(seen["w1"]),
+        (len(st), [int(field(r, "policy/version")) for r in st], kept, len(seen["w1"]),
          sorted(set(seen["w1"])), len(seen["w2"]), sorted(set(seen["w2"])), len(deltas),
          hub.count("learner.step"), hub.count("rollout.group", "w1"),
          hub.count("rollout.group", "w2")))
+    say("delta v%d-v%d pulled and applied here: %d of %d bytes, equal to the full v%d" %
+        (steps, steps + 1, dsize[0], dsize[1], steps + 1))
 
 
 def case_loop(c):
@@ -808,8 +829,10 @@ def case_learner_restart(c):
          len(back("w1")), len(back("w2"))))
 
 
-def pull_snapshot(pb, ep, version):
-    """The full bytes of snapshot `version` over the weights socket, BLAKE2b-256 checked."""
+def pull_snapshot(pb, ep, version, have=0):
+    """Snapshot `version` over the weights socket: its full bytes (have = 0), or the delta
+    payload against version `have` when the server offers one. Returns (SnapshotInfo, bytes)
+    with the transfer's BLAKE2b-256 checked against the info's digest."""
     import zmq
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
@@ -826,23 +849,57 @@ def pull_snapshot(pb, ep, version):
             r = pb.Envelope()
             r.ParseFromString(frames[0])
             return r, frames[1] if len(frames) > 1 else b""
-        info, _ = ask({"info_request": pb.weights.InfoRequest(version=version)})
+        info, _ = ask({"info_request": pb.weights.InfoRequest(version=version, have_version=have)})
         check(info.WhichOneof("body") == "snapshot_info", "InfoRequest(%d): %s" % (version, info))
         si = info.snapshot_info
-        check(si.base_version == 0, "asked for a full snapshot, got a delta")
+        check(si.base_version in (0, have), "delta against %d, asked %d" % (si.base_version, have))
         buf = bytearray()
         for i in range(si.chunk_count):
-            rep, payload = ask({"chunk_request": pb.weights.ChunkRequest(version=version, index=i)})
+            rep, payload = ask({"chunk_request": pb.weights.ChunkRequest(
+                version=version, index=i, base_version=si.base_version)})
             check(rep.WhichOneof("body") == "chunk_reply" and rep.chunk_reply.index == i,
                   "chunk %d: %s" % (i, rep))
             buf += payload
         d = hashlib.blake2b(bytes(buf), digest_size=32).digest()
-        check(len(buf) == si.total_bytes and d == si.digest == si.full_digest,
-              "snapshot %d: digest mismatch" % version)
-        return bytes(buf)
+        check(len(buf) == si.total_bytes and d == si.digest, "snapshot %d: digest mismatch" % version)
+        if si.base_version == 0:
+            check(d == si.full_digest, "snapshot %d: digest and full_digest differ" % version)
+        return si, bytes(buf)
     finally:
         s.close()
         ctx.term()
+
+
+def leb128(b, i):
+    v = shift = 0
+    while True:
+        x = b[i]
+        i += 1
+        v |= (x & 0x7F) << shift
+        shift += 7
+        if x < 0x80:
+            return v, i
+
+
+def delta_apply(base, delta):
+    """learner/snapshot_store.h's delta format (QSD1), decoded independently of the C code."""
+    check(delta[:4] == b"QSD1", "delta magic %r" % delta[:4])
+    block, full, n_runs = struct.unpack("<IQQ", delta[4:24])
+    check(full == len(base), "delta for %d bytes, base has %d" % (full, len(base)))
+    i, at, runs = 24, 0, []
+    for _ in range(n_runs):
+        gap, i = leb128(delta, i)
+        count, i = leb128(delta, i)
+        runs.append((at + gap, count))
+        at += gap + count
+    out = bytearray(base)
+    for first, count in runs:
+        for k in range(first, first + count):
+            n = min(block, full - k * block)
+            out[k * block:k * block + n] = delta[i:i + n]
+            i += n
+    check(i == len(delta), "delta payload: %d bytes left over" % (len(delta) - i))
+    return bytes(out)
 
 
 def case_lr0(c):
@@ -854,7 +911,7 @@ def case_lr0(c):
     c.wait("learner up", lambda: events(learner.log, "learner.start"), 120)
     w1 = c.worker("w1")
     c.wait("%d steps" % steps, lambda: len(c.steps()) >= steps, 240)
-    snaps = {v: pull_snapshot(c.a.pb, c.ep["weights"], v) for v in range(1, steps + 2)}
+    snaps = {v: pull_snapshot(c.a.pb, c.ep["weights"], v)[1] for v in range(1, steps + 2)}
     stop_clean(c, [learner, w1, reward])
 
     def tensors(buf):
