@@ -556,6 +556,23 @@ static int restore_body(lease_table_t *t, const uint8_t *buf, size_t n_words, qe
     }
     /* A hand-made state may list a complete epoch as open. */
     epochs_close(t);
+    /* Units at or past the data position of the current epoch were never handed out, so none
+     * is accepted, and that epoch cannot be complete: a fresh grant of an accepted unit would
+     * accept it twice (or in an epoch already closed). */
+    if (t->done_epochs > t->epoch)
+        return qerr_set(err, QERR_INVALID,
+                        "lease state: %llu epochs done, but epoch %llu is still being handed out",
+                        (unsigned long long)t->done_epochs, (unsigned long long)t->epoch);
+    for (uint64_t i = t->position; t->epoch - t->done_epochs < t->n_open && i < t->o.n_prompts;
+         i++) {
+        uint64_t p = order_at(t, t->epoch, i);
+        if (lease_table_is_accepted(t, p, t->epoch))
+            return qerr_set(err, QERR_INVALID,
+                            "lease state: prompt %llu of epoch %llu is accepted but was never "
+                            "handed out (data position %llu)",
+                            (unsigned long long)p, (unsigned long long)t->epoch,
+                            (unsigned long long)t->position);
+    }
     /* Leases granted after this state was saved, by the incarnation that died, had ids from
      * h[6] on; the next generation of ids starts above every one of them. */
     t->next_lease_id = ((t->next_lease_id >> LEASE_ID_GENERATION_BITS) + 1)
