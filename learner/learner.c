@@ -78,7 +78,7 @@ struct learner {
 
     uint8_t *disp_state;
     size_t disp_len;
-    char resumed[CONFIG_PATH_MAX];
+    char resumed[PATH_CAP];
 
     eval_ex_t *ev;
     size_t n_ev;
