@@ -26,6 +26,7 @@
 #include "log.h"
 #include "log_codec.h"
 #include "net.h"
+#include "net_security.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -724,7 +725,9 @@ static net_socket_t *monitor_new(void *zctx, const quillan_config_t *cfg, qerr_t
     net_options_init(&opt);
     opt.linger_ms = 0;
     opt.control_max_msg_bytes = cfg->network.max_msg_bytes;
-    net_security_t sec = {.mode = NET_SECURITY_NONE};
+    net_security_t sec;
+    if (net_security_from_config(cfg, NET_ROLE_CLIENT, &sec, err) != 0)
+        return NULL;
     net_socket_spec_t spec = {.type = ZMQ_SUB,
                               .protocol = WIRE_PROTOCOL_LOG,
                               .name = "launch-monitor",

@@ -20,6 +20,7 @@
 #include "learner.h"
 #include "log.h"
 #include "log_file.h"
+#include "net_security.h"
 #include "loghub.h"
 #include "sft.h"
 #include "tensorboard.h"
@@ -104,14 +105,11 @@ static void net_options_from(const quillan_config_t *cfg, net_options_t *o) {
     o->heartbeat_ttl_ms = o->heartbeat_timeout_ms;
 }
 
-/* Without CURVE, plain TCP stays on loopback unless security.bind_any (ARCHITECTURE.md §4). */
+/* Without CURVE, plain TCP stays on loopback unless security.bind_any (ARCHITECTURE.md §4);
+ * with CURVE the ZAP allow-list decides who may connect. */
 static int bind_check(const quillan_config_t *cfg, const char *key, const char *endpoint,
                       qerr_t *err) {
-    if (cfg->security.curve)
-        return qerr_set(err, QERR_INVALID,
-                        "security.curve: CurveZMQ is not available in this build (common/net.h "
-                        "supports plain TCP only)");
-    if (strncmp(endpoint, "tcp://", 6) != 0 || cfg->security.bind_any)
+    if (cfg->security.curve || strncmp(endpoint, "tcp://", 6) != 0 || cfg->security.bind_any)
         return 0;
     static const char *const loopback[] = {"127.", "localhost:", "[::1]:", "lo:"};
     for (size_t i = 0; i < Q_ARRAY_LEN(loopback); i++)
@@ -343,6 +341,9 @@ static int run_rl(const quillan_config_t *cfg, const char *resume, qerr_t *err) 
     }
     net_options_t nopt;
     net_options_from(cfg, &nopt);
+    net_security_t sec = {.mode = NET_SECURITY_NONE};
+    if (rc == 0 && net_security_from_config(cfg, NET_ROLE_SERVER, &sec, err) != 0)
+        rc = -1;
     const uint64_t incarnation = net_incarnation_new();
     if (rc == 0 && cfg->logging.hub) {
         loghub_options_t ho;
@@ -352,6 +353,7 @@ static int run_rl(const quillan_config_t *cfg, const char *resume, qerr_t *err) 
         ho.sender_id = "quillan-learner";
         ho.incarnation_id = incarnation;
         ho.net = nopt;
+        ho.security = sec;
         hub = loghub_new(zctx, &ho, err);
         rc = hub ? 0 : -1;
     }
@@ -362,6 +364,7 @@ static int run_rl(const quillan_config_t *cfg, const char *resume, qerr_t *err) 
         wo.sender_id = "quillan-learner";
         wo.incarnation_id = incarnation;
         wo.net = nopt;
+        wo.security = sec;
         a.ws = weights_server_new(zctx, learner_store(l), &wo, err);
         rc = a.ws ? 0 : -1;
     }
@@ -373,6 +376,7 @@ static int run_rl(const quillan_config_t *cfg, const char *resume, qerr_t *err) 
         o.sender_id = "quillan-learner";
         o.incarnation_id = incarnation;
         o.net = nopt;
+        o.security = sec;
         o.limits = (dispatch_codec_limits_t){
             .vocab_size = (uint32_t)mc->vocab_size,
             .max_group_size = (uint32_t)cfg->learner.group_size,

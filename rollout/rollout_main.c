@@ -5,6 +5,7 @@
 #include "log.h"
 #include "log_file.h"
 #include "log_pub.h"
+#include "net_security.h"
 #include "reward_service.h"
 #include "worker.h"
 
@@ -153,9 +154,12 @@ int main(int argc, char **argv) {
     if (rc == 0 && cfg->logging.hub && cfg->network.log_in[0]) {
         net_options_t opt;
         reward_net_options(cfg, &opt);
-        net_security_t sec = {.mode = NET_SECURITY_NONE};
-        pub = log_pub_new(zctx, cfg->network.log_in, &opt, &sec, id, net_incarnation_new(), &err);
-        if (pub == NULL)
+        net_security_t sec;
+        rc = net_security_from_config(cfg, NET_ROLE_CLIENT, &sec, &err);
+        if (rc == 0)
+            pub =
+                log_pub_new(zctx, cfg->network.log_in, &opt, &sec, id, net_incarnation_new(), &err);
+        if (rc == 0 && pub == NULL)
             rc = -1;
     }
     if (rc == 0) {

@@ -6,6 +6,7 @@
 #include "engine.h"
 #include "log.h"
 #include "net.h"
+#include "net_security.h"
 #include "reward_service.h"
 #include "snapshot_client.h"
 
@@ -792,12 +793,9 @@ rollout_worker_t *rollout_worker_new(void *zctx, const rollout_worker_options_t 
         qerr_set(err, QERR_INVALID, "rollout worker: no stop flag");
         return NULL;
     }
-    if (cfg->security.curve) {
-        qerr_set(err, QERR_INVALID,
-                 "security.curve: CurveZMQ is not available in this build (common/net.h supports "
-                 "plain TCP only)");
+    net_security_t sec;
+    if (net_security_from_config(cfg, NET_ROLE_CLIENT, &sec, err) != 0)
         return NULL;
-    }
     if (cfg->reward.n_services < 1) {
         qerr_set(err, QERR_INVALID, "reward.services: a rollout worker needs at least one");
         return NULL;
@@ -827,7 +825,6 @@ rollout_worker_t *rollout_worker_new(void *zctx, const rollout_worker_options_t 
     net_options_t net;
     reward_net_options(&w->cfg, &net);
     net.chunk_bytes = w->cfg.network.chunk_bytes;
-    const net_security_t sec = {.mode = NET_SECURITY_NONE};
     const model_config_t *mc = &w->cfg.model;
     /* Leases are checked against the model of the run config; each prompt is checked again
      * against the loaded snapshot's model before it runs. */
