@@ -214,7 +214,9 @@ table inet qnloss {
 EOF
 tc -n "${NS_PREFIX}L" qdisc add dev eth0 root tbf rate 8mbit burst 32kbit latency 400ms
 tc -n "$BR" qdisc add dev bL root tbf rate 8mbit burst 32kbit latency 400ms
-ip netns exec "${NS_PREFIX}L" nft list table inet qnloss | grep -q "numgen random mod 100 < 5" ||
+# grep without -q reads all of nft's output: -q would exit at the first match and, under
+# pipefail, nft's SIGPIPE would fail the check.
+ip netns exec "${NS_PREFIX}L" nft list table inet qnloss | grep "numgen random mod 100 < 5" >/dev/null ||
     fail "the loss rules are not in place"
 s0=$(steps)
 wait_steps $((s0 + 2)) 240 "under 5% loss and an 8 Mbit/s cap"
