@@ -493,7 +493,7 @@ static void optim_config_from(optim_config_t *o, const config_learner_t *c) {
     o->grad_clip = c->grad_clip;
 }
 
-static void batcher_config_from(batcher_config_t *b, const quillan_config_t *c) {
+void learner_batcher_config(batcher_config_t *b, const quillan_config_t *c) {
     const config_learner_t *l = &c->learner;
     batcher_config_default(b);
     b->batch_groups = l->batch_groups;
@@ -688,7 +688,7 @@ learner_t *learner_new(const quillan_config_t *cfg, const char *resume, qerr_t *
     optim_config_t oc;
     optim_config_from(&oc, &c->learner);
     batcher_config_t bc;
-    batcher_config_from(&bc, c);
+    learner_batcher_config(&bc, c);
     snapshot_store_options_t so;
     snapshot_store_options_init(&so);
     so.snapshots_kept = c->learner.snapshots_kept;

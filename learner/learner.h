@@ -84,6 +84,12 @@ typedef struct learner learner_t;
  * bytes. Loads data.test when learner.eval_interval > 0. Sets the OpenMP thread count to
  * learner.threads when > 0. NULL with err naming the key, file or tensor at fault. */
 learner_t *learner_new(const quillan_config_t *cfg, const char *resume, qerr_t *err);
+
+/* The batcher settings of a run (learner.batch_groups, group_size, staleness, dynamic sampling,
+ * overlong shaping, advantages, and the model's context and vocabulary): the ones the learner
+ * uses, for tools that read its checkpointed batcher state back. */
+void learner_batcher_config(batcher_config_t *b, const quillan_config_t *c);
+
 void learner_destroy(learner_t **l);
 
 /* The dispatcher state stored in the resumed checkpoint (for dispatcher_new), or NULL and 0 on a

@@ -29,28 +29,6 @@
 #define LEDGER_LIST_MAX 100000
 #define LEDGER_GRANT_CHUNK 256
 
-/* The learner's batcher settings from the config (learner/learner.c does the same). */
-static void batcher_config_of(batcher_config_t *b, const quillan_config_t *c) {
-    const config_learner_t *l = &c->learner;
-    batcher_config_default(b);
-    b->batch_groups = l->batch_groups;
-    b->group_size = l->group_size;
-    b->max_staleness = l->max_staleness;
-    b->dynamic_sampling = l->dynamic_sampling;
-    b->max_resample_rounds = l->max_resample_rounds;
-    b->max_new_tokens = c->rollout.max_new_tokens;
-    b->context = c->model.context;
-    b->vocab_size = c->model.vocab_size;
-    b->overlong_enabled = l->overlong.enabled;
-    b->overlong_max_len = l->overlong.max_len;
-    b->overlong_cache = l->overlong.cache;
-    dapo_adv_config_default(&b->adv);
-    b->adv.normalize_std = l->advantage.normalize_std;
-    b->adv.clip = l->advantage.clip.enabled;
-    b->adv.clip_lo = l->advantage.clip.lo;
-    b->adv.clip_hi = l->advantage.clip.hi;
-}
-
 /* A unit as [prompt, epoch] in a JSON list; *first tracks the separator. */
 static void unit_print(uint64_t p, uint64_t e, int *first) {
     printf("%s[%" PRIu64 ",%" PRIu64 "]", *first ? "" : ",", p, e);
@@ -202,7 +180,7 @@ int main(int argc, char **argv) {
                                          .fingerprint = jsonl_reader_fingerprint(data)};
         t = lease_table_restore(&o, td->data, (size_t)td->nbytes, &err);
         batcher_config_t bc;
-        batcher_config_of(&bc, cfg);
+        learner_batcher_config(&bc, cfg);
         b = t ? batcher_load(&bc, tb->data, (size_t)tb->nbytes, &err) : NULL;
     }
     rc = b ? ledger_print(t, jsonl_reader_count(data), b) : -1;
