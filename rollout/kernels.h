@@ -13,6 +13,15 @@
  * add float partial sums in a level-dependent order: equal to the reference within rounding
  * (relative error ~1e-6 of sum |terms|), not bit for bit.
  *
+ * Float activations (matmul_f) take F32, F16, INT4 and INT8 weights. Every level multiplies
+ * the very floats qtype_traits(type)->dequantize_row_ref gives (the stored float, the FP16
+ * value, or scale * code computed by one float multiply, as the learner's fake quantizer), each
+ * product d_i * x_i exact inside an FMA (or in double in the reference), so levels differ only
+ * in summation order. Bound (first order, u = 2^-24): |y_level - y_ref| <= (ceil(in / 8) + 12)
+ * * u * sum_i |d_i * x_i|: a SIMD level adds in fp32 lanes (>= 8 of them, each a chain of at
+ * most ceil(in / 8) additions), then a tree of <= 4 levels and at most 7 scalar tail terms;
+ * the reference sums in double and rounds once (<= u of the exact sum).
+ *
  * Shapes: a weight matrix is W[out, in] as `out` packed rows of qtype_row_bytes(type, in)
  * bytes; a product y[n, out] = W x^T for n activation rows writes y[s * ldy + r] for rows r in
  * [r0, r1) only, so callers split the rows of one product across threads (static contiguous
@@ -55,7 +64,8 @@ void kern_act_free(kern_act_t *act);
 /* y[s * ldy + r] = sum_i W[r, i] * x[s, i] for r in [r0, r1), s < act->n. */
 typedef void (*kern_matmul_q_fn)(const void *w, size_t in, const kern_act_t *act, float *y,
                                  size_t ldy, size_t r0, size_t r1);
-/* Same with float activations x[n, ldx] (ldx >= in), for F32 and F16 weights. */
+/* Same with float activations x[n, ldx] (ldx >= in; elements in..ldx-1 never read), for F32,
+ * F16, INT4 and INT8 weights: y = sum_i d_i * x[s, i] with d_i the dequantised weight. */
 typedef void (*kern_matmul_f_fn)(const void *w, size_t in, const float *x, size_t ldx, size_t n,
                                  float *y, size_t ldy, size_t r0, size_t r1);
 
@@ -66,7 +76,10 @@ typedef struct {
     void (*quantize_act)(kern_act_t *act, const float *x, size_t ldx, size_t n);
     /* Indexed by qtype_t: TERNARY, INT4, INT8 (NULL for F32 and F16). */
     kern_matmul_q_fn matmul_q[QTYPE_COUNT];
-    /* Indexed by qtype_t: F32 and F16 (NULL for the others). */
+    /* Indexed by qtype_t: F32, F16, INT4 and INT8 weights x FP32 activations (NULL for
+     * TERNARY). INT4 / INT8 rows are dequantised in registers to exactly scale * code, so
+     * these give the learner's weights x FP32 activations; the matmul_q entries of the same
+     * types quantize the activations to int8 instead. */
     kern_matmul_f_fn matmul_f[QTYPE_COUNT];
     /* FP16 conversions of n values, round to nearest even: bit-identical to fp16.h. */
     void (*f16_from_f32)(uint16_t *dst, const float *src, size_t n);

@@ -422,6 +422,108 @@ static void matmul_float(const fltile_fn table[2][TS], qtype_t type, const void 
     }
 }
 
+/* INT8 and INT4 weights x float activations: 8 weights per register dequantised to exactly
+ * s * (float)code (one vmulps; INT4 s = the group's FP16 scale), activations loaded masked
+ * past `in` (the rows are padded to whole blocks, so weight loads need no mask). */
+
+INLINE __m256i tail_mask8(size_t i, size_t in) {
+    const int left = i + 8 <= in ? 8 : (int)(in - i);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+INLINE void qf_step(const int R, const int S, const __m256 *wv, const float *x, size_t ldx,
+                    size_t i, size_t in, __m256 acc[TR][TS]) {
+    const __m256i m = tail_mask8(i, in);
+    for (int s = 0; s < S; s++) {
+        const __m256 xv = _mm256_maskload_ps(x + s * ldx + i, m);
+        for (int r = 0; r < R; r++)
+            acc[r][s] = _mm256_fmadd_ps(wv[r], xv, acc[r][s]);
+    }
+}
+
+INLINE void int8f_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t in,
+                       const float *x, size_t ldx, const uint8_t *pf, float *out) {
+    __m256 acc[TR][TS];
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < S; s++)
+            acc[r][s] = _mm256_setzero_ps();
+    float sw[TR];
+    for (int r = 0; r < R; r++)
+        sw[r] = kern_load_f32(w + r * rb + kern_codes_bytes(QTYPE_INT8, in));
+    const __m256 off = _mm256_set1_ps((float)QTYPE_INT8_OFFSET);
+    for (size_t i = 0; i < in; i += 8) {
+        if (pf && i % 64 == 0)
+            for (int r = 0; r < R; r++)
+                _mm_prefetch((const char *)pf + i * R + r * 64, _MM_HINT_T0);
+        __m256 wv[TR];
+        for (int r = 0; r < R; r++) {
+            const __m256i b =
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + r * rb + i)));
+            wv[r] = _mm256_mul_ps(_mm256_set1_ps(sw[r]), _mm256_sub_ps(_mm256_cvtepi32_ps(b), off));
+        }
+        qf_step(R, S, wv, x, ldx, i, in, acc);
+    }
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < S; s++)
+            out[r * TS + s] = hsum_ps(acc[r][s]);
+}
+
+/* Group g of a 128-weight block: low nibbles (g < 2) or high nibbles of bytes 32 (g % 2) ..
+ * 32 (g % 2) + 31; four steps of 8 weights. */
+INLINE void int4f_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t in,
+                       const float *x, size_t ldx, const uint8_t *pf, float *out) {
+    __m256 acc[TR][TS];
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < S; s++)
+            acc[r][s] = _mm256_setzero_ps();
+    const size_t nb = (in + QTYPE_INT4_BLOCK - 1) / QTYPE_INT4_BLOCK, cb = nb * 64;
+    const __m256i m4 = _mm256_set1_epi32(15), off = _mm256_set1_epi32(QTYPE_INT4_OFFSET);
+    for (size_t b = 0; b < nb; b++) {
+        if (pf)
+            for (int r = 0; r < R; r++)
+                _mm_prefetch((const char *)pf + (b * R + r) * 72, _MM_HINT_T0);
+        float d[TR][4];
+        for (int r = 0; r < R; r++)
+            _mm_storeu_ps(
+                d[r], _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(w + r * rb + cb + b * 8))));
+        for (int g = 0; g < 4; g++)
+            for (int j = 0; j < 4; j++) {
+                const size_t i =
+                    b * QTYPE_INT4_BLOCK + (size_t)g * QTYPE_INT4_GROUP + 8 * (size_t)j;
+                if (i >= in)
+                    break;
+                const size_t o = b * 64 + 32 * (size_t)(g & 1) + 8 * (size_t)j;
+                __m256 wv[TR];
+                for (int r = 0; r < R; r++) {
+                    __m256i v =
+                        _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + r * rb + o)));
+                    v = g >= 2 ? _mm256_srli_epi32(v, 4) : _mm256_and_si256(v, m4);
+                    wv[r] = _mm256_mul_ps(_mm256_set1_ps(d[r][g]),
+                                          _mm256_cvtepi32_ps(_mm256_sub_epi32(v, off)));
+                }
+                qf_step(R, S, wv, x, ldx, i, in, acc);
+            }
+    }
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < S; s++)
+            out[r * TS + s] = hsum_ps(acc[r][s]);
+}
+
+#define DEF_QFTILES(name)                                                                          \
+    DEF_QFTILE(name, 4, 1)                                                                         \
+    DEF_QFTILE(name, 4, 2)                                                                         \
+    DEF_QFTILE(name, 1, 1)                                                                         \
+    DEF_QFTILE(name, 1, 2)                                                                         \
+    static const fltile_fn name##_table[2][TS] = {{name##_1_1, name##_1_2},                        \
+                                                  {name##_4_1, name##_4_2}};
+#define DEF_QFTILE(name, R, S)                                                                     \
+    static void name##_##R##_##S(const uint8_t *w, size_t rb, size_t in, const float *x,           \
+                                 size_t ldx, const uint8_t *pf, float *out) {                      \
+        name(R, S, w, rb, in, x, ldx, pf, out);                                                    \
+    }
+DEF_QFTILES(int8f_tile)
+DEF_QFTILES(int4f_tile)
+
 static void matmul_f32(const void *w, size_t in, const float *x, size_t ldx, size_t n, float *y,
                        size_t ldy, size_t r0, size_t r1) {
     matmul_float(float_tile_table_0, QTYPE_F32, w, in, x, ldx, n, y, ldy, r0, r1);
@@ -430,6 +532,16 @@ static void matmul_f32(const void *w, size_t in, const float *x, size_t ldx, siz
 static void matmul_f16(const void *w, size_t in, const float *x, size_t ldx, size_t n, float *y,
                        size_t ldy, size_t r0, size_t r1) {
     matmul_float(float_tile_table_1, QTYPE_F16, w, in, x, ldx, n, y, ldy, r0, r1);
+}
+
+static void matmul_int8_f(const void *w, size_t in, const float *x, size_t ldx, size_t n, float *y,
+                          size_t ldy, size_t r0, size_t r1) {
+    matmul_float(int8f_tile_table, QTYPE_INT8, w, in, x, ldx, n, y, ldy, r0, r1);
+}
+
+static void matmul_int4_f(const void *w, size_t in, const float *x, size_t ldx, size_t n, float *y,
+                          size_t ldy, size_t r0, size_t r1) {
+    matmul_float(int4f_tile_table, QTYPE_INT4, w, in, x, ldx, n, y, ldy, r0, r1);
 }
 
 /* ---- FP16 rows ---- */
@@ -456,7 +568,10 @@ const kern_ops_t kern_ops_avx2 = {
     .quantize_act = quantize_act,
     .matmul_q =
         {[QTYPE_TERNARY] = matmul_ternary, [QTYPE_INT4] = matmul_int4, [QTYPE_INT8] = matmul_int8},
-    .matmul_f = {[QTYPE_F32] = matmul_f32, [QTYPE_F16] = matmul_f16},
+    .matmul_f = {[QTYPE_F32] = matmul_f32,
+                 [QTYPE_F16] = matmul_f16,
+                 [QTYPE_INT4] = matmul_int4_f,
+                 [QTYPE_INT8] = matmul_int8_f},
     .f16_from_f32 = f16_from_f32,
     .f16_to_f32 = f16_to_f32,
     .bits_xor = kern_ref_bits_xor,

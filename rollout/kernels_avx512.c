@@ -382,33 +382,105 @@ static void matmul_int4(const void *w, size_t in, const kern_act_t *act, float *
     }
 }
 
-/* ---- float activations: F32 and F16 weights ---- */
+/* ---- float activations: F32, F16, INT8 and INT4 weights ----
+ * Each weight register holds 16 dequantised weights, exactly the floats of dequantize_row_ref:
+ * F16 by vcvtph2ps, INT8 as s_w * (float)code (one vmulps), INT4 by a 16-entry table per row
+ * and group holding d_g * (float)(nibble - 8) (one vmulps per group), indexed by the nibble
+ * (vpermps reads the low 4 bits of each index). Activations are loaded masked past `in`;
+ * INT8 and INT4 rows are padded to whole blocks, so their weight loads never need a mask. */
 
-INLINE __m512 load_w(int f16, const uint8_t *row, size_t i, __mmask16 m) {
-    if (f16)
-        return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, row + 2 * i));
-    return _mm512_maskz_loadu_ps(m, row + 4 * i);
+INLINE __m512 load_w(qtype_t T, const uint8_t *row, size_t i, __mmask16 m, __m512 sw) {
+    switch (T) {
+    case QTYPE_F16: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, row + 2 * i));
+    case QTYPE_INT8: {
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + i)));
+        return _mm512_mul_ps(sw, _mm512_sub_ps(_mm512_cvtepi32_ps(b), _mm512_set1_ps(128.0f)));
+    }
+    default: return _mm512_maskz_loadu_ps(m, row + 4 * i);
+    }
 }
 
-INLINE void float_tile(const int f16, const int R, const int S, const uint8_t *w, size_t rb,
+INLINE __mmask16 tail_mask(size_t i, size_t in) {
+    return i + 16 <= in ? (__mmask16)0xffff : (__mmask16)((1u << (in - i)) - 1);
+}
+
+/* acc[r][s] += wv[r] * x[s, i .. i + 15] (lanes outside m read as 0). */
+INLINE void fma_step(const int R, const int S, const __m512 *wv, __mmask16 m, const float *x,
+                     size_t ldx, size_t i, __m512 acc[TR][TS]) {
+    for (int s = 0; s < S; s++) {
+        const __m512 xv = _mm512_maskz_loadu_ps(m, x + s * ldx + i);
+        for (int r = 0; r < R; r++)
+            acc[r][s] = _mm512_fmadd_ps(wv[r], xv, acc[r][s]);
+    }
+}
+
+INLINE void float_tile(const qtype_t T, const int R, const int S, const uint8_t *w, size_t rb,
                        size_t in, const float *x, size_t ldx, const uint8_t *pf, float *out) {
     __m512 acc[TR][TS];
     for (int r = 0; r < R; r++)
         for (int s = 0; s < S; s++)
             acc[r][s] = _mm512_setzero_ps();
-    const size_t esz = f16 ? 2 : 4;
+    const size_t esz = T == QTYPE_F32 ? 4 : T == QTYPE_F16 ? 2 : 1;
+    float swf[TR] = {0};
+    if (T == QTYPE_INT8)
+        for (int r = 0; r < R; r++)
+            swf[r] = kern_load_f32(w + r * rb + kern_codes_bytes(QTYPE_INT8, in));
     for (size_t i = 0; i < in; i += 16) {
-        const __mmask16 m = i + 16 <= in ? (__mmask16)0xffff : (__mmask16)((1u << (in - i)) - 1);
-        if (pf && (f16 == 0 || i % 32 == 0))
+        const __mmask16 m = tail_mask(i, in);
+        if (pf && (i * esz) % 64 == 0)
             for (int r = 0; r < R; r++)
                 _mm_prefetch((const char *)pf + (i * esz) * R + r * 64, KERN_PF_HINT);
         __m512 wv[TR];
         for (int r = 0; r < R; r++)
-            wv[r] = load_w(f16, w + r * rb, i, m);
-        for (int s = 0; s < S; s++) {
-            const __m512 xv = _mm512_maskz_loadu_ps(m, x + s * ldx + i);
+            wv[r] = load_w(T, w + r * rb, i, m, _mm512_set1_ps(swf[r]));
+        fma_step(R, S, wv, m, x, ldx, i, acc);
+    }
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < S; s++)
+            out[r * TS + s] = _mm512_reduce_add_ps(acc[r][s]);
+}
+
+/* Group g of a 128-weight block: low nibbles (g < 2) or high nibbles of bytes 32 (g % 2) ..
+ * 32 (g % 2) + 31; two steps of 16 weights. */
+INLINE void int4f_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t in,
+                       const float *x, size_t ldx, const uint8_t *pf, float *out) {
+    __m512 acc[TR][TS];
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < S; s++)
+            acc[r][s] = _mm512_setzero_ps();
+    const __m512 codes = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const size_t nb = (in + QTYPE_INT4_BLOCK - 1) / QTYPE_INT4_BLOCK, cb = nb * 64;
+    for (size_t b = 0; b < nb; b++) {
+        if (pf)
             for (int r = 0; r < R; r++)
-                acc[r][s] = _mm512_fmadd_ps(wv[r], xv, acc[r][s]);
+                _mm_prefetch((const char *)pf + (b * R + r) * 72, KERN_PF_HINT);
+        float d[TR][4];
+        for (int r = 0; r < R; r++)
+            _mm_storeu_ps(
+                d[r], _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(w + r * rb + cb + b * 8))));
+        for (int g = 0; g < 4; g++) {
+            const size_t ig = b * QTYPE_INT4_BLOCK + (size_t)g * QTYPE_INT4_GROUP;
+            if (ig >= in)
+                break;
+            __m512 tab[TR];
+            for (int r = 0; r < R; r++)
+                tab[r] = _mm512_mul_ps(_mm512_set1_ps(d[r][g]), codes);
+            for (int j = 0; j < 2; j++) {
+                const size_t i = ig + 16 * (size_t)j;
+                if (i >= in)
+                    break;
+                const __mmask16 m = tail_mask(i, in);
+                const size_t off = b * 64 + 32 * (size_t)(g & 1) + 16 * (size_t)j;
+                __m512 wv[TR];
+                for (int r = 0; r < R; r++) {
+                    __m512i v =
+                        _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + r * rb + off)));
+                    if (g >= 2)
+                        v = _mm512_srli_epi32(v, 4);
+                    wv[r] = _mm512_permutexvar_ps(v, tab[r]);
+                }
+                fma_step(R, S, wv, m, x, ldx, i, acc);
+            }
         }
     }
     for (int r = 0; r < R; r++)
@@ -418,36 +490,54 @@ INLINE void float_tile(const int f16, const int R, const int S, const uint8_t *w
 
 typedef void (*fltile_fn)(const uint8_t *, size_t, size_t, const float *, size_t, const uint8_t *,
                           float *);
-#define DEF_FLTILE(F16, R, S)                                                                      \
-    static void float_tile_##F16##_##R##_##S(const uint8_t *w, size_t rb, size_t in,               \
-                                             const float *x, size_t ldx, const uint8_t *pf,        \
-                                             float *out) {                                         \
-        float_tile(F16, R, S, w, rb, in, x, ldx, pf, out);                                         \
+#define DEF_FLTILE(T, R, S)                                                                        \
+    static void float_tile_##T##_##R##_##S(const uint8_t *w, size_t rb, size_t in, const float *x, \
+                                           size_t ldx, const uint8_t *pf, float *out) {            \
+        float_tile(QTYPE_##T, R, S, w, rb, in, x, ldx, pf, out);                                   \
     }
-#define DEF_FLTILES(F16)                                                                           \
-    DEF_FLTILE(F16, 4, 1)                                                                          \
-    DEF_FLTILE(F16, 4, 2)                                                                          \
-    DEF_FLTILE(F16, 4, 3)                                                                          \
-    DEF_FLTILE(F16, 4, 4)                                                                          \
-    DEF_FLTILE(F16, 4, 5)                                                                          \
-    DEF_FLTILE(F16, 4, 6)                                                                          \
-    DEF_FLTILE(F16, 1, 1)                                                                          \
-    DEF_FLTILE(F16, 1, 2)                                                                          \
-    DEF_FLTILE(F16, 1, 3)                                                                          \
-    DEF_FLTILE(F16, 1, 4)                                                                          \
-    DEF_FLTILE(F16, 1, 5)                                                                          \
-    DEF_FLTILE(F16, 1, 6)                                                                          \
-    static const fltile_fn float_tile_table_##F16[2][TS] = {                                       \
-        {float_tile_##F16##_1_1, float_tile_##F16##_1_2, float_tile_##F16##_1_3,                   \
-         float_tile_##F16##_1_4, float_tile_##F16##_1_5, float_tile_##F16##_1_6},                  \
-        {float_tile_##F16##_4_1, float_tile_##F16##_4_2, float_tile_##F16##_4_3,                   \
-         float_tile_##F16##_4_4, float_tile_##F16##_4_5, float_tile_##F16##_4_6}};
-DEF_FLTILES(0)
-DEF_FLTILES(1)
+#define DEF_FLTILES(T)                                                                             \
+    DEF_FLTILE(T, 4, 1)                                                                            \
+    DEF_FLTILE(T, 4, 2)                                                                            \
+    DEF_FLTILE(T, 4, 3)                                                                            \
+    DEF_FLTILE(T, 4, 4)                                                                            \
+    DEF_FLTILE(T, 4, 5)                                                                            \
+    DEF_FLTILE(T, 4, 6)                                                                            \
+    DEF_FLTILE(T, 1, 1)                                                                            \
+    DEF_FLTILE(T, 1, 2)                                                                            \
+    DEF_FLTILE(T, 1, 3)                                                                            \
+    DEF_FLTILE(T, 1, 4)                                                                            \
+    DEF_FLTILE(T, 1, 5)                                                                            \
+    DEF_FLTILE(T, 1, 6)                                                                            \
+    static const fltile_fn float_tile_table_##T[2][TS] = {                                         \
+        {float_tile_##T##_1_1, float_tile_##T##_1_2, float_tile_##T##_1_3, float_tile_##T##_1_4,   \
+         float_tile_##T##_1_5, float_tile_##T##_1_6},                                              \
+        {float_tile_##T##_4_1, float_tile_##T##_4_2, float_tile_##T##_4_3, float_tile_##T##_4_4,   \
+         float_tile_##T##_4_5, float_tile_##T##_4_6}};
+DEF_FLTILES(F32)
+DEF_FLTILES(F16)
+DEF_FLTILES(INT8)
 
-static void matmul_float(const fltile_fn table[2][TS], qtype_t type, const void *w, size_t in,
-                         const float *x, size_t ldx, size_t n, float *y, size_t ldy, size_t r0,
-                         size_t r1) {
+#define DEF_I4FTILE(R, S)                                                                          \
+    static void int4f_tile_##R##_##S(const uint8_t *w, size_t rb, size_t in, const float *x,       \
+                                     size_t ldx, const uint8_t *pf, float *out) {                  \
+        int4f_tile(R, S, w, rb, in, x, ldx, pf, out);                                              \
+    }
+DEF_I4FTILE(4, 1)
+DEF_I4FTILE(4, 2)
+DEF_I4FTILE(4, 3)
+DEF_I4FTILE(4, 4)
+DEF_I4FTILE(1, 1)
+DEF_I4FTILE(1, 2)
+DEF_I4FTILE(1, 3)
+DEF_I4FTILE(1, 4)
+static const fltile_fn int4f_tile_table[2][TS] = {
+    {int4f_tile_1_1, int4f_tile_1_2, int4f_tile_1_3, int4f_tile_1_4, NULL, NULL},
+    {int4f_tile_4_1, int4f_tile_4_2, int4f_tile_4_3, int4f_tile_4_4, NULL, NULL}};
+
+/* Tiles of R rows x up to smax tokens over rows [r0, r1) and all n tokens. */
+static void matmul_float(const fltile_fn table[2][TS], size_t smax, qtype_t type, const void *w,
+                         size_t in, const float *x, size_t ldx, size_t n, float *y, size_t ldy,
+                         size_t r0, size_t r1) {
     const size_t rb = qtype_row_bytes(type, in);
     const uint8_t *wbase = w;
     float part[TR * TS];
@@ -455,7 +545,7 @@ static void matmul_float(const fltile_fn table[2][TS], qtype_t type, const void 
         const int R = r1 - r >= TR ? TR : 1;
         const uint8_t *wr = wbase + r * rb;
         for (size_t s0 = 0; s0 < n;) {
-            const size_t S = block_len(n, s0, TS);
+            const size_t S = block_len(n, s0, smax);
             const uint8_t *pf = s0 == 0 ? wr + (size_t)KERN_PF_TILES * R * rb : NULL;
             table[R == TR][S - 1](wr, rb, in, x + s0 * ldx, ldx, pf, part);
             for (int i = 0; i < R; i++)
@@ -469,12 +559,22 @@ static void matmul_float(const fltile_fn table[2][TS], qtype_t type, const void 
 
 static void matmul_f32(const void *w, size_t in, const float *x, size_t ldx, size_t n, float *y,
                        size_t ldy, size_t r0, size_t r1) {
-    matmul_float(float_tile_table_0, QTYPE_F32, w, in, x, ldx, n, y, ldy, r0, r1);
+    matmul_float(float_tile_table_F32, TS, QTYPE_F32, w, in, x, ldx, n, y, ldy, r0, r1);
 }
 
 static void matmul_f16(const void *w, size_t in, const float *x, size_t ldx, size_t n, float *y,
                        size_t ldy, size_t r0, size_t r1) {
-    matmul_float(float_tile_table_1, QTYPE_F16, w, in, x, ldx, n, y, ldy, r0, r1);
+    matmul_float(float_tile_table_F16, TS, QTYPE_F16, w, in, x, ldx, n, y, ldy, r0, r1);
+}
+
+static void matmul_int8_f(const void *w, size_t in, const float *x, size_t ldx, size_t n, float *y,
+                          size_t ldy, size_t r0, size_t r1) {
+    matmul_float(float_tile_table_INT8, TS, QTYPE_INT8, w, in, x, ldx, n, y, ldy, r0, r1);
+}
+
+static void matmul_int4_f(const void *w, size_t in, const float *x, size_t ldx, size_t n, float *y,
+                          size_t ldy, size_t r0, size_t r1) {
+    matmul_float(int4f_tile_table, TS_INT4, QTYPE_INT4, w, in, x, ldx, n, y, ldy, r0, r1);
 }
 
 /* ---- FP16 rows ---- */
@@ -507,7 +607,10 @@ const kern_ops_t kern_ops_avx512 = {
     .quantize_act = quantize_act,
     .matmul_q =
         {[QTYPE_TERNARY] = matmul_ternary, [QTYPE_INT4] = matmul_int4, [QTYPE_INT8] = matmul_int8},
-    .matmul_f = {[QTYPE_F32] = matmul_f32, [QTYPE_F16] = matmul_f16},
+    .matmul_f = {[QTYPE_F32] = matmul_f32,
+                 [QTYPE_F16] = matmul_f16,
+                 [QTYPE_INT4] = matmul_int4_f,
+                 [QTYPE_INT8] = matmul_int8_f},
     .f16_from_f32 = f16_from_f32,
     .f16_to_f32 = f16_to_f32,
     .bits_xor = kern_ref_bits_xor,

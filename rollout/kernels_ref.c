@@ -101,33 +101,61 @@ static void matmul_int4(const void *w, size_t in, const kern_act_t *act, float *
     }
 }
 
-static float f16_at(const void *w, size_t i) {
+/* Weight i of a packed row of width `in`, exactly as dequantize_row_ref gives it: the stored
+ * float, the FP16 value, or scale * code (one float multiply). */
+static float weight_at(qtype_t t, const uint8_t *row, size_t in, size_t i) {
     uint16_t h;
-    memcpy(&h, (const uint8_t *)w + 2 * i, 2);
-    return fp16_to_float(h);
+    switch (t) {
+    case QTYPE_F32: return kern_load_f32(row + 4 * i);
+    case QTYPE_F16: memcpy(&h, row + 2 * i, 2); return fp16_to_float(h);
+    case QTYPE_INT4: {
+        const size_t nb = (in + QTYPE_INT4_BLOCK - 1) / QTYPE_INT4_BLOCK;
+        const size_t b = i / QTYPE_INT4_BLOCK, k = i % QTYPE_INT4_BLOCK;
+        memcpy(&h, row + nb * 64 + 2 * (i / QTYPE_INT4_GROUP), 2);
+        const int code = (int)((row[b * 64 + k % 64] >> (4 * (k / 64))) & 15) - QTYPE_INT4_OFFSET;
+        return fp16_to_float(h) * (float)code;
+    }
+    case QTYPE_INT8:
+        return kern_load_f32(row + kern_codes_bytes(QTYPE_INT8, in)) *
+               (float)((int)row[i] - QTYPE_INT8_OFFSET);
+    default: Q_ASSERT(!"no float-activation product for this type"); return 0.0f;
+    }
+}
+
+/* Products with float activations: exact products of the dequantised weights, summed in
+ * double, rounded once. */
+static void matmul_float(qtype_t t, const void *w, size_t in, const float *x, size_t ldx, size_t n,
+                         float *y, size_t ldy, size_t r0, size_t r1) {
+    const size_t rb = qtype_row_bytes(t, in);
+    for (size_t r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)w + r * rb;
+        for (size_t s = 0; s < n; s++) {
+            double acc = 0.0;
+            for (size_t i = 0; i < in; i++)
+                acc += (double)weight_at(t, row, in, i) * x[s * ldx + i];
+            y[s * ldy + r] = (float)acc;
+        }
+    }
 }
 
 static void matmul_f32(const void *w, size_t in, const float *x, size_t ldx, size_t n, float *y,
                        size_t ldy, size_t r0, size_t r1) {
-    const float *wf = w;
-    for (size_t r = r0; r < r1; r++)
-        for (size_t s = 0; s < n; s++) {
-            double acc = 0.0;
-            for (size_t i = 0; i < in; i++)
-                acc += (double)wf[r * in + i] * x[s * ldx + i];
-            y[s * ldy + r] = (float)acc;
-        }
+    matmul_float(QTYPE_F32, w, in, x, ldx, n, y, ldy, r0, r1);
 }
 
 static void matmul_f16(const void *w, size_t in, const float *x, size_t ldx, size_t n, float *y,
                        size_t ldy, size_t r0, size_t r1) {
-    for (size_t r = r0; r < r1; r++)
-        for (size_t s = 0; s < n; s++) {
-            double acc = 0.0;
-            for (size_t i = 0; i < in; i++)
-                acc += (double)f16_at(w, r * in + i) * x[s * ldx + i];
-            y[s * ldy + r] = (float)acc;
-        }
+    matmul_float(QTYPE_F16, w, in, x, ldx, n, y, ldy, r0, r1);
+}
+
+static void matmul_int4_f(const void *w, size_t in, const float *x, size_t ldx, size_t n, float *y,
+                          size_t ldy, size_t r0, size_t r1) {
+    matmul_float(QTYPE_INT4, w, in, x, ldx, n, y, ldy, r0, r1);
+}
+
+static void matmul_int8_f(const void *w, size_t in, const float *x, size_t ldx, size_t n, float *y,
+                          size_t ldy, size_t r0, size_t r1) {
+    matmul_float(QTYPE_INT8, w, in, x, ldx, n, y, ldy, r0, r1);
 }
 
 void kern_ref_bits_xor(uint64_t *dst, const uint64_t *a, const uint64_t *b, size_t nwords) {
@@ -156,7 +184,10 @@ const kern_ops_t kern_ops_ref = {
     .quantize_act = quantize_act,
     .matmul_q =
         {[QTYPE_TERNARY] = matmul_ternary, [QTYPE_INT4] = matmul_int4, [QTYPE_INT8] = matmul_int8},
-    .matmul_f = {[QTYPE_F32] = matmul_f32, [QTYPE_F16] = matmul_f16},
+    .matmul_f = {[QTYPE_F32] = matmul_f32,
+                 [QTYPE_F16] = matmul_f16,
+                 [QTYPE_INT4] = matmul_int4_f,
+                 [QTYPE_INT8] = matmul_int8_f},
     .f16_from_f32 = fp16_from_float_n,
     .f16_to_f32 = fp16_to_float_n,
     .bits_xor = kern_ref_bits_xor,

@@ -1,7 +1,8 @@
 /* Rollout kernels: every SIMD level this machine has against the scalar reference, and the
  * reference against MODEL.md's definitions. Integer paths (activation codes, ternary and INT8
- * products) must agree bit for bit; INT4 and float products within KERN_TEST_REL_TOL of the
- * sum of |terms| (float partial sums in another order). */
+ * products) must agree bit for bit; INT4 x int8 within KERN_TEST_REL_TOL of the sum of |terms|;
+ * products with float activations (F32, F16, INT4, INT8 weights) within kernels.h's bound
+ * (ceil(in / 8) + 12) * 2^-24 * sum |terms|, and their dequantised weights bit for bit. */
 #include "qtest.h"
 
 #include "fp16.h"
@@ -223,9 +224,16 @@ static double abs_dot(qtype_t t, const uint8_t *row, size_t in, const float *x) 
 
 /* Checks y (ldy = out + GUARD, n + GUARD rows allocated) against the reference yr on rows
  * [r0, r1), and that everything else still holds the sentinel. */
+enum { CMP_EXACT, CMP_REL_TOL, CMP_FLOAT_BOUND };
+
+/* kernels.h's bound for products with float activations, as a fraction of sum |terms|. */
+static double float_bound(size_t in) {
+    return (double)((in + 7) / 8 + 12) * ldexp(1.0, -24);
+}
+
 static void check_outputs(const char *what, qtype_t t, const uint8_t *w, size_t in,
                           const float *xdeq, const float *y, const float *yr, size_t out, size_t n,
-                          size_t r0, size_t r1, int exact) {
+                          size_t r0, size_t r1, int cmp) {
     const size_t ldy = out + GUARD, rb = qtype_row_bytes(t, in);
     for (size_t s = 0; s < n + GUARD; s++)
         for (size_t r = 0; r < ldy; r++) {
@@ -236,11 +244,12 @@ static void check_outputs(const char *what, qtype_t t, const uint8_t *w, size_t 
             }
             float want = yr[s * ldy + r];
             cr_assert(isfinite(v), "%s produced %f at r=%zu s=%zu", what, v, r, s);
-            if (exact) {
+            if (cmp == CMP_EXACT) {
                 cr_assert_eq(v, want, "%s in=%zu r=%zu s=%zu: %.9g vs %.9g", what, in, r, s, v,
                              want);
             } else {
-                double tol = KERN_TEST_REL_TOL * abs_dot(t, w + r * rb, in, xdeq + s * in) + 1e-30;
+                const double rel = cmp == CMP_REL_TOL ? KERN_TEST_REL_TOL : float_bound(in);
+                double tol = rel * abs_dot(t, w + r * rb, in, xdeq + s * in) + 1e-30;
                 cr_assert(fabs((double)v - want) <= tol, "%s in=%zu r=%zu s=%zu: %.9g vs %.9g",
                           what, in, r, s, v, want);
             }
@@ -281,7 +290,8 @@ static void run_quantized(qtype_t t) {
                 /* Whole range, then a middle sub-range alone. */
                 float *y = sentinel_out(out, n);
                 ops->matmul_q[t](w, in, &a, y, out + GUARD, 0, out);
-                check_outputs(what, t, w, in, xdeq, y, yr, out, n, 0, out, t != QTYPE_INT4);
+                check_outputs(what, t, w, in, xdeq, y, yr, out, n, 0, out,
+                              t == QTYPE_INT4 ? CMP_REL_TOL : CMP_EXACT);
                 /* A single dot product is the same computation as its entry of the product. */
                 float d = kern_dot_q(ops, t, w + qtype_row_bytes(t, in) * (out - 1), &a, n - 1);
                 cr_assert_eq(d, y[(n - 1) * (out + GUARD) + out - 1], "%s dot", what);
@@ -289,7 +299,8 @@ static void run_quantized(qtype_t t) {
                 if (out >= 3) {
                     y = sentinel_out(out, n);
                     ops->matmul_q[t](w, in, &a, y, out + GUARD, 1, out - 1);
-                    check_outputs(what, t, w, in, xdeq, y, yr, out, n, 1, out - 1, t != QTYPE_INT4);
+                    check_outputs(what, t, w, in, xdeq, y, yr, out, n, 1, out - 1,
+                                  t == QTYPE_INT4 ? CMP_REL_TOL : CMP_EXACT);
                     free(y);
                 }
             }
@@ -361,7 +372,7 @@ static void run_float(qtype_t t) {
                 float *y = sentinel_out(out, n);
                 size_t r0 = out >= 3 ? 1 : 0, r1 = out >= 3 ? out - 1 : out;
                 ops->matmul_f[t](w, in, x, ldx, n, y, out + GUARD, r0, r1);
-                check_outputs(what, t, w, in, xd, y, yr, out, n, r0, r1, 0);
+                check_outputs(what, t, w, in, xd, y, yr, out, n, r0, r1, CMP_FLOAT_BOUND);
                 free(y);
             }
             free(yr);
@@ -377,6 +388,50 @@ Test(matmul, f32_levels_match_reference) {
 
 Test(matmul, f16_levels_match_reference) {
     run_float(QTYPE_F16);
+}
+
+Test(matmul, int4_float_levels_match_reference) {
+    run_float(QTYPE_INT4);
+}
+
+Test(matmul, int8_float_levels_match_reference) {
+    run_float(QTYPE_INT8);
+}
+
+/* With a one-hot activation row e_i every level must return weight i exactly as
+ * dequantize_row_ref gives it (the learner's fake-quantized value): the kernels dequantise
+ * in registers to the same floats, whatever the position in a block, group or tail. */
+Test(matmul, float_activations_see_exact_dequantised_weights) {
+    const qtype_t types[] = {QTYPE_F16, QTYPE_INT4, QTYPE_INT8};
+    const size_t in = 301, out = 6, n = 7, ldx = in + 1;
+    const size_t pos[7] = {0, 31, 32, 64, 127, 200, 300};
+    float *x = xmalloc(n * ldx * sizeof *x), *dq = xmalloc(in * sizeof *dq);
+    memset(x, 0, n * ldx * sizeof *x);
+    for (size_t s = 0; s < n; s++)
+        x[s * ldx + pos[s]] = 1.0f;
+    for (size_t k = 0; k < Q_ARRAY_LEN(types); k++) {
+        const qtype_t t = types[k];
+        const size_t rb = qtype_row_bytes(t, in);
+        uint8_t *w = pack_matrix(t, out, in, 40 + k);
+        for (int lvl = 0; lvl < CPU_ISA_COUNT; lvl++) {
+            const kern_ops_t *ops = kern_ops_for((cpu_isa_t)lvl);
+            if (!ops)
+                continue;
+            cr_assert_not_null(ops->matmul_f[t], "%s %s", ops->name, qtype_name(t));
+            float y[7 * 6];
+            ops->matmul_f[t](w, in, x, ldx, n, y, out, 0, out);
+            for (size_t r = 0; r < out; r++) {
+                qtype_traits(t)->dequantize_row_ref(w + r * rb, dq, in);
+                for (size_t s = 0; s < n; s++)
+                    cr_assert(memcmp(&y[s * out + r], &dq[pos[s]], sizeof(float)) == 0,
+                              "%s %s r=%zu i=%zu: %a vs %a", ops->name, qtype_name(t), r, pos[s],
+                              (double)y[s * out + r], (double)dq[pos[s]]);
+            }
+        }
+        free(w);
+    }
+    free(x);
+    free(dq);
 }
 
 /* ---- threads ---- */
