@@ -22,8 +22,10 @@
  *         gradients are not finite is skipped and halves the scale. The sm_75 (T4) path.
  *   BF16  as FP16 with BF16 inputs and no loss scaling (BF16 has FP32's range); sm_80+.
  *   AUTO  BF16 on sm_80+, FP16 below.
- * force_sm75 forces the FP16 path and the kernels' sm_75 code paths on any card, so the T4
- * path runs on an A100/H100/H200.
+ * force_sm75 forces the FP16 path (FP16 tensor-core products, FP16 weight copy, dynamic loss
+ * scaling) on any card, so the T4's arithmetic runs on an A100/H100/H200; each kernel still runs
+ * its own build for the card's architecture (nvcc builds sm_75, sm_80 and sm_90), so it is the
+ * T4's numerics and memory footprint that are exercised, not its instruction schedule.
  *
  * Gradient checkpointing (options.checkpointing): each transformer block keeps only its
  * input x; the backward re-runs the block's forward (same routing, same dropout masks: both are
@@ -40,6 +42,8 @@
 #include <cuda_runtime_api.h>
 #include <stddef.h>
 #include <stdint.h>
+
+#include "cuda_check.h" /* error.h, made usable from CUDA C++ */
 
 #ifdef __cplusplus
 extern "C" {
@@ -145,8 +149,11 @@ int cuda_model_route_download(const cuda_model_t *m, int l, moe_route_t *out, qe
 int cuda_model_plan_download(const cuda_model_t *m, diffusion_plan_t *plan, qerr_t *err);
 
 /* Backward of the last forward, as model_backward: dlogp and dentropy are DEVICE arrays
- * [B * T] (either may be NULL for zero; both NULL: the weighted CE of the batch). ACCUMULATES
- * into the gradients (times the loss scale). */
+ * [B * T] (either may be NULL for zero; both NULL: the weighted CE of the batch) that ALREADY
+ * CARRY the factor cuda_model_loss_scale (pass it as dloss to cuda_dapo_loss_backward); the
+ * model scales its own CE seed and aux terms the same way. ACCUMULATES into the gradients (so
+ * they hold the loss scale times the true gradients; cuda_model_grads_download divides it out).
+ * Covers the rows of the forward that had a CE weight != 0. */
 void cuda_model_backward(cuda_model_t *m, const float *dlogp, const float *dentropy);
 
 /* ---- Optimizer (learner/optimizer.h's AdamW on the device) ---- */
@@ -155,11 +162,12 @@ void cuda_model_backward(cuda_model_t *m, const float *dlogp, const float *dentr
  * with err (QERR_RANGE, QERR_NOMEM). */
 int cuda_model_optim_init(cuda_model_t *m, const optim_config_t *cfg, qerr_t *err);
 /* One AdamW update from the gradients, as optim_step: unscales by the loss scale, global norm,
- * clip, skip when the loss or the norm is not finite (FP16: halve the loss scale; otherwise
- * count finite steps and double the scale every growth interval), decoupled decay on
- * matrices only, buffers untouched. Marks the parameters changed; does not zero the
- * gradients. Synchronous (the norm decides the skip). Returns res->applied. */
-int cuda_model_optim_step(cuda_model_t *m, double loss, optim_result_t *res);
+ * clip, skip when the loss or the norm is not finite (FP16: a non-finite norm halves the loss
+ * scale; growth_interval finite steps in a row double it), decoupled decay on matrices only,
+ * buffers untouched. Marks the parameters changed; does not zero the gradients. Synchronous
+ * (the norm decides the skip). Fills *res (may be NULL). Returns 1 applied, 0 skipped, -1 with
+ * err on a CUDA error or when cuda_model_optim_init was not called (QERR_INVALID). */
+int cuda_model_optim_step(cuda_model_t *m, double loss, optim_result_t *res, qerr_t *err);
 long cuda_model_optim_steps(const cuda_model_t *m);
 long cuda_model_optim_skipped(const cuda_model_t *m);
 void cuda_model_optim_set_counts(cuda_model_t *m, long steps, long skipped);
