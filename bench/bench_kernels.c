@@ -3,14 +3,20 @@
  * same run, so figures are ratios that survive a shared, drifting machine.
  *
  *   bench_kernels [--mib M] [--rounds R] [--threads T] [--batches 1,8,16,32]
- *                 [--formats ternary,int4,int8,f16,f32] [--shapes]
+ *                 [--formats ternary,int4,int8,f16,f32,int4-f32,int8-f32] [--shapes]
+ *                 [--isa ref|avx2|avx512]
+ *
+ * Formats: ternary, int4 and int8 multiply int8 activations (matmul_q); f16, f32 and the
+ * int4-f32 / int8-f32 variants (the engine's experts, micro agents and head_int8) multiply
+ * FP32 activations (matmul_f). --isa (or QUILLAN_ISA) picks a lower kernel level, e.g. the
+ * AVX2 path on an AVX-512 machine; the peak probes stay AVX-512 (the machine's limits).
  *
  * Each format cycles through >= M MiB (default 512) of distinct copies of its matrix, so every
  * product reads its weights from DRAM (ANCHORS.md: cache-hot numbers overstate batch-1 speed
  * 2-3x). The rows of each product are split across T threads (1 and 2 by default) in static
  * contiguous ranges through kern_pool. Times are per-thread CPU times (the slowest thread; see
  * timed_t), best of R rounds (default 5) over all copies; the wall-clock time is shown too.
- * --shapes adds the quillan-512m preset's matrix shapes. QUILLAN_ISA selects the kernel level. */
+ * --shapes adds the quillan-512m preset's matrix shapes in the formats the engine uses. */
 #include "cpu_features.h"
 #include "kern_pool.h"
 #include "kernels.h"
@@ -200,9 +206,24 @@ static double probe_peak(kern_pool_t *pool, kern_pool_fn fn, double macs_per_ins
 
 /* ---- products ---- */
 
+/* A benchmarked product: weight type and activation kind. */
+typedef struct {
+    const char *name;
+    qtype_t type;
+    int fact; /* FP32 activations (matmul_f) rather than int8 codes (matmul_q) */
+} format_t;
+
+static const format_t FORMATS[] = {
+    {"ternary", QTYPE_TERNARY, 0}, {"int4", QTYPE_INT4, 0}, {"int8", QTYPE_INT8, 0},
+    {"f16", QTYPE_F16, 1},         {"f32", QTYPE_F32, 1},   {"int4-f32", QTYPE_INT4, 1},
+    {"int8-f32", QTYPE_INT8, 1},
+};
+#define NFORMATS Q_ARRAY_LEN(FORMATS)
+
 typedef struct {
     const kern_ops_t *ops;
     qtype_t type;
+    int fact;
     const uint8_t *w;
     size_t in, out;
     const kern_act_t *act;
@@ -215,7 +236,7 @@ static void mm_run(void *ctx, int tid, int nt) {
     mm_job_t *j = ctx;
     size_t r0, r1;
     kern_split_rows(j->out, tid, nt, 4, &r0, &r1);
-    if (j->type == QTYPE_F32 || j->type == QTYPE_F16)
+    if (j->fact)
         j->ops->matmul_f[j->type](j->w, j->in, j->x, j->in, j->n, j->y, j->out, r0, r1);
     else
         j->ops->matmul_q[j->type](j->w, j->in, j->act, j->y, j->out, r0, r1);
@@ -226,12 +247,12 @@ typedef struct {
 } result_t;
 
 /* Best time per product over `rounds` passes through `copies` distinct copies. */
-static result_t bench_product(kern_pool_t *pool, const kern_ops_t *ops, qtype_t type,
+static result_t bench_product(kern_pool_t *pool, const kern_ops_t *ops, const format_t *f,
                               const uint8_t *mats, size_t copies, size_t out, size_t in,
                               const kern_act_t *act, const float *x, size_t n, float *y,
                               int rounds) {
-    const size_t mb = out * qtype_row_bytes(type, in);
-    mm_job_t job = {ops, type, mats, in, out, act, x, n, y};
+    const size_t mb = out * qtype_row_bytes(f->type, in);
+    mm_job_t job = {ops, f->type, f->fact, mats, in, out, act, x, n, y};
     kern_pool_run(pool, mm_run, &job); /* warm-up: page tables, code */
     double t[MAX_ROUNDS] = {0}, wall[MAX_ROUNDS] = {0};
     for (int r = 0; r < rounds; r++) {
@@ -249,8 +270,6 @@ static result_t bench_product(kern_pool_t *pool, const kern_ops_t *ops, qtype_t 
                     best(wall, rounds) * 1e6};
     return res;
 }
-
-static const qtype_t TYPES[] = {QTYPE_TERNARY, QTYPE_INT4, QTYPE_INT8, QTYPE_F16, QTYPE_F32};
 
 /* Fills `copies` copies of one quantized out x in matrix of N(0, 0.02) weights. */
 static uint8_t *make_copies(qtype_t type, size_t out, size_t in, size_t min_bytes, size_t *copies) {
@@ -276,22 +295,39 @@ static uint8_t *make_copies(qtype_t type, size_t out, size_t in, size_t min_byte
 typedef struct {
     const char *name;
     size_t out, in;
-    qtype_t type;
+    const char *format; /* a FORMATS name: what the engine runs on this matrix */
 } shape_t;
 
-/* quillan-512m (MODEL.md presets): d 512, expert hidden 192, diffusion width 1024, ffn 3968,
- * 256 bits, vocab 50257. */
+/* quillan-512m (configs/quillan-512m.yaml, common/model.c's tensor table): dim C 512, overseer
+ * hidden 96, 32 minis of 8 experts (hidden 192) and 325 micro agents, diffusion width 1024,
+ * ffn 3968, 256 plan bits, time dim 256, vocab 50257. Formats as the engine multiplies them
+ * (docs/ENGINE.md): FP16 rows x FP32, INT4 / INT8 rows x FP32, ternary x int8. The micro
+ * agents' rows are read one selected row at a time by the engine; the whole 325 x 512 matrix
+ * stands for their bytes. */
 static const shape_t SHAPES[] = {
-    {"attn wq/wk/wv/wo 512x512", 512, 512, QTYPE_F16},
-    {"expert w1 192x512", 192, 512, QTYPE_INT4},
-    {"expert w2 512x192", 512, 192, QTYPE_INT4},
-    {"diffusion up 3968x1024", 3968, 1024, QTYPE_TERNARY},
-    {"diffusion down 1024x3968", 1024, 3968, QTYPE_TERNARY},
-    {"diffusion dec 512x256", 512, 256, QTYPE_TERNARY},
-    {"micro down 325x512", 325, 512, QTYPE_INT8},
-    {"head 50257x512 (f32)", 50257, 512, QTYPE_F32},
-    {"head 50257x512 (head_int8)", 50257, 512, QTYPE_INT8},
+    {"attn wq/wk/wv/wo 512x512", 512, 512, "f16"},
+    {"overseer w1 96x512", 96, 512, "f16"},
+    {"overseer w2 512x96", 512, 96, "f16"},
+    {"micro router 325x512", 325, 512, "f16"},
+    {"expert w1 192x512", 192, 512, "int4-f32"},
+    {"expert w2 512x192", 512, 192, "int4-f32"},
+    {"micro down 325x512", 325, 512, "int8-f32"},
+    {"diffusion in_c 1024x512", 1024, 512, "ternary"},
+    {"diffusion in_z/time 1024x256", 1024, 256, "ternary"},
+    {"diffusion up 3968x1024", 3968, 1024, "ternary"},
+    {"diffusion down 1024x3968", 1024, 3968, "ternary"},
+    {"diffusion out 256x1024", 256, 1024, "ternary"},
+    {"diffusion dec 512x256", 512, 256, "ternary"},
+    {"head 50257x512 (f32)", 50257, 512, "f32"},
+    {"head 50257x512 (head_int8)", 50257, 512, "int8-f32"},
 };
+
+static const format_t *format_find(const char *name) {
+    for (size_t k = 0; k < NFORMATS; k++)
+        if (strcmp(FORMATS[k].name, name) == 0)
+            return &FORMATS[k];
+    return NULL;
+}
 
 static int parse_list(const char *s, size_t *v, int max) {
     int k = 0;
@@ -311,9 +347,10 @@ static int parse_list(const char *s, size_t *v, int max) {
 int main(int argc, char **argv) {
     size_t mib = 512, batches[MAX_BATCHES] = {1, 8, 16, 32};
     int nbatch = 4, rounds = 5, max_threads = 2, shapes = 0;
-    int use[QTYPE_COUNT] = {0};
-    for (size_t k = 0; k < Q_ARRAY_LEN(TYPES); k++)
-        use[TYPES[k]] = 1;
+    int use[NFORMATS];
+    for (size_t k = 0; k < NFORMATS; k++)
+        use[k] = 1;
+    const char *isa_name = NULL;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--mib") == 0 && i + 1 < argc)
             mib = (size_t)strtoul(argv[++i], NULL, 10);
@@ -326,18 +363,21 @@ int main(int argc, char **argv) {
         else if (strcmp(argv[i], "--formats") == 0 && i + 1 < argc) {
             memset(use, 0, sizeof use);
             for (char *tok = strtok(argv[++i], ","); tok; tok = strtok(NULL, ",")) {
-                qtype_t t = qtype_from_name(tok);
-                if (t == QTYPE_COUNT) {
+                const format_t *f = format_find(tok);
+                if (!f) {
                     fprintf(stderr, "bench_kernels: unknown format '%s'\n", tok);
                     return 2;
                 }
-                use[t] = 1;
+                use[f - FORMATS] = 1;
             }
         } else if (strcmp(argv[i], "--shapes") == 0)
             shapes = 1;
+        else if (strcmp(argv[i], "--isa") == 0 && i + 1 < argc)
+            isa_name = argv[++i];
         else {
             fprintf(stderr, "usage: bench_kernels [--mib M] [--rounds R] [--threads T] "
-                            "[--batches 1,8,32] [--formats ternary,int4] [--shapes]\n");
+                            "[--batches 1,8,32] [--formats ternary,int4,int4-f32] [--shapes] "
+                            "[--isa ref|avx2|avx512]\n");
             return 2;
         }
     }
@@ -353,6 +393,19 @@ int main(int argc, char **argv) {
         return 1;
     }
     const kern_ops_t *ops = kern_ops();
+    if (isa_name) {
+        cpu_isa_t isa;
+        if (cpu_isa_parse(isa_name, &isa, &err) != 0) {
+            fprintf(stderr, "bench_kernels: --isa: %s\n", err.msg);
+            return 2;
+        }
+        ops = kern_ops_for(isa);
+        if (!ops) {
+            fprintf(stderr, "bench_kernels: --isa %s: not available in this build or CPU\n",
+                    isa_name);
+            return 1;
+        }
+    }
 #ifdef HAVE_PEAK_PROBES
     const int have512 = cpu_isa_detect() == CPU_ISA_AVX512;
 #endif
@@ -399,28 +452,28 @@ int main(int argc, char **argv) {
             fprintf(stderr, "bench_kernels: %s\n", err.msg);
             return 1;
         }
-        char lines[Q_ARRAY_LEN(TYPES) * MAX_BATCHES][256];
-        result_t res[Q_ARRAY_LEN(TYPES)][MAX_BATCHES];
-        for (size_t k = 0; k < Q_ARRAY_LEN(TYPES); k++) {
-            if (!use[TYPES[k]])
+        char lines[NFORMATS * MAX_BATCHES][256];
+        result_t res[NFORMATS][MAX_BATCHES];
+        for (size_t k = 0; k < NFORMATS; k++) {
+            if (!use[k])
                 continue;
             size_t copies;
-            uint8_t *mats = make_copies(TYPES[k], 4096, 4096, mib << 20, &copies);
+            uint8_t *mats = make_copies(FORMATS[k].type, 4096, 4096, mib << 20, &copies);
             for (int b = 0; b < nbatch; b++) {
                 ops->quantize_act(&act, x, in_max, batches[b]);
-                res[k][b] = bench_product(pool, ops, TYPES[k], mats, copies, 4096, 4096, &act, x,
+                res[k][b] = bench_product(pool, ops, &FORMATS[k], mats, copies, 4096, 4096, &act, x,
                                           batches[b], y, rounds);
             }
             free(mats);
         }
         double bw1 = probe_dram(pool, probe_buf, probe_bytes, rounds), bw = 0.5 * (bw0 + bw1);
         int nl = 0;
-        for (size_t k = 0; k < Q_ARRAY_LEN(TYPES); k++) {
-            const qtype_t t = TYPES[k];
-            if (!use[t])
+        for (size_t k = 0; k < NFORMATS; k++) {
+            const qtype_t t = FORMATS[k].type;
+            if (!use[k])
                 continue;
             const double bpw = (double)qtype_row_bytes(t, 4096) / 4096.0;
-            const double peak = t == QTYPE_F32 || t == QTYPE_F16 ? fma : vnni;
+            const double peak = FORMATS[k].fact ? fma : vnni;
             for (int b = 0; b < nbatch; b++) {
                 const result_t *e = &res[k][b];
                 double roof = bw * 1e9 * (double)batches[b] / bpw;
@@ -428,27 +481,30 @@ int main(int argc, char **argv) {
                     roof = peak;
                 snprintf(lines[nl++], sizeof lines[0],
                          "| %s | %.4f | %zu | %.1f | %.1f | %.2f | %.0f | %.0f | %.2f | %.1f |",
-                         qtype_name(t), bpw, batches[b], e->us, e->gbps, e->gbps / bw, e->gmacs,
+                         FORMATS[k].name, bpw, batches[b], e->us, e->gbps, e->gbps / bw, e->gmacs,
                          2 * e->gmacs, e->gmacs * 1e9 / roof, e->wall_us);
             }
         }
         for (int i = 0; i < nl; i++)
             printf("%s\n", lines[i]);
         printf("\nDRAM read after: %.1f GB/s; ratios use the mean %.1f GB/s. Roofline = "
-               "min(peak, DRAM x n / bytes per weight), peak = the VNNI (integer formats) or FMA "
-               "(float formats) probe.\n\n",
+               "min(peak, DRAM x n / bytes per weight), peak = the VNNI (int8 activations) or "
+               "FMA (FP32 activations) probe.\n\n",
                bw1, bw);
 
         if (shapes) {
             printf("### quillan-512m shapes, %d thread%s\n\n| matrix | format | n | us/product | "
-                   "GB/s | / DRAM | GMAC/s |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+                   "GB/s | / DRAM | GMAC/s | / roofline |\n| --- | --- | --- | --- | --- | --- | "
+                   "--- | --- |\n",
                    nt, nt > 1 ? "s" : "");
             for (size_t k = 0; k < Q_ARRAY_LEN(SHAPES); k++) {
                 const shape_t *sh = &SHAPES[k];
-                if (!use[sh->type])
+                const format_t *f = format_find(sh->format);
+                Q_ASSERT(f != NULL);
+                if (!use[f - FORMATS])
                     continue;
                 size_t copies;
-                uint8_t *mats = make_copies(sh->type, sh->out, sh->in, mib << 20, &copies);
+                uint8_t *mats = make_copies(f->type, sh->out, sh->in, mib << 20, &copies);
                 kern_act_t a2;
                 if (kern_act_init(&a2, nmax, sh->in, &err) != 0) {
                     fprintf(stderr, "bench_kernels: %s\n", err.msg);
@@ -457,10 +513,16 @@ int main(int argc, char **argv) {
                 float *y2 = xalloc(nmax * sh->out * sizeof *y2);
                 for (int b = 0; b < nbatch; b++) {
                     ops->quantize_act(&a2, x, in_max, batches[b]);
-                    result_t e = bench_product(pool, ops, sh->type, mats, copies, sh->out, sh->in,
-                                               &a2, x, batches[b], y2, rounds);
-                    printf("| %s | %s | %zu | %.1f | %.1f | %.2f | %.0f |\n", sh->name,
-                           qtype_name(sh->type), batches[b], e.us, e.gbps, e.gbps / bw, e.gmacs);
+                    result_t e = bench_product(pool, ops, f, mats, copies, sh->out, sh->in, &a2, x,
+                                               batches[b], y2, rounds);
+                    const double bpw = (double)qtype_row_bytes(f->type, sh->in) / (double)sh->in;
+                    double roof = bw * 1e9 * (double)batches[b] / bpw;
+                    const double peak = f->fact ? fma : vnni;
+                    if (peak < roof)
+                        roof = peak;
+                    printf("| %s | %s | %zu | %.1f | %.1f | %.2f | %.0f | %.2f |\n", sh->name,
+                           f->name, batches[b], e.us, e.gbps, e.gbps / bw, e.gmacs,
+                           e.gmacs * 1e9 / roof);
                 }
                 free(y2);
                 kern_act_free(&a2);

@@ -15,6 +15,9 @@
 #define KERN_PF_TILES 1
 
 #define INLINE static inline __attribute__((always_inline))
+/* Complete unrolling of the register-tile loops before GCC's scalar replacement of the
+ * accumulator arrays: otherwise every accumulator is stored to the stack after each update. */
+#define UNROLL _Pragma("GCC unroll 8")
 
 INLINE int32_t hsum_epi32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -117,31 +120,27 @@ INLINE __m256i dot_u8s8(__m256i u, __m256i s) {
 INLINE void tern_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t nb,
                       const int8_t *x, size_t xs, const uint8_t *pf, int32_t *out) {
     __m256i acc[TR][TS];
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++)
-            acc[r][s] = _mm256_setzero_si256();
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) acc[r][s] =
+        _mm256_setzero_si256();
     const __m256i m3 = _mm256_set1_epi8(3);
     for (size_t b = 0; b < nb; b++) {
         if (pf)
-            for (int r = 0; r < R; r++)
+            UNROLL for (int r = 0; r < R; r++)
                 _mm_prefetch((const char *)pf + (b * R + r) * 64, _MM_HINT_T0);
-        for (int h = 0; h < 2; h++)
-            for (int k = 0; k < 4; k++)
-                for (int r = 0; r < R; r++) {
-                    const __m256i raw =
-                        _mm256_loadu_si256((const __m256i *)(w + r * rb + b * 64 + 32 * h));
-                    const __m256i wk =
-                        _mm256_and_si256(_mm256_srl_epi16(raw, _mm_cvtsi32_si128(2 * k)), m3);
-                    for (int s = 0; s < S; s++) {
-                        const __m256i xv = _mm256_load_si256(
-                            (const __m256i *)(x + s * xs + b * 256 + 64 * k + 32 * h));
-                        acc[r][s] = _mm256_add_epi32(acc[r][s], dot_u8s8(wk, xv));
-                    }
-                }
+        UNROLL for (int h = 0; h < 2; h++) UNROLL for (int k = 0; k < 4; k++)
+            UNROLL for (int r = 0; r < R; r++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(w + r * rb + b * 64 + 32 * h));
+            const __m256i wk =
+                _mm256_and_si256(_mm256_srl_epi16(raw, _mm_cvtsi32_si128(2 * k)), m3);
+            UNROLL for (int s = 0; s < S; s++) {
+                const __m256i xv =
+                    _mm256_load_si256((const __m256i *)(x + s * xs + b * 256 + 64 * k + 32 * h));
+                acc[r][s] = _mm256_add_epi32(acc[r][s], dot_u8s8(wk, xv));
+            }
+        }
     }
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++)
-            out[r * TS + s] = hsum_epi32(acc[r][s]);
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) out[r * TS + s] =
+        hsum_epi32(acc[r][s]);
 }
 
 /* ---- INT8: sign trick ---- */
@@ -149,29 +148,26 @@ INLINE void tern_tile(const int R, const int S, const uint8_t *w, size_t rb, siz
 INLINE void int8_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t nb,
                       const int8_t *x, size_t xs, const uint8_t *pf, int32_t *out) {
     __m256i acc[TR][TS];
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++)
-            acc[r][s] = _mm256_setzero_si256();
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) acc[r][s] =
+        _mm256_setzero_si256();
     const __m256i bias = _mm256_set1_epi8((char)0x80);
     for (size_t b = 0; b < nb; b++) {
         if (pf)
-            for (int r = 0; r < R; r++)
+            UNROLL for (int r = 0; r < R; r++)
                 _mm_prefetch((const char *)pf + (b * R + r) * 64, _MM_HINT_T0);
-        for (int h = 0; h < 2; h++)
-            for (int r = 0; r < R; r++) {
-                const __m256i ws = _mm256_xor_si256(
-                    _mm256_loadu_si256((const __m256i *)(w + r * rb + b * 64 + 32 * h)), bias);
-                const __m256i aw = _mm256_abs_epi8(ws);
-                for (int s = 0; s < S; s++) {
-                    const __m256i xv =
-                        _mm256_load_si256((const __m256i *)(x + s * xs + b * 64 + 32 * h));
-                    acc[r][s] = _mm256_add_epi32(acc[r][s], dot_u8s8(aw, _mm256_sign_epi8(xv, ws)));
-                }
+        UNROLL for (int h = 0; h < 2; h++) UNROLL for (int r = 0; r < R; r++) {
+            const __m256i ws = _mm256_xor_si256(
+                _mm256_loadu_si256((const __m256i *)(w + r * rb + b * 64 + 32 * h)), bias);
+            const __m256i aw = _mm256_abs_epi8(ws);
+            UNROLL for (int s = 0; s < S; s++) {
+                const __m256i xv =
+                    _mm256_load_si256((const __m256i *)(x + s * xs + b * 64 + 32 * h));
+                acc[r][s] = _mm256_add_epi32(acc[r][s], dot_u8s8(aw, _mm256_sign_epi8(xv, ws)));
             }
+        }
     }
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++)
-            out[r * TS + s] = hsum_epi32(acc[r][s]);
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) out[r * TS + s] =
+        hsum_epi32(acc[r][s]);
 }
 
 typedef void (*itile_fn)(const uint8_t *, size_t, size_t, const int8_t *, size_t, const uint8_t *,
@@ -239,26 +235,25 @@ static void matmul_int8(const void *w, size_t in, const kern_act_t *act, float *
 INLINE void int4_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t nb,
                       const int8_t *x, size_t xs, const uint8_t *pf, float *out) {
     __m256 acc[TR][TS];
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++)
-            acc[r][s] = _mm256_setzero_ps();
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) acc[r][s] =
+        _mm256_setzero_ps();
     const __m256i m4 = _mm256_set1_epi8(15);
     const size_t cb = nb * 64;
     for (size_t b = 0; b < nb; b++) {
         if (pf)
-            for (int r = 0; r < R; r++)
+            UNROLL for (int r = 0; r < R; r++)
                 _mm_prefetch((const char *)pf + (b * R + r) * 72, _MM_HINT_T0);
-        for (int r = 0; r < R; r++) {
+        UNROLL for (int r = 0; r < R; r++) {
             float d[4];
             _mm_storeu_ps(
                 d, _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(w + r * rb + cb + b * 8))));
-            for (int h = 0; h < 2; h++) {
+            UNROLL for (int h = 0; h < 2; h++) {
                 const __m256i raw =
                     _mm256_loadu_si256((const __m256i *)(w + r * rb + b * 64 + 32 * h));
                 const __m256i lo = _mm256_and_si256(raw, m4);
                 const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
                 const __m256 dlo = _mm256_set1_ps(d[h]), dhi = _mm256_set1_ps(d[2 + h]);
-                for (int s = 0; s < S; s++) {
+                UNROLL for (int s = 0; s < S; s++) {
                     const int8_t *xb = x + s * xs + b * QTYPE_INT4_BLOCK + 32 * h;
                     const __m256i xl = _mm256_load_si256((const __m256i *)xb);
                     const __m256i xh = _mm256_load_si256((const __m256i *)(xb + 64));
@@ -270,9 +265,8 @@ INLINE void int4_tile(const int R, const int S, const uint8_t *w, size_t rb, siz
             }
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++)
-            out[r * TS + s] = hsum_ps(acc[r][s]);
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) out[r * TS + s] =
+        hsum_ps(acc[r][s]);
 }
 
 typedef void (*ftile_fn)(const uint8_t *, size_t, size_t, const int8_t *, size_t, const uint8_t *,
@@ -354,31 +348,27 @@ INLINE float w_at(int f16, const uint8_t *row, size_t i) {
 INLINE void float_tile(const int f16, const int R, const int S, const uint8_t *w, size_t rb,
                        size_t in, const float *x, size_t ldx, const uint8_t *pf, float *out) {
     __m256 acc[TR][TS];
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++)
-            acc[r][s] = _mm256_setzero_ps();
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) acc[r][s] =
+        _mm256_setzero_ps();
     const size_t esz = f16 ? 2 : 4;
     size_t i = 0;
     for (; i + 8 <= in; i += 8) {
         if (pf && (i * esz) % 64 == 0)
-            for (int r = 0; r < R; r++)
+            UNROLL for (int r = 0; r < R; r++)
                 _mm_prefetch((const char *)pf + i * esz * R + r * 64, _MM_HINT_T0);
         __m256 wv[TR];
-        for (int r = 0; r < R; r++)
-            wv[r] = load_w8(f16, w + r * rb, i);
-        for (int s = 0; s < S; s++) {
+        UNROLL for (int r = 0; r < R; r++) wv[r] = load_w8(f16, w + r * rb, i);
+        UNROLL for (int s = 0; s < S; s++) {
             const __m256 xv = _mm256_loadu_ps(x + s * ldx + i);
-            for (int r = 0; r < R; r++)
-                acc[r][s] = _mm256_fmadd_ps(wv[r], xv, acc[r][s]);
+            UNROLL for (int r = 0; r < R; r++) acc[r][s] = _mm256_fmadd_ps(wv[r], xv, acc[r][s]);
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++) {
-            float v = hsum_ps(acc[r][s]);
-            for (size_t j = i; j < in; j++)
-                v += w_at(f16, w + r * rb, j) * x[s * ldx + j];
-            out[r * TS + s] = v;
-        }
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) {
+        float v = hsum_ps(acc[r][s]);
+        for (size_t j = i; j < in; j++)
+            v += w_at(f16, w + r * rb, j) * x[s * ldx + j];
+        out[r * TS + s] = v;
+    }
 }
 
 typedef void (*fltile_fn)(const uint8_t *, size_t, size_t, const float *, size_t, const uint8_t *,
@@ -434,38 +424,35 @@ INLINE __m256i tail_mask8(size_t i, size_t in) {
 INLINE void qf_step(const int R, const int S, const __m256 *wv, const float *x, size_t ldx,
                     size_t i, size_t in, __m256 acc[TR][TS]) {
     const __m256i m = tail_mask8(i, in);
-    for (int s = 0; s < S; s++) {
+    UNROLL for (int s = 0; s < S; s++) {
         const __m256 xv = _mm256_maskload_ps(x + s * ldx + i, m);
-        for (int r = 0; r < R; r++)
-            acc[r][s] = _mm256_fmadd_ps(wv[r], xv, acc[r][s]);
+        UNROLL for (int r = 0; r < R; r++) acc[r][s] = _mm256_fmadd_ps(wv[r], xv, acc[r][s]);
     }
 }
 
 INLINE void int8f_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t in,
                        const float *x, size_t ldx, const uint8_t *pf, float *out) {
     __m256 acc[TR][TS];
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++)
-            acc[r][s] = _mm256_setzero_ps();
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) acc[r][s] =
+        _mm256_setzero_ps();
     float sw[TR];
-    for (int r = 0; r < R; r++)
-        sw[r] = kern_load_f32(w + r * rb + kern_codes_bytes(QTYPE_INT8, in));
+    UNROLL for (int r = 0; r < R; r++) sw[r] =
+        kern_load_f32(w + r * rb + kern_codes_bytes(QTYPE_INT8, in));
     const __m256 off = _mm256_set1_ps((float)QTYPE_INT8_OFFSET);
     for (size_t i = 0; i < in; i += 8) {
         if (pf && i % 64 == 0)
-            for (int r = 0; r < R; r++)
+            UNROLL for (int r = 0; r < R; r++)
                 _mm_prefetch((const char *)pf + i * R + r * 64, _MM_HINT_T0);
         __m256 wv[TR];
-        for (int r = 0; r < R; r++) {
+        UNROLL for (int r = 0; r < R; r++) {
             const __m256i b =
                 _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + r * rb + i)));
             wv[r] = _mm256_mul_ps(_mm256_set1_ps(sw[r]), _mm256_sub_ps(_mm256_cvtepi32_ps(b), off));
         }
         qf_step(R, S, wv, x, ldx, i, in, acc);
     }
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++)
-            out[r * TS + s] = hsum_ps(acc[r][s]);
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) out[r * TS + s] =
+        hsum_ps(acc[r][s]);
 }
 
 /* Group g of a 128-weight block: low nibbles (g < 2) or high nibbles of bytes 32 (g % 2) ..
@@ -473,40 +460,35 @@ INLINE void int8f_tile(const int R, const int S, const uint8_t *w, size_t rb, si
 INLINE void int4f_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t in,
                        const float *x, size_t ldx, const uint8_t *pf, float *out) {
     __m256 acc[TR][TS];
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++)
-            acc[r][s] = _mm256_setzero_ps();
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) acc[r][s] =
+        _mm256_setzero_ps();
     const size_t nb = (in + QTYPE_INT4_BLOCK - 1) / QTYPE_INT4_BLOCK, cb = nb * 64;
     const __m256i m4 = _mm256_set1_epi32(15), off = _mm256_set1_epi32(QTYPE_INT4_OFFSET);
     for (size_t b = 0; b < nb; b++) {
         if (pf)
-            for (int r = 0; r < R; r++)
+            UNROLL for (int r = 0; r < R; r++)
                 _mm_prefetch((const char *)pf + (b * R + r) * 72, _MM_HINT_T0);
         float d[TR][4];
-        for (int r = 0; r < R; r++)
-            _mm_storeu_ps(
-                d[r], _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(w + r * rb + cb + b * 8))));
-        for (int g = 0; g < 4; g++)
-            for (int j = 0; j < 4; j++) {
-                const size_t i =
-                    b * QTYPE_INT4_BLOCK + (size_t)g * QTYPE_INT4_GROUP + 8 * (size_t)j;
-                if (i >= in)
-                    break;
-                const size_t o = b * 64 + 32 * (size_t)(g & 1) + 8 * (size_t)j;
-                __m256 wv[TR];
-                for (int r = 0; r < R; r++) {
-                    __m256i v =
-                        _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + r * rb + o)));
-                    v = g >= 2 ? _mm256_srli_epi32(v, 4) : _mm256_and_si256(v, m4);
-                    wv[r] = _mm256_mul_ps(_mm256_set1_ps(d[r][g]),
-                                          _mm256_cvtepi32_ps(_mm256_sub_epi32(v, off)));
-                }
-                qf_step(R, S, wv, x, ldx, i, in, acc);
+        UNROLL for (int r = 0; r < R; r++) _mm_storeu_ps(
+            d[r], _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(w + r * rb + cb + b * 8))));
+        UNROLL for (int g = 0; g < 4; g++) UNROLL for (int j = 0; j < 4; j++) {
+            const size_t i = b * QTYPE_INT4_BLOCK + (size_t)g * QTYPE_INT4_GROUP + 8 * (size_t)j;
+            if (i >= in)
+                break;
+            const size_t o = b * 64 + 32 * (size_t)(g & 1) + 8 * (size_t)j;
+            __m256 wv[TR];
+            UNROLL for (int r = 0; r < R; r++) {
+                __m256i v =
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + r * rb + o)));
+                v = g >= 2 ? _mm256_srli_epi32(v, 4) : _mm256_and_si256(v, m4);
+                wv[r] = _mm256_mul_ps(_mm256_set1_ps(d[r][g]),
+                                      _mm256_cvtepi32_ps(_mm256_sub_epi32(v, off)));
             }
+            qf_step(R, S, wv, x, ldx, i, in, acc);
+        }
     }
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++)
-            out[r * TS + s] = hsum_ps(acc[r][s]);
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) out[r * TS + s] =
+        hsum_ps(acc[r][s]);
 }
 
 #define DEF_QFTILES(name)                                                                          \

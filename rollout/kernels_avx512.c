@@ -22,6 +22,9 @@
 #endif
 
 #define INLINE static inline __attribute__((always_inline))
+/* Complete unrolling of the register-tile loops before GCC's scalar replacement of the
+ * accumulator arrays: otherwise every accumulator is stored to the stack after each update. */
+#define UNROLL _Pragma("GCC unroll 8")
 
 /* acc += u8 u x s8 s (vpdpbusd). GCC's intrinsic makes a register copy of the accumulator
  * around every instruction in these tiles (the builtin's tied operand); the asm form updates
@@ -102,12 +105,11 @@ INLINE size_t block_len(size_t n, size_t s0, size_t smax) {
 #define TERN_STEP(K)                                                                               \
     do {                                                                                           \
         __m512i wk[TR];                                                                            \
-        for (int r = 0; r < R; r++)                                                                \
-            wk[r] = _mm512_and_si512(_mm512_srli_epi16(raw[r], 2 * (K)), m3);                      \
-        for (int s = 0; s < S; s++) {                                                              \
+        UNROLL for (int r = 0; r < R; r++) wk[r] =                                                 \
+            _mm512_and_si512(_mm512_srli_epi16(raw[r], 2 * (K)), m3);                              \
+        UNROLL for (int s = 0; s < S; s++) {                                                       \
             const __m512i xv = _mm512_load_si512((const void *)(xb + s * xs + 64 * (K)));          \
-            for (int r = 0; r < R; r++)                                                            \
-                acc[r][s] = dpbusd(acc[r][s], wk[r], xv);                                          \
+            UNROLL for (int r = 0; r < R; r++) acc[r][s] = dpbusd(acc[r][s], wk[r], xv);           \
         }                                                                                          \
     } while (0)
 
@@ -118,30 +120,26 @@ INLINE size_t block_len(size_t n, size_t s0, size_t smax) {
 INLINE void tern_tile_s1(const int R, const uint8_t *w, size_t rb, size_t nb, const int8_t *x,
                          const uint8_t *pf, int32_t *out) {
     __m512i acc[TR][4];
-    for (int r = 0; r < R; r++)
-        for (int k = 0; k < 4; k++)
-            acc[r][k] = _mm512_setzero_si512();
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int k = 0; k < 4; k++) acc[r][k] =
+        _mm512_setzero_si512();
     const __m512i mk[4] = {_mm512_set1_epi8(0x03), _mm512_set1_epi8(0x0c), _mm512_set1_epi8(0x30),
                            _mm512_set1_epi8((char)0xc0)};
     for (size_t b = 0; b < nb; b++) {
         if (pf)
-            for (int r = 0; r < R; r++)
+            UNROLL for (int r = 0; r < R; r++)
                 _mm_prefetch((const char *)pf + (b * R + r) * 64, KERN_PF_HINT);
-        for (int k = 0; k < 4; k++) {
+        UNROLL for (int k = 0; k < 4; k++) {
             const __m512i xv =
                 _mm512_load_si512((const void *)(x + b * QTYPE_TERNARY_BLOCK + 64 * k));
-            for (int r = 0; r < R; r++)
-                acc[r][k] =
-                    dpbusd(acc[r][k],
-                           _mm512_and_si512(_mm512_loadu_si512((const void *)(w + r * rb + b * 64)),
-                                            mk[k]),
-                           xv);
+            UNROLL for (int r = 0; r < R; r++) acc[r][k] = dpbusd(
+                acc[r][k],
+                _mm512_and_si512(_mm512_loadu_si512((const void *)(w + r * rb + b * 64)), mk[k]),
+                xv);
         }
     }
-    for (int r = 0; r < R; r++) {
+    UNROLL for (int r = 0; r < R; r++) {
         int32_t v = 0;
-        for (int k = 0; k < 4; k++)
-            v += _mm512_reduce_add_epi32(acc[r][k]) / (1 << (2 * k));
+        UNROLL for (int k = 0; k < 4; k++) v += _mm512_reduce_add_epi32(acc[r][k]) / (1 << (2 * k));
         out[r * TS] = v;
     }
 }
@@ -153,53 +151,48 @@ INLINE void tern_tile(const int R, const int S, const uint8_t *w, size_t rb, siz
         return;
     }
     __m512i acc[TR][TS];
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++)
-            acc[r][s] = _mm512_setzero_si512();
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) acc[r][s] =
+        _mm512_setzero_si512();
     const __m512i m3 = _mm512_set1_epi8(3);
     for (size_t b = 0; b < nb; b++) {
         if (pf)
-            for (int r = 0; r < R; r++)
+            UNROLL for (int r = 0; r < R; r++)
                 _mm_prefetch((const char *)pf + (b * R + r) * 64, KERN_PF_HINT);
         const int8_t *xb = x + b * QTYPE_TERNARY_BLOCK;
         __m512i raw[TR];
-        for (int r = 0; r < R; r++)
-            raw[r] = _mm512_loadu_si512((const void *)(w + r * rb + b * 64));
+        UNROLL for (int r = 0; r < R; r++) raw[r] =
+            _mm512_loadu_si512((const void *)(w + r * rb + b * 64));
         TERN_STEP(0);
         TERN_STEP(1);
         TERN_STEP(2);
         TERN_STEP(3);
     }
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++)
-            out[r * TS + s] = _mm512_reduce_add_epi32(acc[r][s]);
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) out[r * TS + s] =
+        _mm512_reduce_add_epi32(acc[r][s]);
 }
 
 #define INT8_TILE_BODY                                                                             \
     for (size_t b = 0; b < nb; b++) {                                                              \
         if (pf)                                                                                    \
-            for (int r = 0; r < R; r++)                                                            \
+            UNROLL for (int r = 0; r < R; r++)                                                     \
                 _mm_prefetch((const char *)pf + (b * R + r) * 64, KERN_PF_HINT);                   \
         __m512i wv[TR];                                                                            \
-        for (int r = 0; r < R; r++)                                                                \
-            wv[r] = _mm512_loadu_si512((const void *)(w + r * rb + b * 64));                       \
-        for (int s = 0; s < S; s++) {                                                              \
+        UNROLL for (int r = 0; r < R; r++) wv[r] =                                                 \
+            _mm512_loadu_si512((const void *)(w + r * rb + b * 64));                               \
+        UNROLL for (int s = 0; s < S; s++) {                                                       \
             const __m512i xv = _mm512_load_si512((const void *)(x + s * xs + b * 64));             \
-            for (int r = 0; r < R; r++)                                                            \
-                acc[r][s] = dpbusd(acc[r][s], wv[r], xv);                                          \
+            UNROLL for (int r = 0; r < R; r++) acc[r][s] = dpbusd(acc[r][s], wv[r], xv);           \
         }                                                                                          \
     }
 
 INLINE void int8_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t nb,
                       const int8_t *x, size_t xs, const uint8_t *pf, int32_t *out) {
     __m512i acc[TR][TS];
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++)
-            acc[r][s] = _mm512_setzero_si512();
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) acc[r][s] =
+        _mm512_setzero_si512();
     INT8_TILE_BODY
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++)
-            out[r * TS + s] = _mm512_reduce_add_epi32(acc[r][s]);
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) out[r * TS + s] =
+        _mm512_reduce_add_epi32(acc[r][s]);
 }
 
 typedef void (*itile_fn)(const uint8_t *, size_t, size_t, const int8_t *, size_t, const uint8_t *,
@@ -283,17 +276,17 @@ static void matmul_int8(const void *w, size_t in, const kern_act_t *act, float *
     do {                                                                                           \
         __m512i wv[TR];                                                                            \
         __m512 sc[TR];                                                                             \
-        for (int r = 0; r < R; r++) {                                                              \
+        UNROLL for (int r = 0; r < R; r++) {                                                       \
             const __m512i raw = _mm512_loadu_si512((const void *)(w + r * rb + b * 64));           \
             wv[r] = _mm512_and_si512(HI ? _mm512_srli_epi16(raw, 4) : raw, m4);                    \
             const __m128 d4 =                                                                      \
                 _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(w + r * rb + cb + b * 8)));         \
             sc[r] = _mm512_permutexvar_ps(HI ? idx_hi : idx_lo, _mm512_castps128_ps512(d4));       \
         }                                                                                          \
-        for (int s = 0; s < S; s++) {                                                              \
+        UNROLL for (int s = 0; s < S; s++) {                                                       \
             const __m512i xv =                                                                     \
                 _mm512_load_si512((const void *)(x + s * xs + b * QTYPE_INT4_BLOCK + 64 * HI));    \
-            for (int r = 0; r < R; r++) {                                                          \
+            UNROLL for (int r = 0; r < R; r++) {                                                   \
                 const __m512i d = dpbusd(_mm512_setzero_si512(), wv[r], xv);                       \
                 acc[r][s] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc[r], acc[r][s]);              \
             }                                                                                      \
@@ -303,23 +296,21 @@ static void matmul_int8(const void *w, size_t in, const kern_act_t *act, float *
 INLINE void int4_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t nb,
                       const int8_t *x, size_t xs, const uint8_t *pf, float *out) {
     __m512 acc[TR][TS_INT4];
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++)
-            acc[r][s] = _mm512_setzero_ps();
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) acc[r][s] =
+        _mm512_setzero_ps();
     const __m512i m4 = _mm512_set1_epi8(15);
     const __m512i idx_lo = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     const __m512i idx_hi = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
     const size_t cb = nb * 64;
     for (size_t b = 0; b < nb; b++) {
         if (pf)
-            for (int r = 0; r < R; r++)
+            UNROLL for (int r = 0; r < R; r++)
                 _mm_prefetch((const char *)pf + (b * R + r) * 72, KERN_PF_HINT);
         INT4_HALF(0);
         INT4_HALF(1);
     }
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++)
-            out[r * TS_INT4 + s] = _mm512_reduce_add_ps(acc[r][s]);
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) out[r * TS_INT4 + s] =
+        _mm512_reduce_add_ps(acc[r][s]);
 }
 
 typedef void (*ftile_fn)(const uint8_t *, size_t, size_t, const int8_t *, size_t, const uint8_t *,
@@ -407,37 +398,34 @@ INLINE __mmask16 tail_mask(size_t i, size_t in) {
 /* acc[r][s] += wv[r] * x[s, i .. i + 15] (lanes outside m read as 0). */
 INLINE void fma_step(const int R, const int S, const __m512 *wv, __mmask16 m, const float *x,
                      size_t ldx, size_t i, __m512 acc[TR][TS]) {
-    for (int s = 0; s < S; s++) {
+    UNROLL for (int s = 0; s < S; s++) {
         const __m512 xv = _mm512_maskz_loadu_ps(m, x + s * ldx + i);
-        for (int r = 0; r < R; r++)
-            acc[r][s] = _mm512_fmadd_ps(wv[r], xv, acc[r][s]);
+        UNROLL for (int r = 0; r < R; r++) acc[r][s] = _mm512_fmadd_ps(wv[r], xv, acc[r][s]);
     }
 }
 
 INLINE void float_tile(const qtype_t T, const int R, const int S, const uint8_t *w, size_t rb,
                        size_t in, const float *x, size_t ldx, const uint8_t *pf, float *out) {
     __m512 acc[TR][TS];
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++)
-            acc[r][s] = _mm512_setzero_ps();
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) acc[r][s] =
+        _mm512_setzero_ps();
     const size_t esz = T == QTYPE_F32 ? 4 : T == QTYPE_F16 ? 2 : 1;
     float swf[TR] = {0};
     if (T == QTYPE_INT8)
-        for (int r = 0; r < R; r++)
-            swf[r] = kern_load_f32(w + r * rb + kern_codes_bytes(QTYPE_INT8, in));
+        UNROLL for (int r = 0; r < R; r++) swf[r] =
+            kern_load_f32(w + r * rb + kern_codes_bytes(QTYPE_INT8, in));
     for (size_t i = 0; i < in; i += 16) {
         const __mmask16 m = tail_mask(i, in);
         if (pf && (i * esz) % 64 == 0)
-            for (int r = 0; r < R; r++)
+            UNROLL for (int r = 0; r < R; r++)
                 _mm_prefetch((const char *)pf + (i * esz) * R + r * 64, KERN_PF_HINT);
         __m512 wv[TR];
-        for (int r = 0; r < R; r++)
-            wv[r] = load_w(T, w + r * rb, i, m, _mm512_set1_ps(swf[r]));
+        UNROLL for (int r = 0; r < R; r++) wv[r] =
+            load_w(T, w + r * rb, i, m, _mm512_set1_ps(swf[r]));
         fma_step(R, S, wv, m, x, ldx, i, acc);
     }
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++)
-            out[r * TS + s] = _mm512_reduce_add_ps(acc[r][s]);
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) out[r * TS + s] =
+        _mm512_reduce_add_ps(acc[r][s]);
 }
 
 /* Group g of a 128-weight block: low nibbles (g < 2) or high nibbles of bytes 32 (g % 2) ..
@@ -445,34 +433,32 @@ INLINE void float_tile(const qtype_t T, const int R, const int S, const uint8_t 
 INLINE void int4f_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t in,
                        const float *x, size_t ldx, const uint8_t *pf, float *out) {
     __m512 acc[TR][TS];
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++)
-            acc[r][s] = _mm512_setzero_ps();
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) acc[r][s] =
+        _mm512_setzero_ps();
     const __m512 codes = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     const size_t nb = (in + QTYPE_INT4_BLOCK - 1) / QTYPE_INT4_BLOCK, cb = nb * 64;
     for (size_t b = 0; b < nb; b++) {
         if (pf)
-            for (int r = 0; r < R; r++)
+            UNROLL for (int r = 0; r < R; r++)
                 _mm_prefetch((const char *)pf + (b * R + r) * 72, KERN_PF_HINT);
         float d[TR][4];
-        for (int r = 0; r < R; r++)
-            _mm_storeu_ps(
-                d[r], _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(w + r * rb + cb + b * 8))));
-        for (int g = 0; g < 4; g++) {
+        UNROLL for (int r = 0; r < R; r++) _mm_storeu_ps(
+            d[r], _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(w + r * rb + cb + b * 8))));
+        UNROLL for (int g = 0; g < 4; g++) {
             const size_t ig = b * QTYPE_INT4_BLOCK + (size_t)g * QTYPE_INT4_GROUP;
             if (ig >= in)
                 break;
             __m512 tab[TR];
-            for (int r = 0; r < R; r++)
-                tab[r] = _mm512_mul_ps(_mm512_set1_ps(d[r][g]), codes);
-            for (int j = 0; j < 2; j++) {
+            UNROLL for (int r = 0; r < R; r++) tab[r] =
+                _mm512_mul_ps(_mm512_set1_ps(d[r][g]), codes);
+            UNROLL for (int j = 0; j < 2; j++) {
                 const size_t i = ig + 16 * (size_t)j;
                 if (i >= in)
                     break;
                 const __mmask16 m = tail_mask(i, in);
                 const size_t off = b * 64 + 32 * (size_t)(g & 1) + 16 * (size_t)j;
                 __m512 wv[TR];
-                for (int r = 0; r < R; r++) {
+                UNROLL for (int r = 0; r < R; r++) {
                     __m512i v =
                         _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + r * rb + off)));
                     if (g >= 2)
@@ -483,9 +469,8 @@ INLINE void int4f_tile(const int R, const int S, const uint8_t *w, size_t rb, si
             }
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int s = 0; s < S; s++)
-            out[r * TS + s] = _mm512_reduce_add_ps(acc[r][s]);
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) out[r * TS + s] =
+        _mm512_reduce_add_ps(acc[r][s]);
 }
 
 typedef void (*fltile_fn)(const uint8_t *, size_t, size_t, const float *, size_t, const uint8_t *,
