@@ -93,6 +93,29 @@ static void quantize_act(kern_act_t *act, const float *x, size_t ldx, size_t n) 
     act->n = n;
 }
 
+/* Software prefetch of the next tile's R rows (R * rb bytes from wr + R * rb, KERN_PF_TILES
+ * tiles ahead), spread over the token blocks of the current tile: block k of nblk fetches
+ * slice k, `len` bytes per step of the tile (a step consumes `unit` bytes of each of its R
+ * rows: 64, or a 72-byte INT4 block with its scales), so the memory streams through every
+ * block instead of idling after the first. */
+typedef struct {
+    const uint8_t *p;
+    size_t len;
+} pf_t;
+
+INLINE pf_t pf_slice(const uint8_t *wr, int R, size_t rb, size_t unit, size_t k, size_t nblk) {
+    const size_t tile = (size_t)R * rb;
+    pf_t pf = {wr + (size_t)KERN_PF_TILES * tile + k * tile / nblk,
+               ((size_t)R * unit + nblk - 1) / nblk};
+    return pf;
+}
+
+INLINE void prefetch_step(const pf_t *pf, size_t step) {
+    const char *p = (const char *)pf->p + step * pf->len;
+    for (size_t o = 0; o < pf->len; o += 64)
+        _mm_prefetch(p + o, KERN_PF_HINT);
+}
+
 /* Balanced token blocks: n tokens in ceil(n / smax) blocks whose sizes differ by <= 1. */
 INLINE size_t block_len(size_t n, size_t s0, size_t smax) {
     const size_t nblk = (n + smax - 1) / smax, base = n / nblk, extra = n % nblk;
@@ -118,16 +141,14 @@ INLINE size_t block_len(size_t n, size_t s0, size_t smax) {
  * products (at most 2 << 6 = 128, still a u8), so each k gets its own accumulator and is
  * divided back exactly at the end. One fused load+and and one vpdpbusd per 64 weights. */
 INLINE void tern_tile_s1(const int R, const uint8_t *w, size_t rb, size_t nb, const int8_t *x,
-                         const uint8_t *pf, int32_t *out) {
+                         const pf_t *pf, int32_t *out) {
     __m512i acc[TR][4];
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int k = 0; k < 4; k++) acc[r][k] =
         _mm512_setzero_si512();
     const __m512i mk[4] = {_mm512_set1_epi8(0x03), _mm512_set1_epi8(0x0c), _mm512_set1_epi8(0x30),
                            _mm512_set1_epi8((char)0xc0)};
     for (size_t b = 0; b < nb; b++) {
-        if (pf)
-            UNROLL for (int r = 0; r < R; r++)
-                _mm_prefetch((const char *)pf + (b * R + r) * 64, KERN_PF_HINT);
+        prefetch_step(pf, b);
         UNROLL for (int k = 0; k < 4; k++) {
             const __m512i xv =
                 _mm512_load_si512((const void *)(x + b * QTYPE_TERNARY_BLOCK + 64 * k));
@@ -145,7 +166,7 @@ INLINE void tern_tile_s1(const int R, const uint8_t *w, size_t rb, size_t nb, co
 }
 
 INLINE void tern_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t nb,
-                      const int8_t *x, size_t xs, const uint8_t *pf, int32_t *out) {
+                      const int8_t *x, size_t xs, const pf_t *pf, int32_t *out) {
     if (S == 1) {
         tern_tile_s1(R, w, rb, nb, x, pf, out);
         return;
@@ -155,9 +176,7 @@ INLINE void tern_tile(const int R, const int S, const uint8_t *w, size_t rb, siz
         _mm512_setzero_si512();
     const __m512i m3 = _mm512_set1_epi8(3);
     for (size_t b = 0; b < nb; b++) {
-        if (pf)
-            UNROLL for (int r = 0; r < R; r++)
-                _mm_prefetch((const char *)pf + (b * R + r) * 64, KERN_PF_HINT);
+        prefetch_step(pf, b);
         const int8_t *xb = x + b * QTYPE_TERNARY_BLOCK;
         __m512i raw[TR];
         UNROLL for (int r = 0; r < R; r++) raw[r] =
@@ -173,9 +192,7 @@ INLINE void tern_tile(const int R, const int S, const uint8_t *w, size_t rb, siz
 
 #define INT8_TILE_BODY                                                                             \
     for (size_t b = 0; b < nb; b++) {                                                              \
-        if (pf)                                                                                    \
-            UNROLL for (int r = 0; r < R; r++)                                                     \
-                _mm_prefetch((const char *)pf + (b * R + r) * 64, KERN_PF_HINT);                   \
+        prefetch_step(pf, b);                                                                      \
         __m512i wv[TR];                                                                            \
         UNROLL for (int r = 0; r < R; r++) wv[r] =                                                 \
             _mm512_loadu_si512((const void *)(w + r * rb + b * 64));                               \
@@ -186,7 +203,7 @@ INLINE void tern_tile(const int R, const int S, const uint8_t *w, size_t rb, siz
     }
 
 INLINE void int8_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t nb,
-                      const int8_t *x, size_t xs, const uint8_t *pf, int32_t *out) {
+                      const int8_t *x, size_t xs, const pf_t *pf, int32_t *out) {
     __m512i acc[TR][TS];
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) acc[r][s] =
         _mm512_setzero_si512();
@@ -195,13 +212,13 @@ INLINE void int8_tile(const int R, const int S, const uint8_t *w, size_t rb, siz
         _mm512_reduce_add_epi32(acc[r][s]);
 }
 
-typedef void (*itile_fn)(const uint8_t *, size_t, size_t, const int8_t *, size_t, const uint8_t *,
+typedef void (*itile_fn)(const uint8_t *, size_t, size_t, const int8_t *, size_t, const pf_t *,
                          int32_t *);
 
 /* Instances with constant R and S, so the accumulators live in registers. */
 #define DEF_TILE(name, R, S)                                                                       \
     static void name##_##R##_##S(const uint8_t *w, size_t rb, size_t nb, const int8_t *x,          \
-                                 size_t xs, const uint8_t *pf, int32_t *out) {                     \
+                                 size_t xs, const pf_t *pf, int32_t *out) {                        \
         name(R, S, w, rb, nb, x, xs, pf, out);                                                     \
     }
 #define DEF_TILES(name)                                                                            \
@@ -238,10 +255,10 @@ static void matmul_single_scale(const itile_fn table[2][TS], qtype_t type, int o
     for (size_t r = r0; r < r1;) {
         const int R = r1 - r >= TR ? TR : 1;
         const uint8_t *wr = wbase + r * rb;
-        for (size_t s0 = 0; s0 < n;) {
+        for (size_t s0 = 0, k = 0; s0 < n; k++) {
             const size_t S = block_len(n, s0, TS);
-            const uint8_t *pf = s0 == 0 ? wr + (size_t)KERN_PF_TILES * R * rb : NULL;
-            table[R == TR][S - 1](wr, rb, nb, act->q + s0 * act->stride, act->stride, pf, isum);
+            const pf_t pf = pf_slice(wr, R, rb, 64, k, (n + TS - 1) / TS);
+            table[R == TR][S - 1](wr, rb, nb, act->q + s0 * act->stride, act->stride, &pf, isum);
             for (int i = 0; i < R; i++) {
                 const float sw = kern_load_f32(wr + i * rb + cb);
                 for (size_t s = 0; s < S; s++) {
@@ -294,7 +311,7 @@ static void matmul_int8(const void *w, size_t in, const kern_act_t *act, float *
     } while (0)
 
 INLINE void int4_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t nb,
-                      const int8_t *x, size_t xs, const uint8_t *pf, float *out) {
+                      const int8_t *x, size_t xs, const pf_t *pf, float *out) {
     __m512 acc[TR][TS_INT4];
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) acc[r][s] =
         _mm512_setzero_ps();
@@ -303,9 +320,7 @@ INLINE void int4_tile(const int R, const int S, const uint8_t *w, size_t rb, siz
     const __m512i idx_hi = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
     const size_t cb = nb * 64;
     for (size_t b = 0; b < nb; b++) {
-        if (pf)
-            UNROLL for (int r = 0; r < R; r++)
-                _mm_prefetch((const char *)pf + (b * R + r) * 72, KERN_PF_HINT);
+        prefetch_step(pf, b);
         INT4_HALF(0);
         INT4_HALF(1);
     }
@@ -313,11 +328,11 @@ INLINE void int4_tile(const int R, const int S, const uint8_t *w, size_t rb, siz
         _mm512_reduce_add_ps(acc[r][s]);
 }
 
-typedef void (*ftile_fn)(const uint8_t *, size_t, size_t, const int8_t *, size_t, const uint8_t *,
+typedef void (*ftile_fn)(const uint8_t *, size_t, size_t, const int8_t *, size_t, const pf_t *,
                          float *);
 #define DEF_FTILE(R, S)                                                                            \
     static void int4_tile_##R##_##S(const uint8_t *w, size_t rb, size_t nb, const int8_t *x,       \
-                                    size_t xs, const uint8_t *pf, float *out) {                    \
+                                    size_t xs, const pf_t *pf, float *out) {                       \
         int4_tile(R, S, w, rb, nb, x, xs, pf, out);                                                \
     }
 DEF_FTILE(4, 1)
@@ -354,10 +369,10 @@ static void matmul_int4(const void *w, size_t in, const kern_act_t *act, float *
     for (size_t r = r0; r < r1;) {
         const int R = r1 - r >= TR ? TR : 1;
         const uint8_t *wr = wbase + r * rb;
-        for (size_t s0 = 0; s0 < n;) {
+        for (size_t s0 = 0, k = 0; s0 < n; k++) {
             const size_t S = block_len(n, s0, TS_INT4);
-            const uint8_t *pf = s0 == 0 ? wr + (size_t)KERN_PF_TILES * R * rb : NULL;
-            int4_tile_table[R == TR][S - 1](wr, rb, nb, act->q + s0 * act->stride, act->stride, pf,
+            const pf_t pf = pf_slice(wr, R, rb, 72, k, (n + TS_INT4 - 1) / TS_INT4);
+            int4_tile_table[R == TR][S - 1](wr, rb, nb, act->q + s0 * act->stride, act->stride, &pf,
                                             part);
             for (int i = 0; i < R; i++)
                 for (size_t s = 0; s < S; s++) {
@@ -405,7 +420,7 @@ INLINE void fma_step(const int R, const int S, const __m512 *wv, __mmask16 m, co
 }
 
 INLINE void float_tile(const qtype_t T, const int R, const int S, const uint8_t *w, size_t rb,
-                       size_t in, const float *x, size_t ldx, const uint8_t *pf, float *out) {
+                       size_t in, const float *x, size_t ldx, const pf_t *pf, float *out) {
     __m512 acc[TR][TS];
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) acc[r][s] =
         _mm512_setzero_ps();
@@ -416,9 +431,8 @@ INLINE void float_tile(const qtype_t T, const int R, const int S, const uint8_t 
             kern_load_f32(w + r * rb + kern_codes_bytes(QTYPE_INT8, in));
     for (size_t i = 0; i < in; i += 16) {
         const __mmask16 m = tail_mask(i, in);
-        if (pf && (i * esz) % 64 == 0)
-            UNROLL for (int r = 0; r < R; r++)
-                _mm_prefetch((const char *)pf + (i * esz) * R + r * 64, KERN_PF_HINT);
+        if ((i * esz) % 64 == 0)
+            prefetch_step(pf, i * esz / 64);
         __m512 wv[TR];
         UNROLL for (int r = 0; r < R; r++) wv[r] =
             load_w(T, w + r * rb, i, m, _mm512_set1_ps(swf[r]));
@@ -431,16 +445,14 @@ INLINE void float_tile(const qtype_t T, const int R, const int S, const uint8_t 
 /* Group g of a 128-weight block: low nibbles (g < 2) or high nibbles of bytes 32 (g % 2) ..
  * 32 (g % 2) + 31; two steps of 16 weights. */
 INLINE void int4f_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t in,
-                       const float *x, size_t ldx, const uint8_t *pf, float *out) {
+                       const float *x, size_t ldx, const pf_t *pf, float *out) {
     __m512 acc[TR][TS];
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) acc[r][s] =
         _mm512_setzero_ps();
     const __m512 codes = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     const size_t nb = (in + QTYPE_INT4_BLOCK - 1) / QTYPE_INT4_BLOCK, cb = nb * 64;
     for (size_t b = 0; b < nb; b++) {
-        if (pf)
-            UNROLL for (int r = 0; r < R; r++)
-                _mm_prefetch((const char *)pf + (b * R + r) * 72, KERN_PF_HINT);
+        prefetch_step(pf, b);
         float d[TR][4];
         UNROLL for (int r = 0; r < R; r++) _mm_storeu_ps(
             d[r], _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(w + r * rb + cb + b * 8))));
@@ -473,11 +485,11 @@ INLINE void int4f_tile(const int R, const int S, const uint8_t *w, size_t rb, si
         _mm512_reduce_add_ps(acc[r][s]);
 }
 
-typedef void (*fltile_fn)(const uint8_t *, size_t, size_t, const float *, size_t, const uint8_t *,
+typedef void (*fltile_fn)(const uint8_t *, size_t, size_t, const float *, size_t, const pf_t *,
                           float *);
 #define DEF_FLTILE(T, R, S)                                                                        \
     static void float_tile_##T##_##R##_##S(const uint8_t *w, size_t rb, size_t in, const float *x, \
-                                           size_t ldx, const uint8_t *pf, float *out) {            \
+                                           size_t ldx, const pf_t *pf, float *out) {               \
         float_tile(QTYPE_##T, R, S, w, rb, in, x, ldx, pf, out);                                   \
     }
 #define DEF_FLTILES(T)                                                                             \
@@ -504,7 +516,7 @@ DEF_FLTILES(INT8)
 
 #define DEF_I4FTILE(R, S)                                                                          \
     static void int4f_tile_##R##_##S(const uint8_t *w, size_t rb, size_t in, const float *x,       \
-                                     size_t ldx, const uint8_t *pf, float *out) {                  \
+                                     size_t ldx, const pf_t *pf, float *out) {                     \
         int4f_tile(R, S, w, rb, in, x, ldx, pf, out);                                              \
     }
 DEF_I4FTILE(4, 1)
@@ -529,10 +541,11 @@ static void matmul_float(const fltile_fn table[2][TS], size_t smax, qtype_t type
     for (size_t r = r0; r < r1;) {
         const int R = r1 - r >= TR ? TR : 1;
         const uint8_t *wr = wbase + r * rb;
-        for (size_t s0 = 0; s0 < n;) {
+        for (size_t s0 = 0, k = 0; s0 < n; k++) {
             const size_t S = block_len(n, s0, smax);
-            const uint8_t *pf = s0 == 0 ? wr + (size_t)KERN_PF_TILES * R * rb : NULL;
-            table[R == TR][S - 1](wr, rb, in, x + s0 * ldx, ldx, pf, part);
+            const pf_t pf =
+                pf_slice(wr, R, rb, type == QTYPE_INT4 ? 72 : 64, k, (n + smax - 1) / smax);
+            table[R == TR][S - 1](wr, rb, in, x + s0 * ldx, ldx, &pf, part);
             for (int i = 0; i < R; i++)
                 for (size_t s = 0; s < S; s++)
                     y[(s0 + s) * ldy + r + i] = part[i * TS + s];
