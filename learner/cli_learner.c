@@ -3,6 +3,7 @@
 #include "cli.h"
 #include "config.h"
 #include "data_task.h"
+#include "dp.h"
 #include "log.h"
 #include "model.h"
 #include "sft.h"
@@ -121,6 +122,9 @@ static void sft_usage(FILE *out) {
             "  --resume PATH    continue from a checkpoint directory, or the latest under a root\n"
             "  --balance-bias   update the loss-free balancing biases after each step (off:\n"
             "                   optional in SFT, where the aux balance loss evens the load)\n"
+            "  --replicas N     data parallel: N model replicas on N threads each train on a\n"
+            "                   shard of every batch, with max(1, learner.threads / N) threads\n"
+            "                   inside each (default 1; 2 on 2 cores is ~2x faster on tiny)\n"
             "\n"
             "exit status: 0 ok, 1 runtime error (bad data, bad checkpoint), 2 usage error\n");
 }
@@ -157,6 +161,13 @@ int cli_sft_main(int argc, char **argv) {
         } else if (!strcmp(a, "--max-steps") && has_val) {
             rc = parse_long(cmd, a, argv[++i], 1, &v);
             opt.max_steps = v;
+        } else if (!strcmp(a, "--replicas") && has_val) {
+            rc = parse_long(cmd, a, argv[++i], 1, &v);
+            if (rc == 0 && v > DP_LOCAL_MAX) {
+                fprintf(stderr, "%s: --replicas %ld: at most %d\n", cmd, v, DP_LOCAL_MAX);
+                rc = 2;
+            }
+            opt.replicas = (int)v;
         } else if (!strcmp(a, "--balance-bias")) {
             opt.balance_bias = 1;
         } else if (!strcmp(a, "--resume") && has_val) {

@@ -2,6 +2,7 @@
 
 #include "alloc.h"
 #include "checkpoint.h"
+#include "dp.h"
 #include "gemm.h"
 #include "jsonl.h"
 #include "log.h"
@@ -15,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -315,8 +317,11 @@ static int evaluate(model_t *m, const dataset_t *test, size_t n, int B, batch_bu
 }
 
 void sft_options_default(sft_options_t *o) {
-    *o = (sft_options_t){
-        .batch_size = 32, .eval_interval = 100, .eval_examples = 500, .log_interval = 10};
+    *o = (sft_options_t){.batch_size = 32,
+                         .eval_interval = 100,
+                         .eval_examples = 500,
+                         .log_interval = 10,
+                         .replicas = 1};
 }
 
 static void fmt_eta(char *buf, size_t cap, double s) {
@@ -326,40 +331,39 @@ static void fmt_eta(char *buf, size_t cap, double s) {
     snprintf(buf, cap, "%ld:%02ld:%02ld", t / 3600, t / 60 % 60, t % 60);
 }
 
+/* What the ranks share: read-only while they run, except res (written by the root only). */
+typedef struct {
+    const quillan_config_t *cfg;
+    const sft_options_t *opt;
+    tokenizer_t *tok;
+    dataset_t train, test;
+    int rank_threads; /* OpenMP threads of each replica when there are several */
+    sft_result_t res;
+} sft_shared_t;
+
+/* One rank's replica and buffers. */
 typedef struct {
     model_t *m;
     optim_t *o;
-    tokenizer_t *tok;
-    dataset_t train, test;
-    size_t *order;
+    size_t *order; /* the epoch's permutation of the training set */
+    size_t *idx;   /* [batch_size] the step's examples (the whole batch, on every rank) */
     batch_buf_t bb;
-} sft_ctx_t;
+    real *dlogp; /* CE gradient of this rank's shard (several replicas only) */
+} sft_rank_t;
 
-static void ctx_free(sft_ctx_t *c) {
+static void rank_free(sft_rank_t *c) {
     model_destroy(&c->m);
     optim_destroy(&c->o);
-    tokenizer_destroy(&c->tok);
-    dataset_free(&c->train);
-    dataset_free(&c->test);
     free(c->order);
+    free(c->idx);
     batch_free(&c->bb);
+    free(c->dlogp);
 }
 
-static int run(sft_ctx_t *c, const quillan_config_t *cfg, const sft_options_t *opt,
-               sft_result_t *res, qerr_t *err) {
-    const config_learner_t *lc = &cfg->learner;
-    const model_config_t *mc = &cfg->model;
-    c->tok = tokenizer_for(mc, err);
-    if (!c->tok)
-        return -1;
-    if (!cfg->data.train[0])
-        return qerr_set(err, QERR_INVALID,
-                        "data.train: SFT needs a training set (JSONL of "
-                        "prompt/completion pairs)");
-    if (dataset_load(&c->train, cfg->data.train, c->tok, mc, err))
-        return -1;
-    if (cfg->data.test[0] && dataset_load(&c->test, cfg->data.test, c->tok, mc, err))
-        return -1;
+/* The replica, its optimizer and buffers. The root's batch buffers also serve evaluation. */
+static int rank_alloc(sft_rank_t *c, const sft_shared_t *sh, dp_comm_t *comm, qerr_t *err) {
+    const config_learner_t *lc = &sh->cfg->learner;
+    const model_config_t *mc = &sh->cfg->model;
     c->m = model_new(mc, err);
     if (!c->m)
         return -1;
@@ -376,149 +380,313 @@ static int run(sft_ctx_t *c, const quillan_config_t *cfg, const sft_options_t *o
     c->o = optim_new(&oc, c->m, err);
     if (!c->o)
         return -1;
-    const int B = opt->batch_size;
-    c->order = malloc(c->train.n * sizeof *c->order);
-    if (!c->order ||
-        batch_alloc(&c->bb, B > SFT_GREEDY_BATCH ? B : SFT_GREEDY_BATCH, mc->context + 1))
+    const int B = sh->opt->batch_size, R = dp_world(comm);
+    const int rows =
+        dp_is_root(comm) ? (B > SFT_GREEDY_BATCH ? B : SFT_GREEDY_BATCH) : (B + R - 1) / R;
+    c->order = malloc(sh->train.n * sizeof *c->order);
+    c->idx = malloc((size_t)B * sizeof *c->idx);
+    if (R > 1)
+        c->dlogp = malloc((size_t)rows * (size_t)(mc->context + 1) * sizeof *c->dlogp);
+    if (!c->order || !c->idx || (R > 1 && !c->dlogp) || batch_alloc(&c->bb, rows, mc->context + 1))
         return qerr_set(err, QERR_NOMEM, "out of memory");
+    return 0;
+}
 
-    checkpoint_state_t st = {.seed = lc->seed, .data_fingerprint = c->train.fingerprint};
-    if (opt->resume) {
+/* The root loads the checkpoint (or keeps its fresh model); with several replicas the others
+ * then receive its parameters, moments, counters and state, so all start from the same bits. */
+static int rank_start(sft_rank_t *c, const sft_shared_t *sh, dp_comm_t *comm,
+                      checkpoint_state_t *st, qerr_t *err) {
+    const quillan_config_t *cfg = sh->cfg;
+    *st =
+        (checkpoint_state_t){.seed = cfg->learner.seed, .data_fingerprint = sh->train.fingerprint};
+    if (sh->opt->resume && dp_is_root(comm)) {
         char dir[4096];
-        if (checkpoint_resolve(opt->resume, dir, sizeof dir, err) ||
-            checkpoint_load(dir, c->m, c->o, &st, err))
+        if (checkpoint_resolve(sh->opt->resume, dir, sizeof dir, err) ||
+            checkpoint_load(dir, c->m, c->o, st, err))
             return -1;
-        if (st.data_fingerprint != c->train.fingerprint)
+        if (st->data_fingerprint != sh->train.fingerprint)
             return qerr_set(err, QERR_INVALID,
                             "%s: the training set %s changed since this "
                             "checkpoint was written",
                             dir, cfg->data.train);
-        if (st.data_position > c->train.n)
+        if (st->data_position > sh->train.n)
             return qerr_set(err, QERR_INVALID,
                             "%s: data position %llu is beyond the %zu "
                             "examples of %s",
-                            dir, (unsigned long long)st.data_position, c->train.n, cfg->data.train);
-        log_info("sft/resume", "resumed from %s at step %ld", dir, st.step);
+                            dir, (unsigned long long)st->data_position, sh->train.n,
+                            cfg->data.train);
+        log_info("sft/resume", "resumed from %s at step %ld", dir, st->step);
     }
-    rng_stream_t ds;
-    epoch_order(c->order, c->train.n, cfg->data.seed, st.data_epoch, cfg->data.shuffle, &ds);
+    if (dp_world(comm) == 1)
+        return 0;
+    long counts[2] = {optim_steps(c->o), optim_skipped(c->o)};
+    const size_t np = model_num_reals(c->m) * sizeof(real), no = optim_len(c->o) * sizeof(real);
+    if (dp_broadcast(comm, model_params(c->m), np, err) ||
+        dp_broadcast(comm, optim_m(c->o), no, err) || dp_broadcast(comm, optim_v(c->o), no, err) ||
+        dp_broadcast(comm, counts, sizeof counts, err) || dp_broadcast(comm, st, sizeof *st, err))
+        return -1;
+    model_params_changed(c->m);
+    optim_set_counts(c->o, counts[0], counts[1]);
+    return 0;
+}
 
-    const long last = opt->max_steps > 0 ? opt->max_steps : lc->total_steps;
-    const size_t n_eval = opt->eval_examples > 0 && (size_t)opt->eval_examples < c->test.n
-                              ? (size_t)opt->eval_examples
-                              : c->test.n;
-    size_t *idx = malloc((size_t)B * sizeof *idx);
-    if (!idx)
-        return qerr_set(err, QERR_NOMEM, "out of memory");
-    const double t0 = now_s();
-    double tlog = t0;
-    long tok_log = 0;
-    int rc = 0;
-    res->first_loss = NAN;
-    res->eval_loss = res->eval_accuracy = NAN;
-    const int32_t pad = tokenizer_pad_id(c->tok);
-    const long start = st.step;
-    long step = st.step;
-    for (; step < last; step++) {
+/* A training batch over the filled bb, its aux weights scaled by share (balance, z) and wshare
+ * (diffusion): exactly the configured weights when both are 1. */
+static model_batch_t train_batch(const batch_buf_t *bb, const config_learner_t *lc,
+                                 uint64_t noise_key, double share, double wshare) {
+    return (model_batch_t){.B = bb->B,
+                           .T = bb->T,
+                           .tokens = bb->tokens,
+                           .targets = bb->targets,
+                           .weights = bb->weights,
+                           .training = 1,
+                           .count_load = 1,
+                           .noise_key = noise_key,
+                           .temperature = 1,
+                           .aux_balance = (real)(lc->aux.balance * share),
+                           .aux_z = (real)(lc->aux.z_loss * share),
+                           .aux_diffusion = (real)(lc->aux.diffusion * wshare)};
+}
+
+/* Forward and backward of one step; fills the gradients (all-reduced with several replicas),
+ * *ms (loss, ce, balance, diffusion of the whole batch) and *tokens (input positions).
+ *
+ * One replica: the whole batch, noise keyed (seed, step), model_backward's own CE gradient.
+ * R replicas: rank r takes rows dp_shard(B, R, r), padded to its own longest row, with noise
+ * keyed (seed, step, r). Its CE gradient is -w / W with W the whole batch's weight sum, so the
+ * ranks' gradients add up to the whole batch's token mean. Its aux weights are scaled by its
+ * share: of the batch's positions for balance and z (each a mean over the shard's positions),
+ * of the CE-weighted positions for diffusion (a mean over those). */
+static int rank_grads(sft_rank_t *c, const sft_shared_t *sh, dp_comm_t *comm, int B, long step,
+                      model_stats_t *ms, long *tokens, qerr_t *err) {
+    const config_learner_t *lc = &sh->cfg->learner;
+    const int32_t pad = tokenizer_pad_id(sh->tok);
+    const int R = dp_world(comm), r = dp_rank(comm);
+    model_grads_zero(c->m);
+    if (R == 1) {
+        batch_fill(&c->bb, &sh->train, c->idx, B, pad);
+        const uint64_t keys[2] = {lc->seed, (uint64_t)step};
+        const model_batch_t mb = train_batch(&c->bb, lc, rng_hash(keys, 2), 1, 1);
+        if (model_forward(c->m, &mb, ms, err))
+            return -1;
+        model_backward(c->m, NULL, NULL);
+        *tokens = c->bb.tokens_in;
+        return 0;
+    }
+    /* The whole batch's CE weight and positions, from the example lengths: every rank knows
+     * them without asking the others. */
+    double W = 0, P = 0;
+    for (int b = 0; b < B; b++) {
+        const example_t *e = &sh->train.ex[c->idx[b]];
+        W += e->len - e->plen;
+    }
+    for (int k = 0; k < R; k++) {
+        long kb, kn;
+        dp_shard(B, R, k, &kb, &kn);
+        int T = 1;
+        for (long b = kb; b < kb + kn; b++)
+            if (sh->train.ex[c->idx[b]].len - 1 > T)
+                T = sh->train.ex[c->idx[b]].len - 1;
+        P += kn > 0 ? (double)kn * T : 0;
+    }
+    long b0, nb;
+    dp_shard(B, R, r, &b0, &nb);
+    double part[6] = {0}; /* loss, ce, balance, z, diffusion, tokens: this rank's share */
+    if (nb > 0) {
+        batch_fill(&c->bb, &sh->train, c->idx + b0, (int)nb, pad);
+        const size_t n = (size_t)nb * (size_t)c->bb.T;
+        double wr = 0;
+        for (size_t i = 0; i < n; i++)
+            wr += c->bb.weights[i];
+        const double share = (double)n / P, wshare = W > 0 ? wr / W : 0;
+        const uint64_t keys[3] = {lc->seed, (uint64_t)step, (uint64_t)r};
+        const model_batch_t mb = train_batch(&c->bb, lc, rng_hash(keys, 3), share, wshare);
+        model_stats_t st;
+        if (model_forward(c->m, &mb, &st, err))
+            return -1;
+        for (size_t i = 0; i < n; i++)
+            c->dlogp[i] = W > 0 ? (real)(-(double)c->bb.weights[i] / W) : 0;
+        model_backward(c->m, c->dlogp, NULL);
+        part[0] = st.ce * wshare + (st.loss - st.ce);
+        part[1] = st.ce * wshare;
+        part[2] = st.balance * share;
+        part[3] = st.z * share;
+        part[4] = st.diffusion * wshare;
+        part[5] = (double)c->bb.tokens_in;
+    }
+    if (dp_allreduce(comm, model_grads(c->m), model_num_reals(c->m), DP_F32, DP_SUM, err) ||
+        dp_allreduce(comm, part, Q_ARRAY_LEN(part), DP_F64, DP_SUM, err))
+        return -1;
+    *ms = (model_stats_t){.loss = part[0],
+                          .ce = part[1],
+                          .balance = part[2],
+                          .z = part[3],
+                          .diffusion = part[4],
+                          .weight_sum = W};
+    *tokens = (long)part[5];
+    return 0;
+}
+
+/* The root's bookkeeping between steps. */
+typedef struct {
+    double t0, tlog;
+    long tok_log, start, last;
+    size_t n_eval;
+} sft_clock_t;
+
+/* Rank 0's duties after a step: loss trace, progress record, evaluation, checkpoint. */
+static int root_report(sft_rank_t *c, sft_shared_t *sh, sft_clock_t *ck,
+                       const checkpoint_state_t *st, long step, const model_stats_t *ms,
+                       const optim_result_t *orr, long tokens, qerr_t *err) {
+    const sft_options_t *opt = sh->opt;
+    const config_learner_t *lc = &sh->cfg->learner;
+    sft_result_t *res = &sh->res;
+    const long last = ck->last;
+    if (opt->loss_trace && (size_t)step < opt->trace_cap)
+        opt->loss_trace[step] = ms->loss;
+    if (isnan(res->first_loss))
+        res->first_loss = ms->loss;
+    res->last_loss = ms->loss;
+    res->tokens += tokens;
+    ck->tok_log += tokens;
+    if ((step + 1) % opt->log_interval == 0 || step + 1 == last) {
+        const double t = now_s(), el = t - ck->t0;
+        const double tps = ck->tok_log / (t - ck->tlog > 0 ? t - ck->tlog : 1e-9);
+        const double eta = el / (double)(step + 1 - ck->start) * (double)(last - step - 1);
+        char etas[32];
+        fmt_eta(etas, sizeof etas, eta);
+        const log_field_t f[] = {{"step", (double)(step + 1)},
+                                 {"loss", ms->loss},
+                                 {"ce", ms->ce},
+                                 {"loss/balance", ms->balance},
+                                 {"loss/diffusion", ms->diffusion},
+                                 {"lr", orr->lr},
+                                 {"grad_norm", orr->grad_norm},
+                                 {"tokens_per_s", tps},
+                                 {"eta_s", eta}};
+        log_emit(LOG_INFO, "sft/step", f, Q_ARRAY_LEN(f),
+                 "step %ld/%ld loss %.4f ce %.4f lr %.2e tok/s %.0f ETA %s", step + 1, last,
+                 ms->loss, ms->ce, orr->lr, tps, etas);
+        ck->tlog = t;
+        ck->tok_log = 0;
+    }
+    const int eval_now =
+        sh->test.n > 0 &&
+        ((opt->eval_interval > 0 && (step + 1) % opt->eval_interval == 0) || step + 1 == last);
+    if (eval_now) {
+        if (evaluate(c->m, &sh->test, ck->n_eval, opt->batch_size, &c->bb, sh->tok, &res->eval_loss,
+                     &res->eval_accuracy, err))
+            return -1;
+        const log_field_t f[] = {{"step", (double)(step + 1)},
+                                 {"eval/loss", res->eval_loss},
+                                 {"eval/exact_match", res->eval_accuracy},
+                                 {"elapsed_s", now_s() - ck->t0}};
+        log_emit(LOG_INFO, "sft/eval", f, Q_ARRAY_LEN(f),
+                 "step %ld eval loss %.4f exact match %.1f%% (%zu examples) at %.1f s", step + 1,
+                 res->eval_loss, 100 * res->eval_accuracy, ck->n_eval, now_s() - ck->t0);
+    }
+    const int ckpt_now =
+        lc->checkpoint_dir[0] &&
+        ((lc->checkpoint_interval > 0 && (step + 1) % lc->checkpoint_interval == 0) ||
+         step + 1 == last);
+    if (ckpt_now) {
+        char dir[4096];
+        if (checkpoint_save(lc->checkpoint_dir, sh->cfg, c->m, c->o, st, dir, sizeof dir, err))
+            return -1;
+        log_info("sft/checkpoint", "step %ld: wrote %s", step + 1, dir);
+    }
+    return 0;
+}
+
+/* One rank's training loop (dp_rank_fn). Every rank walks the same data order and takes the
+ * same optimizer step from the same reduced gradient; the root also reports. */
+static int rank_main(dp_comm_t *comm, void *arg, qerr_t *err) {
+    sft_shared_t *sh = arg;
+    const quillan_config_t *cfg = sh->cfg;
+    const sft_options_t *opt = sh->opt;
+    const config_learner_t *lc = &cfg->learner;
+    const int root = dp_is_root(comm);
+#ifdef _OPENMP
+    if (dp_world(comm) > 1)
+        omp_set_num_threads(sh->rank_threads);
+#endif
+    sft_rank_t c = {0};
+    checkpoint_state_t st = {0};
+    int rc = rank_alloc(&c, sh, comm, err) || rank_start(&c, sh, comm, &st, err) ? -1 : 0;
+    rng_stream_t ds;
+    if (rc == 0)
+        epoch_order(c.order, sh->train.n, cfg->data.seed, st.data_epoch, cfg->data.shuffle, &ds);
+    const int B = opt->batch_size;
+    sft_clock_t ck = {.t0 = now_s(),
+                      .start = st.step,
+                      .last = opt->max_steps > 0 ? opt->max_steps : lc->total_steps,
+                      .n_eval = opt->eval_examples > 0 && (size_t)opt->eval_examples < sh->test.n
+                                    ? (size_t)opt->eval_examples
+                                    : sh->test.n};
+    ck.tlog = ck.t0;
+    for (long step = st.step; rc == 0 && step < ck.last; step++) {
         for (int b = 0; b < B; b++) {
-            if (st.data_position >= c->train.n) {
+            if (st.data_position >= sh->train.n) {
                 st.data_epoch++;
                 st.data_position = 0;
-                epoch_order(c->order, c->train.n, cfg->data.seed, st.data_epoch, cfg->data.shuffle,
+                epoch_order(c.order, sh->train.n, cfg->data.seed, st.data_epoch, cfg->data.shuffle,
                             &ds);
             }
-            idx[b] = c->order[st.data_position++];
+            c.idx[b] = c.order[st.data_position++];
         }
         st.rng_key = ds.key;
         st.rng_counter = ds.counter;
-        batch_fill(&c->bb, &c->train, idx, B, pad);
-        const uint64_t keys[2] = {lc->seed, (uint64_t)step};
-        model_batch_t mb = {.B = B,
-                            .T = c->bb.T,
-                            .tokens = c->bb.tokens,
-                            .targets = c->bb.targets,
-                            .weights = c->bb.weights,
-                            .training = 1,
-                            .count_load = 1,
-                            .noise_key = rng_hash(keys, 2),
-                            .temperature = 1,
-                            .aux_balance = (real)lc->aux.balance,
-                            .aux_z = (real)lc->aux.z_loss,
-                            .aux_diffusion = (real)lc->aux.diffusion};
         model_stats_t ms;
-        model_grads_zero(c->m);
-        if ((rc = model_forward(c->m, &mb, &ms, err)) != 0)
+        long tokens = 0;
+        if ((rc = rank_grads(&c, sh, comm, B, step, &ms, &tokens, err)) != 0)
             break;
-        model_backward(c->m, NULL, NULL);
         optim_result_t orr;
-        const int applied = optim_step(c->o, c->m, ms.loss, &orr);
-        model_balance_update(c->m, applied && opt->balance_bias);
+        const int applied = optim_step(c.o, c.m, ms.loss, &orr);
+        model_balance_update(c.m, applied && opt->balance_bias);
+        st.step = step + 1;
+        if (!root)
+            continue;
         if (!applied)
             log_warn("sft/skip",
                      "step %ld: non-finite loss or gradient (loss %g, grad norm %g): "
                      "skipped",
                      step, ms.loss, orr.grad_norm);
-        st.step = step + 1;
-        if (opt->loss_trace && (size_t)step < opt->trace_cap)
-            opt->loss_trace[step] = ms.loss;
-        if (isnan(res->first_loss))
-            res->first_loss = ms.loss;
-        res->last_loss = ms.loss;
-        res->tokens += c->bb.tokens_in;
-        tok_log += c->bb.tokens_in;
-        if ((step + 1) % opt->log_interval == 0 || step + 1 == last) {
-            const double t = now_s(), el = t - t0;
-            const double tps = tok_log / (t - tlog > 0 ? t - tlog : 1e-9);
-            const double eta = el / (double)(step + 1 - start) * (double)(last - step - 1);
-            char etas[32];
-            fmt_eta(etas, sizeof etas, eta);
-            const log_field_t f[] = {{"step", (double)(step + 1)},
-                                     {"loss", ms.loss},
-                                     {"ce", ms.ce},
-                                     {"loss/balance", ms.balance},
-                                     {"loss/diffusion", ms.diffusion},
-                                     {"lr", orr.lr},
-                                     {"grad_norm", orr.grad_norm},
-                                     {"tokens_per_s", tps},
-                                     {"eta_s", eta}};
-            log_emit(LOG_INFO, "sft/step", f, Q_ARRAY_LEN(f),
-                     "step %ld/%ld loss %.4f ce %.4f lr %.2e tok/s %.0f ETA %s", step + 1, last,
-                     ms.loss, ms.ce, orr.lr, tps, etas);
-            tlog = t;
-            tok_log = 0;
-        }
-        const int eval_now =
-            c->test.n > 0 &&
-            ((opt->eval_interval > 0 && (step + 1) % opt->eval_interval == 0) || step + 1 == last);
-        if (eval_now) {
-            if ((rc = evaluate(c->m, &c->test, n_eval, B, &c->bb, c->tok, &res->eval_loss,
-                               &res->eval_accuracy, err)) != 0)
-                break;
-            const log_field_t f[] = {{"step", (double)(step + 1)},
-                                     {"eval/loss", res->eval_loss},
-                                     {"eval/exact_match", res->eval_accuracy},
-                                     {"elapsed_s", now_s() - t0}};
-            log_emit(LOG_INFO, "sft/eval", f, Q_ARRAY_LEN(f),
-                     "step %ld eval loss %.4f exact match %.1f%% (%zu examples) at %.1f s",
-                     step + 1, res->eval_loss, 100 * res->eval_accuracy, n_eval, now_s() - t0);
-        }
-        const int ckpt_now =
-            lc->checkpoint_dir[0] &&
-            ((lc->checkpoint_interval > 0 && (step + 1) % lc->checkpoint_interval == 0) ||
-             step + 1 == last);
-        if (ckpt_now) {
-            char dir[4096];
-            if ((rc = checkpoint_save(lc->checkpoint_dir, cfg, c->m, c->o, &st, dir, sizeof dir,
-                                      err)) != 0)
-                break;
-            log_info("sft/checkpoint", "step %ld: wrote %s", step + 1, dir);
-        }
+        rc = root_report(&c, sh, &ck, &st, step, &ms, &orr, tokens, err);
     }
-    free(idx);
-    res->steps = st.step;
-    res->skipped = optim_skipped(c->o);
-    res->seconds = now_s() - t0;
+    if (root && c.o) {
+        sh->res.steps = st.step;
+        sh->res.skipped = optim_skipped(c.o);
+        sh->res.seconds = now_s() - ck.t0;
+    }
+    rank_free(&c);
     return rc;
+}
+
+/* The training and test sets and the tokenizer, shared by the ranks. */
+static int shared_load(sft_shared_t *sh, qerr_t *err) {
+    const quillan_config_t *cfg = sh->cfg;
+    const model_config_t *mc = &cfg->model;
+    sh->tok = tokenizer_for(mc, err);
+    if (!sh->tok)
+        return -1;
+    if (!cfg->data.train[0])
+        return qerr_set(err, QERR_INVALID,
+                        "data.train: SFT needs a training set (JSONL of "
+                        "prompt/completion pairs)");
+    if (dataset_load(&sh->train, cfg->data.train, sh->tok, mc, err))
+        return -1;
+    if (cfg->data.test[0] && dataset_load(&sh->test, cfg->data.test, sh->tok, mc, err))
+        return -1;
+    return 0;
+}
+
+static int cores(void) {
+#ifdef _OPENMP
+    return omp_get_num_procs();
+#else
+    const long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+#endif
 }
 
 int sft_run(const quillan_config_t *cfg, const sft_options_t *opt, sft_result_t *res, qerr_t *err) {
@@ -527,17 +695,37 @@ int sft_run(const quillan_config_t *cfg, const sft_options_t *opt, sft_result_t 
         return qerr_set(err, QERR_RANGE,
                         "sft: batch size and log interval must be >= 1, eval "
                         "settings and max steps >= 0");
-    if (cfg->learner.threads > 0) {
+    const int R = opt->replicas;
+    if (R < 1 || R > DP_LOCAL_MAX)
+        return qerr_set(err, QERR_RANGE, "sft: replicas %d outside [1, %d]", R, DP_LOCAL_MAX);
+    if (R > 1 && opt->balance_bias)
+        return qerr_set(err, QERR_INVALID,
+                        "sft: --balance-bias needs one replica: each replica counts only the "
+                        "routing of its own shard, so their biases would drift apart");
+    sft_shared_t sh = {.cfg = cfg, .opt = opt};
+    if (R == 1 && cfg->learner.threads > 0) {
 #ifdef _OPENMP
         omp_set_num_threads(cfg->learner.threads);
 #endif
         gemm_threads_set(cfg->learner.threads);
+    } else if (R > 1) {
+        const int all = cfg->learner.threads > 0 ? cfg->learner.threads : cores();
+        sh.rank_threads = all / R > 1 ? all / R : 1;
+        gemm_threads_set(sh.rank_threads);
     }
-    sft_result_t r = {0};
-    sft_ctx_t c = {0};
-    const int rc = run(&c, cfg, opt, &r, err);
-    ctx_free(&c);
+    sh.res.first_loss = NAN;
+    sh.res.eval_loss = sh.res.eval_accuracy = NAN;
+    int rc = shared_load(&sh, err);
+    dp_local_t *g = rc == 0 ? dp_local_new(R, 0, err) : NULL;
+    if (rc == 0 && !g)
+        rc = -1;
+    if (rc == 0)
+        rc = dp_local_run(g, rank_main, &sh, err);
+    dp_local_destroy(&g);
+    tokenizer_destroy(&sh.tok);
+    dataset_free(&sh.train);
+    dataset_free(&sh.test);
     if (res)
-        *res = r;
+        *res = sh.res;
     return rc;
 }

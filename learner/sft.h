@@ -8,8 +8,21 @@
  * Data order: epoch e visits the training set in a permutation drawn from (data.seed, e)
  * (identity when data.shuffle is false). Step s draws its dropout and diffusion noise from
  * (learner.seed, s). So a run resumed from a checkpoint (weights, Adam moments, step, data
- * position) continues exactly: with one thread, its losses are bit-identical to an
- * uninterrupted run's.
+ * position) continues exactly: for a fixed number of replicas and threads, its losses are
+ * bit-identical to an uninterrupted run's.
+ *
+ * Data parallel (replicas R > 1, learner/dp.h): R model replicas on R threads of this process,
+ * each with max(1, learner.threads / R) OpenMP/BLAS threads (learner.threads 0 = all cores).
+ * Every step, replica r takes rows dp_shard(B, R, r) of the batch (padded to their own longest
+ * row), its dropout and diffusion noise keyed by (learner.seed, s, r); its CE gradient is
+ * scaled by the whole batch's weight sum and the in-process reducer sums the gradients in rank
+ * order, so all replicas take the same AdamW step and stay identical. Rank 0 logs, evaluates
+ * and writes checkpoints; a resumed run's rank 0 loads the checkpoint and broadcasts it.
+ * Results are bit-identical run to run for a fixed R, and resume exactly. Against one replica
+ * they differ by float rounding of the regrouped sums, by the per-replica noise, and in the aux
+ * terms: balance and z are taken per shard and weighted by the shard's share of positions (the
+ * Switch balance loss of a shard is not that of the batch). The loss-free balancing biases
+ * (balance_bias) need one replica.
  *
  * Progress: a log record "sft/step" every log_interval steps (step, loss, ce, lr, grad_norm,
  * tokens/s, ETA), "sft/eval" every eval_interval steps and at the end (test loss, greedy
@@ -34,11 +47,13 @@ typedef struct {
     int balance_bias;   /* 1: loss-free balancing bias updates at model.balance_bias_rate after
                          * each step (MODEL.md: optional in SFT, off by default; the aux
                          * balance loss keeps the load even) */
+    int replicas;       /* data-parallel model replicas, one thread each (1 .. DP_LOCAL_MAX;
+                         * 1 = one model on the whole batch) */
     double *loss_trace; /* optional: loss_trace[s] = training loss of step s, s < trace_cap */
     size_t trace_cap;
 } sft_options_t;
 
-/* batch 32, eval every 100 steps on 500 examples, log every 10 steps. */
+/* batch 32, eval every 100 steps on 500 examples, log every 10 steps, one replica. */
 void sft_options_default(sft_options_t *opt);
 
 typedef struct {

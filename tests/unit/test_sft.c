@@ -59,7 +59,9 @@ static void make_task(char *dir, size_t cap, long n, long n_test) {
     cr_assert(data_task_make("addition", n, n_test, 7, dir, &err) == 0, "%s", err.msg);
 }
 
-Test(sft, resume_is_bit_identical, .timeout = 600) {
+/* N steps with a checkpoint then M resumed give the losses of N + M uninterrupted steps, bit
+ * for bit, with `replicas` data-parallel replicas (dropout on: the noise must resume too). */
+static void check_resume(int replicas) {
     char dir[64];
     make_task(dir, sizeof dir, 300, 20);
     quillan_config_t *cfg = small_run(dir);
@@ -70,6 +72,7 @@ Test(sft, resume_is_bit_identical, .timeout = 600) {
     opt.eval_interval = 0;
     opt.eval_examples = 8;
     opt.log_interval = 100;
+    opt.replicas = replicas;
     double full[RESUME_N + RESUME_M], part[RESUME_N + RESUME_M];
     memset(part, 0, sizeof part);
     qerr_t err;
@@ -92,10 +95,59 @@ Test(sft, resume_is_bit_identical, .timeout = 600) {
     cr_assert(sft_run(cfg, &opt, &res, &err) == 0, "%s", err.msg);
     cr_assert_eq(res.steps, RESUME_N + RESUME_M);
     for (int s = 0; s < RESUME_N + RESUME_M; s++) {
-        cr_log_info("step %d: %.9g %.9g", s, full[s], part[s]);
+        cr_log_info("replicas %d step %d: %.9g %.9g", replicas, s, full[s], part[s]);
         cr_assert(memcmp(&full[s], &part[s], sizeof full[s]) == 0,
                   "step %d: uninterrupted %.17g, resumed %.17g", s, full[s], part[s]);
     }
+    free(cfg);
+}
+
+Test(sft, resume_is_bit_identical, .timeout = 600) {
+    check_resume(1);
+}
+
+Test(sft, resume_is_bit_identical_with_two_replicas, .timeout = 600) {
+    check_resume(2);
+}
+
+Test(sft, resume_is_bit_identical_with_three_replicas, .timeout = 600) {
+    check_resume(3); /* batch 8: shards of 3, 3 and 2 rows */
+}
+
+/* With no noise and no aux terms the loss is the batch's CE mean, whatever the sharding: the
+ * first step's loss (before any update) of 2 and 3 replicas is one replica's up to rounding. */
+Test(sft, replicas_share_the_batch_mean, .timeout = 600) {
+    char dir[64];
+    make_task(dir, sizeof dir, 100, 1);
+    quillan_config_t *cfg = small_run(dir);
+    cfg->data.test[0] = '\0';
+    set(cfg, "model.dropout=0");
+    set(cfg, "learner.aux.balance=0");
+    set(cfg, "learner.aux.z_loss=0");
+    set(cfg, "learner.aux.diffusion=0");
+    qerr_t err;
+    cr_assert(config_validate(cfg, &err) == 0, "%s", err.msg);
+    sft_options_t opt;
+    sft_options_default(&opt);
+    opt.batch_size = 7;
+    opt.max_steps = 1;
+    double loss[4];
+    for (int r = 1; r <= 3; r++) {
+        opt.replicas = r;
+        opt.loss_trace = &loss[r];
+        opt.trace_cap = 1;
+        cr_assert(sft_run(cfg, &opt, NULL, &err) == 0, "%s", err.msg);
+        cr_log_info("replicas %d: first loss %.9g", r, loss[r]);
+    }
+    cr_assert(isfinite(loss[1]));
+    for (int r = 2; r <= 3; r++)
+        cr_assert_float_eq(loss[r], loss[1], 1e-6 * loss[1], "replicas %d: %.9g vs %.9g", r,
+                           loss[r], loss[1]);
+    /* the loss-free balancing counts of one shard must not move everyone's biases */
+    opt.replicas = 2;
+    opt.balance_bias = 1;
+    cr_assert(sft_run(cfg, &opt, NULL, &err) == -1);
+    cr_assert(strstr(err.msg, "balance-bias") && strstr(err.msg, "one replica"), "%s", err.msg);
     free(cfg);
 }
 
