@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <time.h>
 
 static void die(const char *what, const qerr_t *err) {
     fprintf(stderr, "bench_engine: %s: %s\n", what, err->msg);
@@ -128,59 +129,106 @@ static int32_t *random_tokens(int n, int V, uint64_t seed) {
     return t;
 }
 
-static int cmd_throughput(const char *path, int ntok) {
+/* A comma-separated list of positive integers ("1,8,32") into out[max]; returns the count. */
+static int parse_list(const char *s, int *out, int max) {
+    int n = 0;
+    while (*s && n < max) {
+        char *end;
+        const long v = strtol(s, &end, 10);
+        if (end == s || v < 1 || v > 4096) {
+            fprintf(stderr, "bench_engine: bad list '%s' (positive integers, commas)\n", s);
+            exit(2);
+        }
+        out[n++] = (int)v;
+        s = *end == ',' ? end + 1 : end;
+    }
+    return n;
+}
+
+static double cpu_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+typedef struct {
+    const char *threads, *batches;
+    int tokens, repeat, probe;
+} tp_opts_t;
+
+static int cmd_throughput(const char *path, const tp_opts_t *o) {
     qerr_t err;
     quillan_policy_t *p = quillan_policy_load_file(path, &err);
     if (!p)
         die(path, &err);
     quillan_policy_info_t info;
     quillan_policy_info(p, &info);
-    const double bw1 = probe_bandwidth(1), bw2 = probe_bandwidth(2);
+    int ths[8], bs[8];
+    const int nth = parse_list(o->threads, ths, 8), nb = parse_list(o->batches, bs, 8);
+    double bw[9] = {0};
     const double bpt = bytes_per_token(p);
     printf("policy %s: %.1f MB file, head %s, %.1f MB of weights read per token at batch 1\n", path,
            (double)info.bytes / 1e6, qtype_name(p->head.qt), bpt / 1e6);
-    printf("bandwidth probe (1 GiB streaming read): %.1f GB/s 1 thread, %.1f GB/s 2 threads\n", bw1,
-           bw2);
-    printf("| threads | batch | tokens/s | batch-1 roof tok/s | ms/token attn | moe | diffusion | "
-           "head | sample |\n|---|---|---|---|---|---|---|---|---|\n");
-    const int batches[3] = {1, 8, 32};
-    for (int th = 1; th <= 2; th++)
-        for (int bi = 0; bi < 3; bi++) {
-            const int B = batches[bi];
-            quillan_engine_t *e = engine(th, B, 1);
-            quillan_prompt_t *pr = calloc((size_t)B, sizeof *pr);
-            quillan_group_t *g = calloc((size_t)B, sizeof *g);
-            int32_t bos = info.bos;
-            for (int i = 0; i < B; i++) {
-                quillan_sampling_default(&pr[i].sampling);
-                pr[i].prompt_id = (uint64_t)i;
-                pr[i].tokens = &bos;
-                pr[i].n_tokens = 1;
-                pr[i].n_samples = 1;
-                pr[i].sampling.max_new_tokens = ntok;
-                pr[i].sampling.n_stop = 0;
-            }
-            /* The EOS of a random model is as likely as any token: no stop tokens beyond it. */
-            const double t0 = eng_now();
-            if (quillan_generate(e, p, pr, B, g, NULL, NULL, &err) < 0)
-                die("generate", &err);
-            const double secs = eng_now() - t0;
-            long n = 0;
-            for (int i = 0; i < B; i++)
-                n += g[i].samples[0].n_tokens;
-            quillan_stats_t st;
-            quillan_engine_stats(e, &st);
-            const double per = 1e3 / (double)(st.decode_tokens + st.prefill_tokens);
-            printf("| %d | %d | %.1f | %.1f | %.2f | %.2f | %.2f | %.2f | %.2f |\n", th, B,
-                   (double)n / secs, (th == 1 ? bw1 : bw2) * 1e9 / bpt, st.attention_s * per,
-                   st.moe_s * per, st.diffusion_s * per, st.head_s * per, st.sample_s * per);
-            fflush(stdout);
-            for (int i = 0; i < B; i++)
-                quillan_group_free(&g[i]);
-            free(g);
-            free(pr);
-            quillan_engine_destroy(&e);
+    if (o->probe) {
+        printf("bandwidth probe (1 GiB streaming read):");
+        for (int i = 0; i < nth; i++) {
+            bw[i] = probe_bandwidth(ths[i] < 8 ? ths[i] : 8);
+            printf(" %.1f GB/s on %d thread%s", bw[i], ths[i], ths[i] > 1 ? "s" : "");
         }
+        printf("\n");
+    }
+    printf(
+        "tok/s wall = tokens / elapsed; tok/s cpu = tokens * threads / process CPU seconds (what "
+        "an otherwise idle machine would give if no thread ever waited); ms/token by stage = "
+        "process CPU per stage / tokens through the network\n");
+    printf("| threads | batch | run | tok/s wall | tok/s cpu | batch-1 roof tok/s | cpu ms/token "
+           "attn | "
+           "moe | diffusion | head | sample |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for (int ti = 0; ti < nth; ti++)
+        for (int bi = 0; bi < nb; bi++)
+            for (int rep = 0; rep < o->repeat; rep++) {
+                const int th = ths[ti], B = bs[bi];
+                quillan_engine_t *e = engine(th, B, 1);
+                quillan_prompt_t *pr = calloc((size_t)B, sizeof *pr);
+                quillan_group_t *g = calloc((size_t)B, sizeof *g);
+                int32_t bos = info.bos;
+                for (int i = 0; i < B; i++) {
+                    quillan_sampling_default(&pr[i].sampling);
+                    pr[i].prompt_id = (uint64_t)i;
+                    pr[i].tokens = &bos;
+                    pr[i].n_tokens = 1;
+                    pr[i].n_samples = 1;
+                    pr[i].sampling.max_new_tokens = o->tokens;
+                    pr[i].sampling.n_stop = 0;
+                }
+                /* The EOS of a random model is as likely as any token: no stop tokens beyond it. */
+                const double t0 = eng_now(), c0 = cpu_now();
+                if (quillan_generate(e, p, pr, B, g, NULL, NULL, &err) < 0)
+                    die("generate", &err);
+                const double secs = eng_now() - t0, cpu = cpu_now() - c0;
+                long n = 0;
+                for (int i = 0; i < B; i++)
+                    n += g[i].samples[0].n_tokens;
+                eng_cpu_stats_t cs;
+                eng_engine_cpu_stats(e, &cs);
+                quillan_stats_t st;
+                quillan_engine_stats(e, &st);
+                const double per = 1e3 / (double)(st.decode_tokens + st.prefill_tokens);
+                char roof[32] = "";
+                if (o->probe)
+                    snprintf(roof, sizeof roof, "%.1f", bw[ti] * 1e9 / bpt);
+                printf("| %d | %d | %d | %.1f | %.1f | %s | %.2f | %.2f | %.2f | %.2f | %.2f |\n",
+                       th, B, rep + 1, (double)n / secs, (double)n * th / cpu, roof,
+                       cs.stage_s[ENG_STAGE_ATTENTION] * per, cs.stage_s[ENG_STAGE_MOE] * per,
+                       cs.stage_s[ENG_STAGE_DIFFUSION] * per, cs.stage_s[ENG_STAGE_HEAD] * per,
+                       cs.stage_s[ENG_STAGE_SAMPLE] * per);
+                fflush(stdout);
+                for (int i = 0; i < B; i++)
+                    quillan_group_free(&g[i]);
+                free(g);
+                free(pr);
+                quillan_engine_destroy(&e);
+            }
     quillan_policy_release(&p);
     return 0;
 }
@@ -345,6 +393,13 @@ static long opt(int argc, char **argv, const char *name, long def) {
     return def;
 }
 
+static const char *sopt(int argc, char **argv, const char *name, const char *def) {
+    for (int i = 0; i + 1 < argc; i++)
+        if (!strcmp(argv[i], name))
+            return argv[i + 1];
+    return def;
+}
+
 static int has(int argc, char **argv, const char *name) {
     for (int i = 0; i < argc; i++)
         if (!strcmp(argv[i], name))
@@ -354,14 +409,20 @@ static int has(int argc, char **argv, const char *name) {
 
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: bench_engine throughput POLICY.qst [--tokens 16]\n"
+        fprintf(stderr, "usage: bench_engine throughput POLICY.qst [--tokens 16] [--threads 1,2] "
+                        "[--batches 1,8,32] [--repeat 1] [--no-probe]\n"
                         "       bench_engine memory POLICY.qst [--context 1024] [--batch 16]\n"
                         "       bench_engine agree PRESET [--seed 1] [--samples 4] [--tokens 24] "
                         "[--head-int8]\n");
         return 2;
     }
-    if (!strcmp(argv[1], "throughput"))
-        return cmd_throughput(argv[2], (int)opt(argc, argv, "--tokens", 16));
+    if (!strcmp(argv[1], "throughput")) {
+        const tp_opts_t o = {sopt(argc, argv, "--threads", "1,2"),
+                             sopt(argc, argv, "--batches", "1,8,32"),
+                             (int)opt(argc, argv, "--tokens", 16),
+                             (int)opt(argc, argv, "--repeat", 1), !has(argc, argv, "--no-probe")};
+        return cmd_throughput(argv[2], &o);
+    }
     if (!strcmp(argv[1], "memory"))
         return cmd_memory(argv[2], (int)opt(argc, argv, "--context", 1024),
                           (int)opt(argc, argv, "--batch", 16));

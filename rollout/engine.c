@@ -52,6 +52,7 @@ struct quillan_engine {
     eng_row_t *rows; /* [max(nslots, ENGINE_PREFILL_CHUNK)] */
     sampler_scratch_t ss;
     quillan_stats_t st;
+    eng_cpu_stats_t cs;
 };
 
 void quillan_engine_params_default(quillan_engine_params_t *params) {
@@ -136,7 +137,12 @@ void quillan_engine_stats(const quillan_engine_t *e, quillan_stats_t *out) {
 void quillan_engine_stats_reset(quillan_engine_t *e) {
     size_t kv = e->st.kv_bytes;
     memset(&e->st, 0, sizeof e->st);
+    memset(&e->cs, 0, sizeof e->cs);
     e->st.kv_bytes = kv;
+}
+
+void eng_engine_cpu_stats(const quillan_engine_t *e, eng_cpu_stats_t *out) {
+    *out = e->cs;
 }
 
 void quillan_sampling_default(quillan_sampling_t *s) {
@@ -345,7 +351,7 @@ static void prefill(quillan_engine_t *e, const quillan_policy_t *p, const quilla
                 .logits = pos == P - 1 ? e->plogits : NULL,
             };
         }
-        eng_forward(e->fwd, p, e->pool, e->rows, n, &e->st);
+        eng_forward(e->fwd, p, e->pool, e->rows, n, &e->st, &e->cs);
     }
     e->st.prefill_tokens += P;
 }
@@ -374,12 +380,13 @@ static int append_token(quillan_sample_t *s, const sampler_result_t *r, const qu
 
 static void draw(quillan_engine_t *e, sampler_result_t *r, const float *logits,
                  const quillan_prompt_t *pr, int sample, int pos) {
-    const double t0 = eng_now();
+    eng_clock_t clk;
+    eng_clock_start(&clk);
     const sampler_params_t sp = {pr->sampling.temperature, pr->sampling.top_k, pr->sampling.top_p};
     const float u =
         rng_sample_uniform(pr->sampling.seed, pr->prompt_id, (uint64_t)sample, (uint64_t)pos);
     sampler_sample(r, logits, e->V, &sp, u, &e->ss);
-    e->st.sample_s += eng_now() - t0;
+    eng_clock_lap(&clk, &e->st.sample_s, &e->cs.stage_s[ENG_STAGE_SAMPLE]);
 }
 
 int quillan_generate(quillan_engine_t *e, quillan_policy_t *p, const quillan_prompt_t *prompts,
@@ -471,7 +478,7 @@ int quillan_generate(quillan_engine_t *e, quillan_policy_t *p, const quillan_pro
                 .logits = sl->logits,
             };
         }
-        eng_forward(e->fwd, p, e->pool, e->rows, n, &e->st);
+        eng_forward(e->fwd, p, e->pool, e->rows, n, &e->st, &e->cs);
         e->st.steps++;
         e->st.decode_tokens += n;
         for (int si = 0; si < e->nslots; si++) {

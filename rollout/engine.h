@@ -85,23 +85,77 @@ struct quillan_policy {
  * q on success. NULL with err naming the tensor on failure. */
 quillan_policy_t *eng_policy_new(qpolicy_t *q, qerr_t *err);
 
-/* ---- threaded products (engine_kern.c) ---- */
+/* ---- products (engine_kern.c) ---- */
 
-/* y[s * ldy + r] = sum_i W[r, i] x[s, i] for every row r of W and s < n, rows split over the
- * pool. F32/F16 weights and INT4/INT8 weights take FP32 activations x [n, ldx] (the INT4/INT8
- * rows are dequantised to exactly the learner's fake-quantized values, then multiplied in FP32:
- * the learner simulates no activation quantization there). TERNARY weights take int8
- * activations act (kern_act_t, quantized by the caller) and give the exact integer product
- * times s_w times s_x. */
+/* One product y[s * ldy + r] = sum_i W[r, i] x[s, i] for every row r of W and s < n. F32, F16,
+ * INT4 and INT8 weights take FP32 activations x [n, ldx] (INT4/INT8 rows dequantised to exactly
+ * the learner's fake-quantized values inside the kernel, then multiplied in FP32: the learner
+ * simulates no activation quantization there). TERNARY weights take int8 activations act
+ * (quantized by the caller, act->n == n) and give the exact integer product times s_w times
+ * s_x. Views only: nothing is owned. */
+typedef struct {
+    const eng_mat_t *W;
+    const float *x;
+    size_t ldx;
+    const kern_act_t *act;
+    size_t n;
+    float *y;
+    size_t ldy;
+} eng_prod_t;
+
+/* Rows [r0, r1) of one product, on the calling thread. */
+void eng_matmul_rows(const kern_ops_t *ops, const eng_prod_t *pr, size_t r0, size_t r1);
+
+/* The chunks of one product (a function of its shape and n only) and chunk c of them on the
+ * calling thread: for regions that mix products with other work. */
+size_t eng_prod_nchunks(const eng_prod_t *pr);
+void eng_prod_chunk(const kern_ops_t *ops, const eng_prod_t *pr, size_t c);
+
+/* nprod (<= 96) products in one parallel region of the pool: the products must be independent
+ * (none reads what another writes). Their rows are cut into chunks that depend on the shapes
+ * and n only, so results do not depend on the pool's size. */
+void eng_matmul_many(kern_pool_t *pool, const kern_ops_t *ops, const eng_prod_t *prods, int nprod);
+
+/* One product as one parallel region. */
 void eng_matmul(kern_pool_t *pool, const kern_ops_t *ops, const eng_mat_t *W, const float *x,
                 size_t ldx, const kern_act_t *act, size_t n, float *y, size_t ldy);
 
 /* Dequantises row r of W into out[cols] (the learner's fake-quantized values). */
 void eng_row_dequant(const eng_mat_t *W, size_t r, float *out);
 
-/* Dot product of row r of an INT8 or F16/F32 matrix with x[cols], in FP32 on the dequantised
- * values. */
-float eng_row_dot(const eng_mat_t *W, size_t r, const float *x);
+/* Dot product of row r of a non-ternary matrix with x[cols] (the kernel of eng_matmul_rows on
+ * one row, so the same value a product gives). */
+float eng_row_dot(const kern_ops_t *ops, const eng_mat_t *W, size_t r, const float *x);
+
+/* ---- time per stage ---- */
+
+typedef enum {
+    ENG_STAGE_ATTENTION,
+    ENG_STAGE_MOE,
+    ENG_STAGE_DIFFUSION,
+    ENG_STAGE_HEAD,
+    ENG_STAGE_SAMPLE,
+    ENG_STAGE_COUNT
+} eng_stage_t;
+
+/* Process CPU seconds per stage (every thread of the process, workers spinning or working
+ * included), cumulative like quillan_stats_t's wall-clock times: on a shared machine wall time
+ * includes the time other programs hold the cores, CPU time does not. */
+typedef struct {
+    double stage_s[ENG_STAGE_COUNT];
+} eng_cpu_stats_t;
+
+/* Wall-clock and process CPU time of the last lap. */
+typedef struct {
+    double wall, cpu;
+} eng_clock_t;
+
+void eng_clock_start(eng_clock_t *c);
+/* Adds the wall and CPU seconds since the last start or lap to *wall_s and *cpu_s. */
+void eng_clock_lap(eng_clock_t *c, double *wall_s, double *cpu_s);
+
+/* The engine's CPU time per stage since it was made or its stats were reset. */
+void eng_engine_cpu_stats(const quillan_engine_t *e, eng_cpu_stats_t *out);
 
 /* ---- forward (engine_forward.c) ---- */
 
@@ -130,11 +184,12 @@ int eng_fwd_fits(const eng_fwd_t *f, const quillan_policy_t *p);
 /* Runs the network over n rows (n <= max_rows): writes each row's K and V at its position of
  * every layer, attends over positions 0..pos of its cache (rows of one sequence in one call must
  * come in position order: each sees the K/V the earlier ones wrote), records routing and plan,
- * and writes logits for the rows that ask. Adds stage times to *st. */
+ * and writes logits for the rows that ask. Adds stage wall times to *st and CPU times to *cs. */
 void eng_forward(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t *pool, eng_row_t *rows, int n,
-                 quillan_stats_t *st);
+                 quillan_stats_t *st, eng_cpu_stats_t *cs);
 
-/* Monotonic seconds. */
+/* Monotonic seconds; process CPU seconds. */
 double eng_now(void);
+double eng_cpu_now(void);
 
 #endif

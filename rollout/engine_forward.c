@@ -39,13 +39,15 @@ struct eng_fwd {
     int32_t *micro;     /* [R * KM * KN] */
     float *m_w;         /* [R * KM * KN] */
     float *eh;          /* [R * KM * KE, EH] */
-    float *ey_g;        /* [R * KM * KE, C] one expert's outputs */
-    float *ey;          /* [R * KM * KE, C] expert outputs by (slot, i) */
-    float *mo;          /* [C] */
-    float *vec;         /* [C] */
+    int *pos_of;        /* [R * KM * KE] row of (slot, i) in the expert-grouped order */
+    int *groups;        /* [max(M, M * E)] non-empty groups of a region */
+    float *ey;          /* [R * KM * KE, C] expert outputs in the expert-grouped order */
+    float *mo;          /* [R * KM, C] each slot's mini output */
+    float *vec;         /* [R * KM, C] a micro agent's dequantised up row, per slot */
     /* diffusion */
     float *u;                /* [R, C] */
-    float *dn;               /* [R, max(C, W, F, Lb)] a BitLinear's normed input */
+    size_t dmax;             /* max(C, W, F, Lb) */
+    float *dn;               /* [R, dmax] a BitLinear's normed input (rows of its width) */
     float *hc, *h, *tmp, *a; /* [R, W] */
     float *up;               /* [R, F] */
     float *zin;              /* [R, Lb] */
@@ -67,17 +69,19 @@ void eng_fwd_destroy(eng_fwd_t **pf) {
     if (!pf || !*pf)
         return;
     eng_fwd_t *f = *pf;
-    float **fl[] = {&f->x,    &f->xn,   &f->q,   &f->k,      &f->v,  &f->att,  &f->br,
-                    &f->rstd, &f->ov_h, &f->gl,  &f->gate_w, &f->gx, &f->rl,   &f->ml,
-                    &f->rl_g, &f->ml_g, &f->r_w, &f->m_w,    &f->eh, &f->ey_g, &f->ey,
-                    &f->mo,   &f->vec,  &f->u,   &f->dn,     &f->hc, &f->h,    &f->tmp,
-                    &f->a,    &f->up,   &f->zin, &f->dl,     &f->hx, &f->hl};
+    float **fl[] = {&f->x,    &f->xn,   &f->q,   &f->k,      &f->v,  &f->att, &f->br,
+                    &f->rstd, &f->ov_h, &f->gl,  &f->gate_w, &f->gx, &f->rl,  &f->ml,
+                    &f->rl_g, &f->ml_g, &f->r_w, &f->m_w,    &f->eh, &f->ey,  &f->mo,
+                    &f->vec,  &f->u,    &f->dn,  &f->hc,     &f->h,  &f->tmp, &f->a,
+                    &f->up,   &f->zin,  &f->dl,  &f->hx,     &f->hl};
     for (size_t i = 0; i < Q_ARRAY_LEN(fl); i++)
         q_aligned_free(*fl[i]);
     q_aligned_free(f->mini);
     q_aligned_free(f->key);
     q_aligned_free(f->order);
     q_aligned_free(f->off);
+    q_aligned_free(f->pos_of);
+    q_aligned_free(f->groups);
     q_aligned_free(f->expert);
     q_aligned_free(f->micro);
     q_aligned_free(f->z);
@@ -139,12 +143,14 @@ eng_fwd_t *eng_fwd_new(const quillan_policy_t *p, int max_rows, qerr_t *err) {
     f->micro = xalloc(&ok, SN, sizeof(int32_t));
     f->m_w = xalloc(&ok, SN, sizeof(float));
     f->eh = xalloc(&ok, SE * (size_t)m->EH, sizeof(float));
-    f->ey_g = xalloc(&ok, SE * C, sizeof(float));
+    f->pos_of = xalloc(&ok, SE, sizeof(int));
+    f->groups = xalloc(&ok, (size_t)m->M * m->E, sizeof(int));
     f->ey = xalloc(&ok, SE * C, sizeof(float));
-    f->mo = xalloc(&ok, C, sizeof(float));
-    f->vec = xalloc(&ok, C, sizeof(float));
+    f->mo = xalloc(&ok, S * C, sizeof(float));
+    f->vec = xalloc(&ok, S * C, sizeof(float));
     f->u = xalloc(&ok, R * C, sizeof(float));
-    f->dn = xalloc(&ok, R * imax(imax(C, Wd), imax(F, Lb)), sizeof(float));
+    f->dmax = imax(imax(C, Wd), imax(F, Lb));
+    f->dn = xalloc(&ok, R * f->dmax, sizeof(float));
     f->hc = xalloc(&ok, R * Wd, sizeof(float));
     f->h = xalloc(&ok, R * Wd, sizeof(float));
     f->tmp = xalloc(&ok, R * Wd, sizeof(float));
@@ -202,31 +208,30 @@ static void relu2_rows(float *x, int n, int C) {
 typedef struct {
     eng_fwd_t *f;
     eng_row_t *rows;
-    int n, l;
+    int l;
 } attn_ctx_t;
 
-static void attn_run(void *vctx, int tid, int nthreads) {
-    const attn_ctx_t *c = vctx;
-    const eng_fwd_t *f = c->f;
-    const size_t C = (size_t)f->C;
-    size_t r0, r1;
-    kern_split_rows((size_t)c->n, tid, nthreads, 1, &r0, &r1);
-    for (size_t r = r0; r < r1; r++) {
-        const eng_row_t *row = &c->rows[r];
-        const size_t base = (size_t)c->l * (size_t)row->cap * C;
-        attention_decode(f->att + r * C, f->q + r * C, row->kc + base, row->vc + base, row->pos + 1,
-                         (int)C, (int)C, f->NH);
-    }
+/* Chunk = (row, head): one head of one row over its cache (the learner's tiles per head). */
+static void attn_chunk(void *vctx, size_t c, int tid) {
+    const attn_ctx_t *a = vctx;
+    const eng_fwd_t *f = a->f;
+    const size_t C = (size_t)f->C, NH = (size_t)f->NH, HS = C / NH, r = c / NH, h = c % NH;
+    const eng_row_t *row = &a->rows[r];
+    const size_t base = (size_t)a->l * (size_t)row->cap * C + h * HS;
+    (void)tid;
+    attention_decode(f->att + r * C + h * HS, f->q + r * C + h * HS, row->kc + base, row->vc + base,
+                     row->pos + 1, (int)C, (int)HS, 1);
 }
 
-static void attention_block(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t *pool,
-                            const eng_layer_t *L, eng_row_t *rows, int n, int l) {
+static void attention_block(eng_fwd_t *f, kern_pool_t *pool, const eng_layer_t *L, eng_row_t *rows,
+                            int n, int l) {
     const kern_ops_t *ops = kern_ops();
-    const size_t C = (size_t)f->C;
+    const size_t C = (size_t)f->C, nz = (size_t)n;
     rms_rows(f->xn, f->rstd, f->x, L->attn_norm, n, f->C);
-    eng_matmul(pool, ops, &L->wq, f->xn, C, NULL, (size_t)n, f->q, C);
-    eng_matmul(pool, ops, &L->wk, f->xn, C, NULL, (size_t)n, f->k, C);
-    eng_matmul(pool, ops, &L->wv, f->xn, C, NULL, (size_t)n, f->v, C);
+    const eng_prod_t qkv[3] = {{&L->wq, f->xn, C, NULL, nz, f->q, C},
+                               {&L->wk, f->xn, C, NULL, nz, f->k, C},
+                               {&L->wv, f->xn, C, NULL, nz, f->v, C}};
+    eng_matmul_many(pool, ops, qkv, 3);
     for (int r = 0; r < n; r++) {
         eng_row_t *row = &rows[r];
         Q_ASSERT(row->pos >= 0 && row->pos < row->cap);
@@ -236,10 +241,9 @@ static void attention_block(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t
         memcpy(row->kc + at, f->k + (size_t)r * C, C * sizeof(float));
         memcpy(row->vc + at, f->v + (size_t)r * C, C * sizeof(float));
     }
-    attn_ctx_t ac = {f, rows, n, l};
-    kern_pool_run(pool, attn_run, &ac);
-    eng_matmul(pool, ops, &L->wo, f->att, C, NULL, (size_t)n, f->br, C);
-    (void)p;
+    attn_ctx_t ac = {f, rows, l};
+    kern_pool_for(pool, nz * (size_t)f->NH, attn_chunk, &ac);
+    eng_matmul(pool, ops, &L->wo, f->att, C, NULL, nz, f->br, C);
     add_rows(f->x, f->x, f->br, n, f->C);
 }
 
@@ -268,97 +272,156 @@ static void group_by(int *off, int *order, const int *key, int n, int nk) {
     off[0] = 0;
 }
 
-/* y [n, C] = HierMoE(u [n, C]) as moe_forward computes it (ASSIGNED), own routing, recorded. */
+/* The keys in [0, nk) with items, in order; returns their count. */
+static int nonempty(int *groups, const int *off, int nk) {
+    int ng = 0;
+    for (int k = 0; k < nk; k++)
+        if (off[k + 1] > off[k])
+            groups[ng++] = k;
+    return ng;
+}
+
+typedef struct {
+    eng_fwd_t *f;
+    const eng_layer_t *L;
+    const float *u;
+    int ngroups;
+    eng_prod_t extra; /* a product whose chunks follow the groups' (or n == 0) */
+} moe_ctx_t;
+
+/* Both routers of one kept mini on its gathered rows, then each row's top-k and gates. */
+static void router_chunk(void *vctx, size_t c, int tid) {
+    const moe_ctx_t *m = vctx;
+    eng_fwd_t *f = m->f;
+    const kern_ops_t *ops = kern_ops();
+    (void)tid;
+    if (c >= (size_t)m->ngroups) {
+        eng_prod_chunk(ops, &m->extra, c - (size_t)m->ngroups);
+        return;
+    }
+    const moe_dims_t *d = &f->md;
+    const int E = d->E, N = d->N, KE = d->KE, KN = d->KN, j = f->groups[c];
+    const int o = f->off[j], nj = f->off[j + 1] - o;
+    const size_t Cz = (size_t)d->C;
+    const eng_prod_t rp = {&m->L->router[j], f->gx + (size_t)o * Cz,  Cz,       NULL,
+                           (size_t)nj,       f->rl_g + (size_t)o * E, (size_t)E};
+    const eng_prod_t mp = {&m->L->mic_router[j], f->gx + (size_t)o * Cz,  Cz,       NULL,
+                           (size_t)nj,           f->ml_g + (size_t)o * N, (size_t)N};
+    eng_matmul_rows(ops, &rp, 0, rp.W->rows);
+    eng_matmul_rows(ops, &mp, 0, mp.W->rows);
+    for (int r = o; r < o + nj; r++) {
+        const size_t s = (size_t)f->order[r];
+        const float *rl = f->rl_g + (size_t)r * E, *ml = f->ml_g + (size_t)r * N;
+        moe_topk(f->expert + s * KE, rl, m->L->bias_router[j], E, KE);
+        moe_gate_forward(f->r_w + s * KE, rl, f->expert + s * KE, KE);
+        moe_topk(f->micro + s * KN, ml, m->L->bias_micro[j], N, KN);
+        moe_gate_forward(f->m_w + s * KN, ml, f->micro + s * KN, KN);
+    }
+}
+
+/* One (mini, expert) group: w1, ReLU², w2 over its gathered rows; each expert's weights are
+ * read once for all of them. */
+static void expert_chunk(void *vctx, size_t c, int tid) {
+    const moe_ctx_t *m = vctx;
+    eng_fwd_t *f = m->f;
+    const moe_dims_t *d = &f->md;
+    const int E = d->E, EH = d->EH, g = f->groups[c], j = g / E, e = g % E;
+    const int o = f->off[g], ng = f->off[g + 1] - o;
+    const size_t Cz = (size_t)d->C;
+    const eng_mat_t *w1 = &m->L->exp_w1[j], *w2 = &m->L->exp_w2[j];
+    const eng_mat_t v1 = {w1->w + (size_t)e * EH * w1->row_bytes, w1->qt, (size_t)EH, w1->cols,
+                          w1->row_bytes};
+    const eng_mat_t v2 = {w2->w + (size_t)e * Cz * w2->row_bytes, w2->qt, Cz, w2->cols,
+                          w2->row_bytes};
+    float *eh = f->eh + (size_t)o * EH;
+    const eng_prod_t p1 = {&v1, f->gx + (size_t)o * Cz, Cz, NULL, (size_t)ng, eh, (size_t)EH};
+    const eng_prod_t p2 = {&v2, eh, (size_t)EH, NULL, (size_t)ng, f->ey + (size_t)o * Cz, Cz};
+    (void)tid;
+    eng_matmul_rows(kern_ops(), &p1, 0, v1.rows);
+    relu2_rows(eh, ng, EH);
+    eng_matmul_rows(kern_ops(), &p2, 0, v2.rows);
+}
+
+/* Slot s's mini output in moe_forward's order: its experts, then its micro agents. */
+static void slot_chunk(void *vctx, size_t c, int tid) {
+    const moe_ctx_t *m = vctx;
+    eng_fwd_t *f = m->f;
+    const moe_dims_t *d = &f->md;
+    const int C = d->C, KM = d->KM, KE = d->KE, KN = d->KN, s = (int)c, j = f->mini[s];
+    const size_t Cz = (size_t)C;
+    const float *ut = m->u + (size_t)(s / KM) * Cz;
+    float *mo = f->mo + (size_t)s * Cz, *vec = f->vec + (size_t)s * Cz;
+    (void)tid;
+    memset(mo, 0, Cz * sizeof(float));
+    for (int i = 0; i < KE; i++) {
+        const size_t es = (size_t)s * KE + (size_t)i;
+        const float w = f->r_w[es], *ey = f->ey + (size_t)f->pos_of[es] * Cz;
+        for (int k = 0; k < C; k++)
+            mo[k] += w * ey[k];
+    }
+    for (int i = 0; i < KN; i++) {
+        const size_t ms = (size_t)s * KN + (size_t)i, agent = (size_t)f->micro[ms];
+        const float sv = eng_row_dot(kern_ops(), &m->L->mic_down[j], agent, ut);
+        const float a = f->m_w[ms] * silu(sv);
+        eng_row_dequant(&m->L->mic_up[j], agent, vec);
+        for (int k = 0; k < C; k++)
+            mo[k] += a * vec[k];
+    }
+}
+
+/* y [n, C] = HierMoE(u [n, C]) as moe_forward computes it (ASSIGNED), own routing, recorded.
+ * Four parallel regions: overseer w1 and gate; overseer w2 and each kept mini's routers (with
+ * their top-k); the experts, one (mini, expert) group per chunk; each slot's experts and micro
+ * agents. */
 static void moe_block(eng_fwd_t *f, kern_pool_t *pool, const eng_layer_t *L, eng_row_t *rows, int n,
                       int l, const float *u, float *y, int route_ints) {
     const kern_ops_t *ops = kern_ops();
     const moe_dims_t *d = &f->md;
-    const int C = d->C, OH = d->OH, M = d->M, KM = d->KM, E = d->E, KE = d->KE, EH = d->EH,
-              N = d->N, KN = d->KN, S = n * KM, SE = S * KE;
-    const size_t Cz = (size_t)C;
+    const int C = d->C, OH = d->OH, M = d->M, KM = d->KM, E = d->E, KE = d->KE, KN = d->KN,
+              S = n * KM, SE = S * KE;
+    const size_t Cz = (size_t)C, nz = (size_t)n;
 
-    /* Overseer shared expert and the primary gate (router logits in FP32 from FP16 weights). */
-    eng_matmul(pool, ops, &L->ov_w1, u, Cz, NULL, (size_t)n, f->ov_h, (size_t)OH);
-    for (size_t i = 0; i < (size_t)n * OH; i++)
+    /* Overseer w1 and the primary gate (router logits in FP32 from FP16 weights). */
+    const eng_prod_t r1[2] = {{&L->ov_w1, u, Cz, NULL, nz, f->ov_h, (size_t)OH},
+                              {&L->gate, u, Cz, NULL, nz, f->gl, (size_t)M}};
+    eng_matmul_many(pool, ops, r1, 2);
+    for (size_t i = 0; i < nz * (size_t)OH; i++)
         f->ov_h[i] = silu(f->ov_h[i]);
-    eng_matmul(pool, ops, &L->ov_w2, f->ov_h, (size_t)OH, NULL, (size_t)n, y, Cz);
-    eng_matmul(pool, ops, &L->gate, u, Cz, NULL, (size_t)n, f->gl, (size_t)M);
     for (int t = 0; t < n; t++) {
         const float *lg = f->gl + (size_t)t * M;
         moe_topk(f->mini + (size_t)t * KM, lg, L->bias_gate, M, KM);
         moe_gate_forward(f->gate_w + (size_t)t * KM, lg, f->mini + (size_t)t * KM, KM);
     }
 
-    /* Each mini's two routers on its block of gathered rows. */
+    /* Overseer w2 and each kept mini's two routers on its block of gathered rows. */
     for (int s = 0; s < S; s++)
         f->key[s] = f->mini[s];
     group_by(f->off, f->order, f->key, S, M);
-    for (int j = 0; j < M; j++) {
-        const int o = f->off[j], nj = f->off[j + 1] - o;
-        if (nj == 0)
-            continue;
-        for (int r = 0; r < nj; r++)
-            memcpy(f->gx + (size_t)r * Cz, u + (size_t)(f->order[o + r] / KM) * Cz,
-                   Cz * sizeof(float));
-        eng_matmul(pool, ops, &L->router[j], f->gx, Cz, NULL, (size_t)nj, f->rl_g, (size_t)E);
-        eng_matmul(pool, ops, &L->mic_router[j], f->gx, Cz, NULL, (size_t)nj, f->ml_g, (size_t)N);
-        for (int r = 0; r < nj; r++) {
-            const size_t s = (size_t)f->order[o + r];
-            const float *rl = f->rl_g + (size_t)r * E, *ml = f->ml_g + (size_t)r * N;
-            moe_topk(f->expert + s * KE, rl, L->bias_router[j], E, KE);
-            moe_gate_forward(f->r_w + s * KE, rl, f->expert + s * KE, KE);
-            moe_topk(f->micro + s * KN, ml, L->bias_micro[j], N, KN);
-            moe_gate_forward(f->m_w + s * KN, ml, f->micro + s * KN, KN);
-        }
-    }
+    for (int r = 0; r < S; r++)
+        memcpy(f->gx + (size_t)r * Cz, u + (size_t)(f->order[r] / KM) * Cz, Cz * sizeof(float));
+    moe_ctx_t mc = {
+        f, L, u, nonempty(f->groups, f->off, M), {&L->ov_w2, f->ov_h, (size_t)OH, NULL, nz, y, Cz}};
+    kern_pool_for(pool, (size_t)mc.ngroups + eng_prod_nchunks(&mc.extra), router_chunk, &mc);
 
-    /* Experts grouped by (mini, expert): each expert's weights are read once for its rows. */
+    /* Experts grouped by (mini, expert). */
     for (int es = 0; es < SE; es++)
         f->key[es] = f->mini[es / KE] * E + f->expert[es];
     group_by(f->off, f->order, f->key, SE, M * E);
-    for (int g = 0; g < M * E; g++) {
-        const int o = f->off[g], ng = f->off[g + 1] - o;
-        if (ng == 0)
-            continue;
-        const int j = g / E, e = g % E;
-        for (int r = 0; r < ng; r++)
-            memcpy(f->gx + (size_t)r * Cz, u + (size_t)(f->order[o + r] / (KE * KM)) * Cz,
-                   Cz * sizeof(float));
-        const eng_mat_t *w1 = &L->exp_w1[j], *w2 = &L->exp_w2[j];
-        const eng_mat_t v1 = {w1->w + (size_t)e * EH * w1->row_bytes, w1->qt, (size_t)EH, w1->cols,
-                              w1->row_bytes};
-        const eng_mat_t v2 = {w2->w + (size_t)e * Cz * w2->row_bytes, w2->qt, Cz, w2->cols,
-                              w2->row_bytes};
-        eng_matmul(pool, ops, &v1, f->gx, Cz, NULL, (size_t)ng, f->eh, (size_t)EH);
-        relu2_rows(f->eh, ng, EH);
-        eng_matmul(pool, ops, &v2, f->eh, (size_t)EH, NULL, (size_t)ng, f->ey_g, Cz);
-        for (int r = 0; r < ng; r++)
-            memcpy(f->ey + (size_t)f->order[o + r] * Cz, f->ey_g + (size_t)r * Cz,
-                   Cz * sizeof(float));
+    for (int r = 0; r < SE; r++) {
+        f->pos_of[f->order[r]] = r;
+        memcpy(f->gx + (size_t)r * Cz, u + (size_t)(f->order[r] / (KE * KM)) * Cz,
+               Cz * sizeof(float));
     }
+    mc.ngroups = nonempty(f->groups, f->off, M * E);
+    kern_pool_for(pool, (size_t)mc.ngroups, expert_chunk, &mc);
 
-    /* Per slot, in moe_forward's order: experts, then micro agents, then the mini's gate. */
+    /* Each slot's mini output, then the gates in moe_forward's order. */
+    kern_pool_for(pool, (size_t)S, slot_chunk, &mc);
     for (int s = 0; s < S; s++) {
-        const int t = s / KM, j = f->mini[s];
-        const float *ut = u + (size_t)t * Cz;
-        memset(f->mo, 0, Cz * sizeof(float));
-        for (int i = 0; i < KE; i++) {
-            const size_t es = (size_t)s * KE + (size_t)i;
-            const float w = f->r_w[es], *ey = f->ey + es * Cz;
-            for (int c = 0; c < C; c++)
-                f->mo[c] += w * ey[c];
-        }
-        for (int i = 0; i < KN; i++) {
-            const size_t ms = (size_t)s * KN + (size_t)i, agent = (size_t)f->micro[ms];
-            const float sv = eng_row_dot(&L->mic_down[j], agent, ut);
-            const float a = f->m_w[ms] * silu(sv);
-            eng_row_dequant(&L->mic_up[j], agent, f->vec);
-            for (int c = 0; c < C; c++)
-                f->mo[c] += a * f->vec[c];
-        }
-        float *yt = y + (size_t)t * Cz;
+        const float *mo = f->mo + (size_t)s * Cz;
+        float *yt = y + (size_t)(s / KM) * Cz;
         for (int c = 0; c < C; c++)
-            yt[c] += f->gate_w[s] * f->mo[c];
+            yt[c] += f->gate_w[s] * mo[c];
     }
 
     /* Routing records: per layer mini[KM], expert[KM * KE], micro[KM * KN]. */
@@ -376,97 +439,159 @@ static void moe_block(eng_fwd_t *f, kern_pool_t *pool, const eng_layer_t *L, eng
 
 /* ---- diffusion ---- */
 
-/* out [n, OC] = BL(RMSNorm_g(x)) with the learner's arithmetic: RMSNorm, int8 codes of each
- * row, exact integer product with the ternary codes, times s_w then s_x. */
-static void bitlinear(eng_fwd_t *f, kern_pool_t *pool, kern_act_t *act, const eng_mat_t *W,
-                      const float *g, const float *x, int n, float *out) {
-    const int in = (int)W->cols;
-    rms_rows(f->dn, f->rstd, x, g, n, in);
-    kern_ops()->quantize_act(act, f->dn, (size_t)in, (size_t)n);
-    eng_matmul(pool, kern_ops(), W, NULL, 0, act, (size_t)n, out, W->rows);
+/* Rows [r0, r0 + n) of act as an act of its own (its buffers are per row). */
+static kern_act_t act_rows(const kern_act_t *act, int r0, int n) {
+    kern_act_t v = *act;
+    const size_t r = (size_t)r0;
+    v.q += r * act->stride;
+    v.scale += r;
+    v.sum += r;
+    v.gsum += r * (act->stride / QTYPE_INT4_GROUP);
+    v.cap = (size_t)n;
+    v.n = 0;
+    return v;
 }
 
-/* x [n, C] += BitDiffusion(RMSNorm(x)) as diffusion_forward computes it without replay. */
-static void diffusion_block(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t *pool,
-                            eng_row_t *rows, int n) {
+/* out [n, OC] = BL(RMSNorm_g(x)) for rows r0.. with the learner's arithmetic: RMSNorm, int8
+ * codes of each row, exact integer product with the ternary codes, times s_w then s_x. With a
+ * pool the product is a parallel region; without, it runs on the calling thread. */
+static void bitlinear(eng_fwd_t *f, kern_pool_t *pool, const kern_act_t *act, const eng_mat_t *W,
+                      const float *g, const float *x, int r0, int n, float *out) {
+    const int in = (int)W->cols;
+    float *dn = f->dn + (size_t)r0 * f->dmax;
+    rms_rows(dn, f->rstd + r0, x, g, n, in);
+    kern_act_t a = act_rows(act, r0, n);
+    kern_ops()->quantize_act(&a, dn, (size_t)in, (size_t)n);
+    const eng_prod_t pr = {W, NULL, 0, &a, (size_t)n, out, W->rows};
+    if (pool)
+        eng_matmul_many(pool, kern_ops(), &pr, 1);
+    else
+        eng_matmul_rows(kern_ops(), &pr, 0, W->rows);
+}
+
+/* x [r0 .. r0 + n, C] += BitDiffusion(RMSNorm(x)) as diffusion_forward computes it without
+ * replay. Every buffer is used at rows r0..r0 + n only, so disjoint row ranges may run at once
+ * on different threads (pool NULL); with a pool, each product is a parallel region instead. */
+static void diffusion_rows(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t *pool,
+                           eng_row_t *rows, int r0, int n) {
     const eng_diff_t *D = &p->diff;
     const diffusion_dims_t *d = &f->dd;
     const int C = f->C, Lb = d->Lb, W = d->W, F = d->F, K = d->K, Lw = f->Lw;
-    rms_rows(f->u, f->rstd, f->x, D->norm, n, C);
+    const size_t R = (size_t)r0;
+    float *x = f->x + R * C, *u = f->u + R * C, *hc = f->hc + R * W, *h = f->h + R * W,
+          *a = f->a + R * W, *tmp = f->tmp + R * W, *up = f->up + R * F, *zin = f->zin + R * Lb,
+          *dl = f->dl + R * Lb, *br = f->br + R * C;
+    uint64_t *z = f->z + R * Lw, *zn = f->zn + R * Lw;
+    rms_rows(u, f->rstd + r0, x, D->norm, n, C);
     /* BL_c(u) is the same at every step of the sampler: computed once (the learner recomputes
      * it per step and gets the same bits). */
-    bitlinear(f, pool, &f->act_C, &D->in_c, D->in_c_norm, f->u, n, f->hc);
+    bitlinear(f, pool, &f->act_C, &D->in_c, D->in_c_norm, u, r0, n, hc);
     for (int r = 0; r < n; r++)
-        diffusion_plan_noise(f->z + (size_t)r * Lw, p->cfg.diffusion_seed, (uint64_t)rows[r].pos,
+        diffusion_plan_noise(z + (size_t)r * Lw, p->cfg.diffusion_seed, (uint64_t)rows[r0 + r].pos,
                              Lb);
     for (int k = K; k >= 1; k--) {
         for (int r = 0; r < n; r++)
             for (int b = 0; b < Lb; b++)
-                f->zin[(size_t)r * Lb + b] =
-                    diffusion_bit_get(f->z + (size_t)r * Lw, b) ? 1.0f : -1.0f;
-        bitlinear(f, pool, &f->act_Lb, &D->in_z, D->in_z_norm, f->zin, n, f->h);
+                zin[(size_t)r * Lb + b] = diffusion_bit_get(z + (size_t)r * Lw, b) ? 1.0f : -1.0f;
+        bitlinear(f, pool, &f->act_Lb, &D->in_z, D->in_z_norm, zin, r0, n, h);
         /* h = (BL_z + BL_c) + BL_time, in the learner's order. */
-        add_rows(f->h, f->h, f->hc, n, W);
+        add_rows(h, h, hc, n, W);
         const float *te = D->time_emb + (size_t)(k - 1) * W;
         for (int r = 0; r < n; r++)
             for (int i = 0; i < W; i++)
-                f->h[(size_t)r * W + i] = f->h[(size_t)r * W + i] + te[i];
+                h[(size_t)r * W + i] = h[(size_t)r * W + i] + te[i];
         for (int nb = 0; nb < d->NB; nb++) {
-            rms_rows(f->a, f->rstd, f->h, D->blk_norm[nb], n, W);
-            bitlinear(f, pool, &f->act_W, &D->up[nb], D->up_norm[nb], f->a, n, f->up);
-            relu2_rows(f->up, n, F);
-            bitlinear(f, pool, &f->act_F, &D->down[nb], D->down_norm[nb], f->up, n, f->tmp);
-            add_rows(f->h, f->h, f->tmp, n, W);
+            rms_rows(a, f->rstd + r0, h, D->blk_norm[nb], n, W);
+            bitlinear(f, pool, &f->act_W, &D->up[nb], D->up_norm[nb], a, r0, n, up);
+            relu2_rows(up, n, F);
+            bitlinear(f, pool, &f->act_F, &D->down[nb], D->down_norm[nb], up, r0, n, tmp);
+            add_rows(h, h, tmp, n, W);
         }
-        bitlinear(f, pool, &f->act_W, &D->out, D->out_norm, f->h, n, f->dl);
+        bitlinear(f, pool, &f->act_W, &D->out, D->out_norm, h, r0, n, dl);
         for (int r = 0; r < n; r++) {
-            uint64_t *z = f->z + (size_t)r * Lw, *zn = f->zn + (size_t)r * Lw;
-            diffusion_plan_step(zn, z, f->dl + (size_t)r * Lb, k, K, Lb);
-            if (k == 1 && rows[r].plan) {
-                memcpy(rows[r].plan, z, (size_t)Lw * sizeof(uint64_t));
-                memcpy(rows[r].plan + Lw, zn, (size_t)Lw * sizeof(uint64_t));
+            uint64_t *zr = z + (size_t)r * Lw, *znr = zn + (size_t)r * Lw;
+            const eng_row_t *row = &rows[r0 + r];
+            diffusion_plan_step(znr, zr, dl + (size_t)r * Lb, k, K, Lb);
+            if (k == 1 && row->plan) {
+                memcpy(row->plan, zr, (size_t)Lw * sizeof(uint64_t));
+                memcpy(row->plan + Lw, znr, (size_t)Lw * sizeof(uint64_t));
             }
         }
-        uint64_t *sw = f->z;
-        f->z = f->zn;
-        f->zn = sw;
+        uint64_t *sw = z;
+        z = zn;
+        zn = sw;
     }
     /* Write-back BL_dec(2 c_hat - 1), c_hat = z_0. */
     for (int r = 0; r < n; r++)
         for (int b = 0; b < Lb; b++)
-            f->zin[(size_t)r * Lb + b] = 2 * (float)diffusion_bit_get(f->z + (size_t)r * Lw, b) - 1;
-    bitlinear(f, pool, &f->act_Lb, &D->dec, D->dec_norm, f->zin, n, f->br);
-    add_rows(f->x, f->x, f->br, n, f->C);
+            zin[(size_t)r * Lb + b] = 2 * (float)diffusion_bit_get(z + (size_t)r * Lw, b) - 1;
+    bitlinear(f, pool, &f->act_Lb, &D->dec, D->dec_norm, zin, r0, n, br);
+    add_rows(x, x, br, n, C);
+}
+
+/* Sequences per chunk when the diffusion stage splits the batch instead of each product: the
+ * ternary kernel's register tile serves up to 6 sequences per unpacked weight. */
+#define DIFF_TILE 6
+
+typedef struct {
+    eng_fwd_t *f;
+    const quillan_policy_t *p;
+    eng_row_t *rows;
+    int n, nchunks;
+} diff_ctx_t;
+
+static void diff_chunk(void *vctx, size_t c, int tid) {
+    const diff_ctx_t *dc = vctx;
+    const int r0 = (int)((size_t)dc->n * c / (size_t)dc->nchunks),
+              r1 = (int)((size_t)dc->n * (c + 1) / (size_t)dc->nchunks);
+    (void)tid;
+    diffusion_rows(dc->f, dc->p, NULL, dc->rows, r0, r1 - r0);
+}
+
+/* The diffusion stage over n rows. Its K steps run some 14 dependent products each; with as
+ * many rows as two per thread, each thread runs the whole stage on its own sequences (no
+ * synchronisation at all), otherwise every product is split over the pool. Every row's result
+ * is the same either way (each row's arithmetic is independent of the others'). */
+static void diffusion_block(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t *pool,
+                            eng_row_t *rows, int n) {
+    const int nt = kern_pool_size(pool);
+    if (nt == 1) {
+        diffusion_rows(f, p, NULL, rows, 0, n);
+        return;
+    }
+    if (n < 2 * nt) {
+        diffusion_rows(f, p, pool, rows, 0, n);
+        return;
+    }
+    const int tiles = (n + DIFF_TILE - 1) / DIFF_TILE;
+    diff_ctx_t dc = {f, p, rows, n, (tiles + nt - 1) / nt * nt};
+    kern_pool_for(pool, (size_t)dc.nchunks, diff_chunk, &dc);
 }
 
 /* ---- the whole network ---- */
 
 void eng_forward(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t *pool, eng_row_t *rows, int n,
-                 quillan_stats_t *st) {
+                 quillan_stats_t *st, eng_cpu_stats_t *cs) {
     Q_ASSERT(n >= 1 && n <= f->R && eng_fwd_fits(f, p));
     const size_t C = (size_t)f->C;
-    double t0 = eng_now(), t1;
+    double *cpu = cs->stage_s;
+    eng_clock_t clk;
+    eng_clock_start(&clk);
     for (int r = 0; r < n; r++) {
         Q_ASSERT(rows[r].token >= 0 && rows[r].token < f->V);
         memcpy(f->x + (size_t)r * C, p->embed + (size_t)rows[r].token * C, C * sizeof(float));
     }
     for (int l = 0; l < f->L; l++) {
         const eng_layer_t *L = &p->layers[l];
-        attention_block(f, p, pool, L, rows, n, l);
-        t1 = eng_now();
-        st->attention_s += t1 - t0;
-        t0 = t1;
+        attention_block(f, pool, L, rows, n, l);
+        eng_clock_lap(&clk, &st->attention_s, &cpu[ENG_STAGE_ATTENTION]);
         rms_rows(f->xn, f->rstd, f->x, L->moe_norm, n, f->C);
         moe_block(f, pool, L, rows, n, l, f->xn, f->br, p->route_ints);
         add_rows(f->x, f->x, f->br, n, f->C);
-        t1 = eng_now();
-        st->moe_s += t1 - t0;
-        t0 = t1;
+        eng_clock_lap(&clk, &st->moe_s, &cpu[ENG_STAGE_MOE]);
         if (l == p->cfg.diffusion_layer) {
             diffusion_block(f, p, pool, rows, n);
-            t1 = eng_now();
-            st->diffusion_s += t1 - t0;
-            t0 = t1;
+            eng_clock_lap(&clk, &st->diffusion_s, &cpu[ENG_STAGE_DIFFUSION]);
         }
     }
     int nh = 0;
@@ -480,5 +605,5 @@ void eng_forward(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t *pool, eng
     for (int r = 0; r < n; r++)
         if (rows[r].logits)
             memcpy(rows[r].logits, f->hl + (size_t)(nh++) * f->V, (size_t)f->V * sizeof(float));
-    st->head_s += eng_now() - t0;
+    eng_clock_lap(&clk, &st->head_s, &cpu[ENG_STAGE_HEAD]);
 }

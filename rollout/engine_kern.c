@@ -1,21 +1,30 @@
-/* Threaded matrix products of the engine over the packed rows of qtypes.h.
+/* Matrix products of the engine over the packed rows of qtypes.h, on the calling thread or as
+ * one parallel region of the pool.
  *
- * F32, F16 and TERNARY products use the kernels of rollout/kernels.h. INT4 (experts) and INT8
- * (micro agents, head_int8) weights multiply FP32 activations here, because the learner's
- * forward multiplies their fake-quantized values with FP32 activations: a row is dequantised
- * to exactly scale * code (one float multiply, as qtypes' dequantize_row_ref and quant.h's
- * fake quantizer compute it) and then dotted in FP32, so the only difference from the learner is
- * the summation order. The kernels' INT4 x int8 / INT8 x int8 products would add an activation
- * rounding the learner does not simulate (docs/ENGINE.md). */
+ * Every product goes through the kernels of rollout/kernels.h: TERNARY weights with int8
+ * activations (matmul_q), every other type with FP32 activations (matmul_f). INT4 (experts)
+ * and INT8 (micro agents, head_int8) rows are dequantised inside the kernel to exactly
+ * scale * code, the learner's fake-quantized value, so the only difference from the learner
+ * is the summation order; the kernels' INT4 x int8 / INT8 x int8 products would add an
+ * activation rounding the learner does not simulate (docs/ENGINE.md).
+ *
+ * Parallel regions: the rows of each product are cut into chunks whose size depends only on
+ * the product's shape and n (never on the thread count) and handed out dynamically
+ * (kern_pool_for). A kernel's output element does not depend on where its row range starts,
+ * so results are the same for every thread count and every chunking. */
 #include "engine.h"
-
-#include "fp16.h"
 
 #include <string.h>
 #include <time.h>
 
-/* Rows per thread boundary: keeps each thread's share on whole kernel row tiles. */
+/* Row boundaries of chunks: whole kernel row tiles. */
 #define ENG_SPLIT_ALIGN 8
+/* Weight bytes per chunk at n <= 8 activation rows (halved for each further 8 rows): a few
+ * microseconds of work, so a chunk held by a descheduled thread delays the others little and
+ * ~100 chunks of the head keep two threads balanced. */
+#define ENG_CHUNK_BYTES (128 * 1024)
+/* Products of one region at most. */
+#define ENG_REGION_MAX 96
 
 double eng_now(void) {
     struct timespec ts;
@@ -23,118 +32,98 @@ double eng_now(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-/* FP32 dot product with eight independent partial sums (vectorises without -ffast-math). */
-static float dot_f32(const float *a, const float *b, size_t n) {
-    float acc[8] = {0};
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++)
-            acc[j] += a[i + j] * b[i + j];
-    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (; i < n; i++)
-        s += a[i] * b[i];
-    return s;
+double eng_cpu_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static void int4_row_dequant(const unsigned char *row, size_t n, float *out) {
-    const size_t nb = (n + QTYPE_INT4_BLOCK - 1) / QTYPE_INT4_BLOCK;
-    const unsigned char *sc = row + nb * 64;
-    for (size_t b = 0; b < nb; b++) {
-        const unsigned char *q = row + b * 64;
-        float s[4];
-        for (int g = 0; g < 4; g++) {
-            uint16_t h;
-            memcpy(&h, sc + 2 * (4 * b + (size_t)g), 2);
-            s[g] = fp16_to_float(h);
-        }
-        const size_t base = b * QTYPE_INT4_BLOCK;
-        if (base + QTYPE_INT4_BLOCK <= n) {
-            for (int j = 0; j < 64; j++) {
-                out[base + (size_t)j] = s[j / 32] * (float)((int)(q[j] & 15) - QTYPE_INT4_OFFSET);
-                out[base + 64 + (size_t)j] =
-                    s[2 + j / 32] * (float)((int)(q[j] >> 4) - QTYPE_INT4_OFFSET);
-            }
-        } else {
-            for (size_t i = base; i < n; i++) {
-                const size_t r = i - base;
-                const int code = (int)((q[r % 64] >> (4 * (r / 64))) & 15) - QTYPE_INT4_OFFSET;
-                out[i] = s[r / 32] * (float)code;
-            }
-        }
-    }
+void eng_clock_start(eng_clock_t *c) {
+    c->wall = eng_now();
+    c->cpu = eng_cpu_now();
 }
 
-static void int8_row_dequant(const unsigned char *row, size_t n, float *out) {
-    const float s = qtype_row_scale(QTYPE_INT8, row, n);
-    for (size_t i = 0; i < n; i++)
-        out[i] = s * (float)((int)row[i] - QTYPE_INT8_OFFSET);
+void eng_clock_lap(eng_clock_t *c, double *wall_s, double *cpu_s) {
+    const double w = eng_now(), u = eng_cpu_now();
+    *wall_s += w - c->wall;
+    *cpu_s += u - c->cpu;
+    c->wall = w;
+    c->cpu = u;
 }
 
 void eng_row_dequant(const eng_mat_t *W, size_t r, float *out) {
     Q_ASSERT(r < W->rows);
-    const unsigned char *row = W->w + r * W->row_bytes;
-    switch (W->qt) {
-    case QTYPE_F32: memcpy(out, row, W->cols * sizeof(float)); break;
-    case QTYPE_F16: fp16_to_float_n(out, (const uint16_t *)(const void *)row, W->cols); break;
-    case QTYPE_INT4: int4_row_dequant(row, W->cols, out); break;
-    case QTYPE_INT8: int8_row_dequant(row, W->cols, out); break;
-    default: qtype_traits(W->qt)->dequantize_row_ref(row, out, W->cols); break;
+    qtype_traits(W->qt)->dequantize_row_ref(W->w + r * W->row_bytes, out, W->cols);
+}
+
+float eng_row_dot(const kern_ops_t *ops, const eng_mat_t *W, size_t r, const float *x) {
+    Q_ASSERT(r < W->rows && W->qt != QTYPE_TERNARY && W->cols <= KERN_MAX_IN);
+    float y;
+    ops->matmul_f[W->qt](W->w + r * W->row_bytes, W->cols, x, W->cols, 1, &y, 1, 0, 1);
+    return y;
+}
+
+void eng_matmul_rows(const kern_ops_t *ops, const eng_prod_t *pr, size_t r0, size_t r1) {
+    const eng_mat_t *W = pr->W;
+    Q_ASSERT(r0 <= r1 && r1 <= W->rows && W->cols <= KERN_MAX_IN);
+    if (r0 == r1 || pr->n == 0)
+        return;
+    if (W->qt == QTYPE_TERNARY) {
+        Q_ASSERT(pr->act && pr->act->n == pr->n && pr->act->in == W->cols);
+        ops->matmul_q[QTYPE_TERNARY](W->w, W->cols, pr->act, pr->y, pr->ldy, r0, r1);
+    } else {
+        Q_ASSERT(pr->x && pr->ldx >= W->cols);
+        ops->matmul_f[W->qt](W->w, W->cols, pr->x, pr->ldx, pr->n, pr->y, pr->ldy, r0, r1);
     }
 }
 
-float eng_row_dot(const eng_mat_t *W, size_t r, const float *x) {
-    float buf[KERN_MAX_IN];
-    Q_ASSERT(W->cols <= KERN_MAX_IN);
-    if (W->qt == QTYPE_F32)
-        return dot_f32((const float *)(const void *)(W->w + r * W->row_bytes), x, W->cols);
-    eng_row_dequant(W, r, buf);
-    return dot_f32(buf, x, W->cols);
+/* Rows per chunk of a product of W with n activation rows. */
+static size_t chunk_rows(const eng_mat_t *W, size_t n) {
+    const size_t per = W->row_bytes * ((n + 7) / 8);
+    size_t r = ENG_CHUNK_BYTES / (per ? per : 1);
+    r = r / ENG_SPLIT_ALIGN * ENG_SPLIT_ALIGN;
+    return r < ENG_SPLIT_ALIGN ? ENG_SPLIT_ALIGN : r;
+}
+
+size_t eng_prod_nchunks(const eng_prod_t *pr) {
+    if (pr->n == 0)
+        return 0;
+    const size_t cr = chunk_rows(pr->W, pr->n);
+    return (pr->W->rows + cr - 1) / cr;
+}
+
+void eng_prod_chunk(const kern_ops_t *ops, const eng_prod_t *pr, size_t c) {
+    const size_t cr = chunk_rows(pr->W, pr->n), r0 = c * cr, rows = pr->W->rows;
+    Q_ASSERT(r0 < rows);
+    eng_matmul_rows(ops, pr, r0, r0 + cr < rows ? r0 + cr : rows);
 }
 
 typedef struct {
     const kern_ops_t *ops;
-    const eng_mat_t *W;
-    const float *x;
-    size_t ldx;
-    const kern_act_t *act;
-    size_t n;
-    float *y;
-    size_t ldy;
-} mm_ctx_t;
+    const eng_prod_t *prods;
+    size_t first[ENG_REGION_MAX + 1]; /* first chunk of each product */
+} region_t;
 
-static void mm_run(void *vctx, int tid, int nthreads) {
-    const mm_ctx_t *c = vctx;
-    const eng_mat_t *W = c->W;
-    size_t r0, r1;
-    kern_split_rows(W->rows, tid, nthreads, ENG_SPLIT_ALIGN, &r0, &r1);
-    if (r0 >= r1)
-        return;
-    switch (W->qt) {
-    case QTYPE_F32:
-    case QTYPE_F16:
-        c->ops->matmul_f[W->qt](W->w, W->cols, c->x, c->ldx, c->n, c->y, c->ldy, r0, r1);
-        break;
-    case QTYPE_TERNARY: c->ops->matmul_q[W->qt](W->w, W->cols, c->act, c->y, c->ldy, r0, r1); break;
-    case QTYPE_INT4:
-    case QTYPE_INT8: {
-        float buf[KERN_MAX_IN];
-        for (size_t r = r0; r < r1; r++) {
-            eng_row_dequant(W, r, buf);
-            for (size_t s = 0; s < c->n; s++)
-                c->y[s * c->ldy + r] = dot_f32(buf, c->x + s * c->ldx, W->cols);
-        }
-        break;
-    }
-    case QTYPE_COUNT: Q_ASSERT(!"bad qtype");
-    }
+static void region_chunk(void *vctx, size_t c, int tid) {
+    const region_t *g = vctx;
+    (void)tid;
+    int i = 0;
+    while (c >= g->first[i + 1])
+        i++;
+    eng_prod_chunk(g->ops, &g->prods[i], c - g->first[i]);
+}
+
+void eng_matmul_many(kern_pool_t *pool, const kern_ops_t *ops, const eng_prod_t *prods, int nprod) {
+    Q_ASSERT(nprod >= 0 && nprod <= ENG_REGION_MAX);
+    region_t g = {.ops = ops, .prods = prods};
+    g.first[0] = 0;
+    for (int i = 0; i < nprod; i++)
+        g.first[i + 1] = g.first[i] + eng_prod_nchunks(&prods[i]);
+    kern_pool_for(pool, g.first[nprod], region_chunk, &g);
 }
 
 void eng_matmul(kern_pool_t *pool, const kern_ops_t *ops, const eng_mat_t *W, const float *x,
                 size_t ldx, const kern_act_t *act, size_t n, float *y, size_t ldy) {
-    if (n == 0)
-        return;
-    Q_ASSERT(W->cols <= KERN_MAX_IN);
-    Q_ASSERT(W->qt == QTYPE_TERNARY ? act && act->n == n && act->in == W->cols : x != NULL);
-    mm_ctx_t c = {ops, W, x, ldx, act, n, y, ldy};
-    kern_pool_run(pool, mm_run, &c);
+    const eng_prod_t pr = {W, x, ldx, act, n, y, ldy};
+    eng_matmul_many(pool, ops, &pr, 1);
 }

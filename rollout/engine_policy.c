@@ -117,26 +117,24 @@ static int time_embeddings(quillan_policy_t *p, qerr_t *err) {
     float *sin_buf = calloc((size_t)d->D, sizeof(float)),
           *nrm = calloc((size_t)d->D, sizeof(float));
     kern_act_t act = {0};
-    kern_pool_t *pool = NULL;
     int rc = -1;
     if (!D->time_emb || !sin_buf || !nrm) {
         qerr_set(err, QERR_NOMEM, "policy: out of memory");
         goto out;
     }
-    if (kern_init(err) < 0 || kern_act_init(&act, 1, (size_t)d->D, err) < 0 ||
-        !(pool = kern_pool_new(1, err)))
+    if (kern_init(err) < 0 || kern_act_init(&act, 1, (size_t)d->D, err) < 0)
         goto out;
     for (int k = 1; k <= d->K; k++) {
         float rstd;
         diffusion_sinusoid(sin_buf, (real)k / (real)d->K, d->D);
         rmsnorm_forward(nrm, &rstd, sin_buf, D->time_norm, 1, d->D);
         kern_ops()->quantize_act(&act, nrm, (size_t)d->D, 1);
-        eng_matmul(pool, kern_ops(), &D->time, NULL, 0, &act, 1,
-                   D->time_emb + (size_t)(k - 1) * d->W, (size_t)d->W);
+        const eng_prod_t pr = {&D->time,    NULL, 0, &act, 1, D->time_emb + (size_t)(k - 1) * d->W,
+                               (size_t)d->W};
+        eng_matmul_rows(kern_ops(), &pr, 0, D->time.rows);
     }
     rc = 0;
 out:
-    kern_pool_destroy(&pool);
     kern_act_free(&act);
     free(sin_buf);
     free(nrm);

@@ -1,20 +1,40 @@
 #include "kern_pool.h"
 
+#include <limits.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
+#include <time.h>
 
-/* Spins of an idle worker before it starts yielding the CPU. */
-#define POOL_SPINS 20000
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
+enum { MODE_RUN, MODE_FOR };
+
+/* A job is published by storing its descriptor and then bumping `gen`; the descriptor is
+ * rewritten only when no thread can still claim work of the previous job (kern_pool_run waits
+ * for every worker, kern_pool_for for every chunk), but a worker that saw an old generation
+ * may still read it, so its fields are atomics and readers re-check `gen` (a seqlock). */
 struct kern_pool {
     int nthreads;
     pthread_t *threads;
-    kern_pool_fn fn;
-    void *ctx;
-    atomic_uint generation; /* bumped by kern_pool_run to start a round */
-    atomic_int pending;     /* workers still running the current round */
+    atomic_int mode;
+    _Atomic(kern_pool_fn) run_fn;
+    _Atomic(kern_pool_chunk_fn) chunk_fn;
+    _Atomic(void *) ctx;
+    atomic_uint nchunks;
+    /* (generation << 32) | next chunk: a claim succeeds only in the generation it read. */
+    atomic_ullong claim;
+    atomic_uint gen;     /* futex word the workers sleep on */
+    atomic_uint done;    /* finished chunks (FOR) or workers (RUN); futex word of the caller */
+    atomic_int sleepers; /* workers asleep on gen */
+    atomic_int waiting;  /* 1 while the caller sleeps on done */
+    atomic_uint done_at; /* value of done that ends the current job */
     atomic_int stop;
 };
 
@@ -23,13 +43,68 @@ typedef struct {
     int tid;
 } worker_arg_t;
 
-static void cpu_relax(unsigned *spins) {
-    if (++*spins < POOL_SPINS) {
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
+static void futex_wait(atomic_uint *addr, unsigned val) {
+#ifdef __linux__
+    syscall(SYS_futex, (void *)addr, FUTEX_WAIT_PRIVATE, val, NULL, NULL, 0);
+#else
+    (void)addr;
+    (void)val;
+    sched_yield();
 #endif
-    } else {
-        sched_yield();
+}
+
+static void futex_wake(atomic_uint *addr) {
+#ifdef __linux__
+    syscall(SYS_futex, (void *)addr, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+#else
+    (void)addr;
+#endif
+}
+
+static double mono_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return 1e6 * (double)ts.tv_sec + 1e-3 * (double)ts.tv_nsec;
+}
+
+static void cpu_pause(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Spins until *word != old for up to KERN_POOL_SPIN_US; returns 1 when it changed. */
+static int spin_until_changed(atomic_uint *word, unsigned old) {
+    double t0 = -1;
+    for (unsigned i = 1;; i++) {
+        if (atomic_load_explicit(word, memory_order_acquire) != old)
+            return 1;
+        cpu_pause();
+        if (i % 64 == 0) {
+            const double t = mono_us();
+            if (t0 < 0)
+                t0 = t;
+            else if (t - t0 > KERN_POOL_SPIN_US)
+                return 0;
+        }
+    }
+}
+
+/* Runs chunks of generation g until none is left to claim. */
+static void claim_chunks(kern_pool_t *p, unsigned g, kern_pool_chunk_fn fn, void *ctx, unsigned n,
+                         int tid) {
+    for (;;) {
+        unsigned long long cur = atomic_load_explicit(&p->claim, memory_order_relaxed);
+        do {
+            if ((unsigned)(cur >> 32) != g || (unsigned)cur >= n)
+                return;
+        } while (!atomic_compare_exchange_weak_explicit(
+            &p->claim, &cur, cur + 1, memory_order_acquire, memory_order_relaxed));
+        fn(ctx, (size_t)(unsigned)cur, tid);
+        const unsigned d = atomic_fetch_add_explicit(&p->done, 1, memory_order_seq_cst) + 1;
+        if (d == atomic_load_explicit(&p->done_at, memory_order_relaxed) &&
+            atomic_load_explicit(&p->waiting, memory_order_seq_cst))
+            futex_wake(&p->done);
     }
 }
 
@@ -39,15 +114,40 @@ static void *worker_main(void *arg) {
     kern_pool_t *p = a.pool;
     unsigned seen = 0;
     for (;;) {
-        unsigned spins = 0, gen;
-        while ((gen = atomic_load_explicit(&p->generation, memory_order_acquire)) == seen &&
-               !atomic_load_explicit(&p->stop, memory_order_acquire))
-            cpu_relax(&spins);
+        if (!spin_until_changed(&p->gen, seen)) {
+            atomic_fetch_add_explicit(&p->sleepers, 1, memory_order_seq_cst);
+            while (atomic_load_explicit(&p->gen, memory_order_seq_cst) == seen)
+                futex_wait(&p->gen, seen);
+            atomic_fetch_sub_explicit(&p->sleepers, 1, memory_order_relaxed);
+        }
         if (atomic_load_explicit(&p->stop, memory_order_acquire))
             return NULL;
-        seen = gen;
-        p->fn(p->ctx, a.tid, p->nthreads);
-        atomic_fetch_sub_explicit(&p->pending, 1, memory_order_acq_rel);
+        /* Seqlock read of the descriptor of generation g. */
+        unsigned g;
+        int mode;
+        kern_pool_fn rfn;
+        kern_pool_chunk_fn cfn;
+        void *ctx;
+        unsigned n;
+        do {
+            g = atomic_load_explicit(&p->gen, memory_order_acquire);
+            mode = atomic_load_explicit(&p->mode, memory_order_relaxed);
+            rfn = atomic_load_explicit(&p->run_fn, memory_order_relaxed);
+            cfn = atomic_load_explicit(&p->chunk_fn, memory_order_relaxed);
+            ctx = atomic_load_explicit(&p->ctx, memory_order_relaxed);
+            n = atomic_load_explicit(&p->nchunks, memory_order_relaxed);
+            atomic_thread_fence(memory_order_acquire);
+        } while (atomic_load_explicit(&p->gen, memory_order_relaxed) != g);
+        seen = g;
+        if (mode == MODE_RUN) {
+            rfn(ctx, a.tid, p->nthreads);
+            const unsigned d = atomic_fetch_add_explicit(&p->done, 1, memory_order_seq_cst) + 1;
+            if (d == (unsigned)p->nthreads - 1 &&
+                atomic_load_explicit(&p->waiting, memory_order_seq_cst))
+                futex_wake(&p->done);
+        } else {
+            claim_chunks(p, g, cfn, ctx, n, a.tid);
+        }
     }
 }
 
@@ -63,8 +163,17 @@ kern_pool_t *kern_pool_new(int nthreads, qerr_t *err) {
         return NULL;
     }
     p->nthreads = 1;
-    atomic_init(&p->generation, 0);
-    atomic_init(&p->pending, 0);
+    atomic_init(&p->mode, MODE_RUN);
+    atomic_init(&p->run_fn, NULL);
+    atomic_init(&p->chunk_fn, NULL);
+    atomic_init(&p->ctx, NULL);
+    atomic_init(&p->nchunks, 0);
+    atomic_init(&p->claim, 0);
+    atomic_init(&p->gen, 0);
+    atomic_init(&p->done, 0);
+    atomic_init(&p->sleepers, 0);
+    atomic_init(&p->waiting, 0);
+    atomic_init(&p->done_at, 0);
     atomic_init(&p->stop, 0);
     for (int t = 1; t < nthreads; t++) {
         worker_arg_t *a = malloc(sizeof *a);
@@ -83,11 +192,22 @@ kern_pool_t *kern_pool_new(int nthreads, qerr_t *err) {
     return p;
 }
 
+/* Makes generation gen + 1 visible and wakes sleeping workers. */
+static unsigned publish(kern_pool_t *p) {
+    const unsigned g = atomic_load_explicit(&p->gen, memory_order_relaxed) + 1;
+    atomic_store_explicit(&p->claim, (unsigned long long)g << 32, memory_order_relaxed);
+    atomic_store_explicit(&p->gen, g, memory_order_seq_cst);
+    if (atomic_load_explicit(&p->sleepers, memory_order_seq_cst) > 0)
+        futex_wake(&p->gen);
+    return g;
+}
+
 void kern_pool_destroy(kern_pool_t **pool) {
     if (!pool || !*pool)
         return;
     kern_pool_t *p = *pool;
-    atomic_store_explicit(&p->stop, 1, memory_order_release);
+    atomic_store_explicit(&p->stop, 1, memory_order_seq_cst);
+    publish(p);
     for (int t = 1; t < p->nthreads; t++)
         pthread_join(p->threads[t], NULL);
     free(p->threads);
@@ -99,15 +219,55 @@ int kern_pool_size(const kern_pool_t *pool) {
     return pool->nthreads;
 }
 
+/* Waits until done reaches `target`: spins, then sleeps on the futex. */
+static void wait_done(kern_pool_t *p, unsigned target) {
+    unsigned d = atomic_load_explicit(&p->done, memory_order_acquire);
+    if (d == target || spin_until_changed(&p->done, d)) {
+        while ((d = atomic_load_explicit(&p->done, memory_order_acquire)) != target)
+            if (!spin_until_changed(&p->done, d))
+                break;
+        if (d == target)
+            return;
+    }
+    atomic_store_explicit(&p->waiting, 1, memory_order_seq_cst);
+    while ((d = atomic_load_explicit(&p->done, memory_order_seq_cst)) != target)
+        futex_wait(&p->done, d);
+    atomic_store_explicit(&p->waiting, 0, memory_order_relaxed);
+}
+
 void kern_pool_run(kern_pool_t *p, kern_pool_fn fn, void *ctx) {
-    p->fn = fn;
-    p->ctx = ctx;
-    atomic_store_explicit(&p->pending, p->nthreads - 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&p->generation, 1, memory_order_acq_rel);
+    if (p->nthreads == 1) {
+        fn(ctx, 0, 1);
+        return;
+    }
+    atomic_store_explicit(&p->mode, MODE_RUN, memory_order_relaxed);
+    atomic_store_explicit(&p->run_fn, fn, memory_order_relaxed);
+    atomic_store_explicit(&p->ctx, ctx, memory_order_relaxed);
+    atomic_store_explicit(&p->done, 0, memory_order_relaxed);
+    atomic_store_explicit(&p->done_at, (unsigned)p->nthreads - 1, memory_order_relaxed);
+    publish(p);
     fn(ctx, 0, p->nthreads);
-    unsigned spins = 0;
-    while (atomic_load_explicit(&p->pending, memory_order_acquire) > 0)
-        cpu_relax(&spins);
+    wait_done(p, (unsigned)p->nthreads - 1);
+}
+
+void kern_pool_for(kern_pool_t *p, size_t nchunks, kern_pool_chunk_fn fn, void *ctx) {
+    Q_ASSERT(nchunks < UINT32_MAX);
+    if (nchunks == 0)
+        return;
+    if (p->nthreads == 1 || nchunks == 1) {
+        for (size_t c = 0; c < nchunks; c++)
+            fn(ctx, c, 0);
+        return;
+    }
+    atomic_store_explicit(&p->mode, MODE_FOR, memory_order_relaxed);
+    atomic_store_explicit(&p->chunk_fn, fn, memory_order_relaxed);
+    atomic_store_explicit(&p->ctx, ctx, memory_order_relaxed);
+    atomic_store_explicit(&p->nchunks, (unsigned)nchunks, memory_order_relaxed);
+    atomic_store_explicit(&p->done, 0, memory_order_relaxed);
+    atomic_store_explicit(&p->done_at, (unsigned)nchunks, memory_order_relaxed);
+    const unsigned g = publish(p);
+    claim_chunks(p, g, fn, ctx, (unsigned)nchunks, 0);
+    wait_done(p, (unsigned)nchunks);
 }
 
 void kern_split_rows(size_t rows, int tid, int nthreads, size_t align, size_t *r0, size_t *r1) {
