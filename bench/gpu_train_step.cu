@@ -111,6 +111,7 @@ static int one_step(cuda_model_t *m, const model_batch_t *b, float *d_old, float
     cudaStream_t s = cuda_model_stream(m);
     dapo_loss_config_t dc;
     dapo_loss_config_default(&dc);
+    dc.max_new_tokens = b->T; /* rollout.max_new_tokens (token-mean does not read it) */
     /* On-policy minibatch: the old log-probs are this forward's (ratio 1). */
     CUDA_TRY(err, cudaMemcpyAsync(d_old, cuda_model_logp_device(m), (size_t)BT * sizeof(float),
                                   cudaMemcpyDeviceToDevice, s));
