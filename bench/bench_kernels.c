@@ -9,7 +9,8 @@
  * Formats: ternary, int4 and int8 multiply int8 activations (matmul_q); f16, f32 and the
  * int4-f32 / int8-f32 variants (the engine's experts, micro agents and head_int8) multiply
  * FP32 activations (matmul_f). --isa (or QUILLAN_ISA) picks a lower kernel level, e.g. the
- * AVX2 path on an AVX-512 machine; the peak probes stay AVX-512 (the machine's limits).
+ * AVX2 path on an AVX-512 machine; its roofline then uses that level's own peaks (256-bit FMA,
+ * and vpmaddubsw + vpmaddwd + vpaddd for int8, since AVX2 has no VNNI).
  *
  * Each format cycles through >= M MiB (default 512) of distinct copies of its matrix, so every
  * product reads its weights from DRAM (ANCHORS.md: cache-hot numbers overstate batch-1 speed
@@ -187,6 +188,46 @@ __attribute__((target("avx512f"))) static void peak_fma(void *ctx, int tid, int 
     for (int k = 1; k < 12; k++)
         s = _mm512_add_ps(s, acc[k]);
     ((int64_t *)ctx)[tid] = (int64_t)_mm512_reduce_add_ps(s);
+}
+
+/* The AVX2 level's limits: 256-bit FMA, and int8 products without VNNI (vpmaddubsw, vpmaddwd
+ * against ones, vpaddd: 32 MACs per three instructions, the sequence kernels_avx2.c uses; each
+ * chain feeds its own bytes back in, so nothing is loop-invariant). */
+__attribute__((target("avx2,fma"))) static void peak_fma256(void *ctx, int tid, int nt) {
+    (void)nt;
+    __m256 acc[12];
+    const __m256 a = _mm256_set1_ps(1.0000001f), b = _mm256_set1_ps(0.999999f);
+    for (int k = 0; k < 12; k++)
+        acc[k] = _mm256_set1_ps((float)k);
+    for (long i = 0; i < PEAK_ITERS; i++) {
+#pragma GCC unroll 12
+        for (int k = 0; k < 12; k++)
+            acc[k] = _mm256_fmadd_ps(acc[k], a, b);
+    }
+    __m256 s = acc[0];
+    for (int k = 1; k < 12; k++)
+        s = _mm256_add_ps(s, acc[k]);
+    float v[8];
+    _mm256_storeu_ps(v, s);
+    ((int64_t *)ctx)[tid] = (int64_t)v[0];
+}
+
+__attribute__((target("avx2"))) static void peak_maddubs256(void *ctx, int tid, int nt) {
+    (void)nt;
+    __m256i acc[12];
+    const __m256i b = _mm256_set1_epi8(2), one = _mm256_set1_epi16(1);
+    for (int k = 0; k < 12; k++)
+        acc[k] = _mm256_set1_epi32(k);
+    for (long i = 0; i < PEAK_ITERS; i++) {
+#pragma GCC unroll 12
+        for (int k = 0; k < 12; k++)
+            acc[k] =
+                _mm256_add_epi32(acc[k], _mm256_madd_epi16(_mm256_maddubs_epi16(acc[k], b), one));
+    }
+    __m256i s = acc[0];
+    for (int k = 1; k < 12; k++)
+        s = _mm256_add_epi32(s, acc[k]);
+    ((int64_t *)ctx)[tid] = _mm256_extract_epi32(s, 0);
 }
 
 #define HAVE_PEAK_PROBES 1
@@ -431,14 +472,19 @@ int main(int argc, char **argv) {
         double bw0 = probe_dram(pool, probe_buf, probe_bytes, rounds);
         double vnni = NAN, fma = NAN;
 #ifdef HAVE_PEAK_PROBES
-        if (have512) {
+        if (have512 && strcmp(ops->name, "avx2") != 0) {
             vnni = probe_peak(pool, peak_vnni, 64.0);
             fma = probe_peak(pool, peak_fma, 16.0);
+        } else if (cpu_isa_detect() >= CPU_ISA_AVX2) {
+            vnni = probe_peak(pool, peak_maddubs256, 32.0);
+            fma = probe_peak(pool, peak_fma256, 8.0);
         }
 #endif
-        printf("## %d thread%s\n\nprobes: DRAM read %.1f GB/s (before), int8 VNNI %.0f GMAC/s, "
-               "fp32 FMA %.0f GFMA/s\n\n",
-               nt, nt > 1 ? "s" : "", bw0, vnni / 1e9, fma / 1e9);
+        printf("## %d thread%s\n\nprobes: DRAM read %.1f GB/s (before), int8 %s %.0f GMAC/s, "
+               "fp32 FMA %s %.0f GFMA/s\n\n",
+               nt, nt > 1 ? "s" : "", bw0,
+               strcmp(ops->name, "avx2") == 0 ? "vpmaddubsw 256-bit" : "VNNI 512-bit", vnni / 1e9,
+               strcmp(ops->name, "avx2") == 0 ? "256-bit" : "512-bit", fma / 1e9);
         printf("| format | B/weight | n | us/product | GB/s | / DRAM | GMAC/s | GFLOP/s | "
                "/ roofline | wall us |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | "
                "--- |\n");
