@@ -95,9 +95,10 @@ __global__ void k_plan_noise(uint64_t *z, const int32_t *pos, uint64_t seed, int
 
 /* Training flip mask: bit b of position t is set when the uniform of stream value base[t] + b,
  * (hash(key, counter) >> 11) / 2^53 as rng_stream_uniform_f64, is < p[t]. One thread per bit;
- * each warp writes its 32 bits as one half word (Lb is a multiple of 32). */
+ * each warp writes its 32 bits as one half word (Lb is a multiple of 32); the caller zeroes m
+ * first, so the upper half of a last word past Lb stays 0. */
 __global__ void k_noise_bits(uint64_t *m, const double *p, const uint64_t *base, uint64_t key,
-                             int BT, int Lb) {
+                             int BT, int Lb, int Lw) {
     const size_t n = (size_t)BT * Lb;
     const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (i >= n)
@@ -107,14 +108,15 @@ __global__ void k_noise_bits(uint64_t *m, const double *p, const uint64_t *base,
     const uint64_t h = splitmix64(splitmix64(0 ^ key) ^ (base[t] + (uint64_t)b));
     const double u = (double)(h >> 11) / 9007199254740992.0;
     const unsigned bits = __ballot_sync(0xffffffffu, u < p[t]);
-    if ((threadIdx.x & 31) == 0)
-        ((uint32_t *)m)[i / 32] = bits; /* little-endian: half word b/32 of the row's words */
+    if ((threadIdx.x & 31) == 0) /* little-endian: half b/32 of the row's Lw words */
+        ((uint32_t *)m)[t * 2 * (size_t)Lw + (size_t)(b / 32)] = bits;
 }
 
 /* code[t] = [R head[targets[t]] > 0] bit by bit where mask[t] != 0, else 0 (diffusion_code:
- * each dot product in index order, unfused multiply and add as the CPU). */
+ * each dot product in index order, unfused multiply and add as the CPU). Written by half words
+ * as k_noise_bits (code zeroed by the caller). */
 __global__ void k_code(uint64_t *code, const float *R, const float *head, const int32_t *targets,
-                       const float *mask, int BT, int Lb, int C) {
+                       const float *mask, int BT, int Lb, int Lw, int C) {
     const size_t n = (size_t)BT * Lb;
     const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (i >= n)
@@ -131,7 +133,7 @@ __global__ void k_code(uint64_t *code, const float *R, const float *head, const 
     }
     const unsigned bits = __ballot_sync(0xffffffffu, on);
     if ((threadIdx.x & 31) == 0)
-        ((uint32_t *)code)[i / 32] = bits;
+        ((uint32_t *)code)[t * 2 * (size_t)Lw + (size_t)(b / 32)] = bits;
 }
 
 /* One sampler step per position (one block each), diffusion_plan_step: pi = sigmoid(logits),
@@ -650,7 +652,10 @@ extern "C" void cuda_diffusion_code(uint64_t *code, const float *R, const float 
     Q_ASSERT(BT >= 0 && Lb % 32 == 0 && C >= 1);
     if (BT == 0)
         return;
-    k_code<<<blocks_for((size_t)BT * Lb), TPB, 0, s>>>(code, R, head, targets, mask, BT, Lb, C);
+    const int Lw = (int)words(Lb);
+    Q_ASSERT((size_t)BT * Lb <= (size_t)65535 * 32 * TPB);
+    CUDA_CHECK(cudaMemsetAsync(code, 0, (size_t)BT * Lw * 8, s));
+    k_code<<<blocks_for((size_t)BT * Lb), TPB, 0, s>>>(code, R, head, targets, mask, BT, Lb, Lw, C);
     CUDA_LAUNCH_CHECK();
 }
 
@@ -675,8 +680,11 @@ extern "C" int cuda_diffusion_noise_draw(cuda_diffusion_t *a, float *tau, uint64
         cuda_buf_upload(a->p_dev, a->p_host, (size_t)BT * 8, s, err) ||
         cuda_buf_upload(a->base_dev, a->base_host, (size_t)BT * 8, s, err))
         return -1;
+    const int Lw = (int)words(Lb);
+    Q_ASSERT((size_t)BT * Lb <= (size_t)65535 * 32 * TPB);
+    CUDA_TRY(err, cudaMemsetAsync(m, 0, (size_t)BT * Lw * 8, s));
     k_noise_bits<<<blocks_for((size_t)BT * Lb), TPB, 0, s>>>(m, a->p_dev, a->base_dev, rng->key, BT,
-                                                             Lb);
+                                                             Lb, Lw);
     CUDA_LAUNCH_CHECK();
     /* The staging arrays are reused by the next call: the copies must have left them. */
     CUDA_TRY(err, cudaStreamSynchronize(s));
