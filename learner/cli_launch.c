@@ -779,6 +779,13 @@ static int run_plan(run_t *r, const launch_opts_t *o, const quillan_config_t *cf
     int lt, wt;
     split_threads(cfg, o, &lt, &wt);
     int rc = 0;
+    if (!start_reward && !o->no_reward && cfg->reward.n_services > 0)
+        /* Workers would wait on services nobody started: say so instead of a silent stall. */
+        fprintf(stderr,
+                "%s: not starting quillan-reward: no reward.services address is "
+                "reward.builtin.bind (%s); workers wait for the services at %s%s\n",
+                CMD, cfg->reward.builtin.bind, cfg->reward.services[0].address,
+                cfg->reward.n_services > 1 ? " and the others" : "");
     if (start_reward) {
         if (binary_find("quillan-reward", "reward", path, sizeof path, err) < 0)
             return -1;

@@ -1040,7 +1040,7 @@ static void step_log(const learner_t *l, const step_ctx_t *sc, const dapo_metric
         {"mismatch/is_min", mt->is_min},
         {"mismatch/is_max", mt->is_max},
         {"mismatch/routing_frac", routing},
-        {"snapshot/changed_frac", l->pub.changed_bytes_frac},
+        {"snapshot/changed_frac", l->pub.changed_data_frac},
         {"snapshot/changed_blocks_frac", l->pub.changed_frac},
         {"skip/this_step", (double)skipped},
         {"skip/no_pg_total", (double)l->skipped_no_pg},

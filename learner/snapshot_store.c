@@ -291,6 +291,19 @@ static int tensors_check(const snapshot_tensor_t *t, size_t n, size_t len, qerr_
     return 0;
 }
 
+/* Fraction of the tensors' data bytes that differ between two buffers of one layout. */
+static double tensors_changed_frac(const snapshot_tensor_t *t, size_t n, const uint8_t *a,
+                                   const uint8_t *b) {
+    uint64_t total = 0, changed = 0;
+    for (size_t i = 0; i < n; i++) {
+        const uint8_t *pa = a + t[i].offset, *pb = b + t[i].offset;
+        for (uint64_t j = 0; j < t[i].bytes; j++)
+            changed += pa[j] != pb[j];
+        total += t[i].bytes;
+    }
+    return total ? (double)changed / (double)total : 0.0;
+}
+
 static int tensors_copy(snapshot_entry_t *e, const snapshot_tensor_t *t, size_t n, qerr_t *err) {
     if (n == 0)
         return 0;
@@ -365,6 +378,7 @@ int snapshot_store_publish(snapshot_store_t *s, uint64_t version, const void *by
                                        len / s->opt.block_bytes + (len % s->opt.block_bytes != 0),
                                    .changed_frac = 1.0,
                                    .changed_bytes_frac = 1.0,
+                                   .changed_data_frac = 1.0,
                                    .sync_bytes = len};
     st.changed_blocks = st.blocks;
     st.changed_bytes = len;
@@ -377,6 +391,7 @@ int snapshot_store_publish(snapshot_store_t *s, uint64_t version, const void *by
             goto fail;
         st.changed_frac = (double)st.changed_blocks / (double)st.blocks;
         st.changed_bytes_frac = (double)st.changed_bytes / (double)len;
+        st.changed_data_frac = tensors_changed_frac(tensors, n_tensors, prev->data, e->data);
         int full_due = version % (uint64_t)s->opt.full_snapshot_interval == 0;
         if (!full_due && dlen < len) {
             e->delta = delta;
@@ -415,7 +430,8 @@ int snapshot_store_publish(snapshot_store_t *s, uint64_t version, const void *by
         snapshot_entry_unref(&evicted[i]);
 
     log_field_t f[] = {{"policy/version", (double)version},
-                       {"snapshot/changed_frac", st.changed_frac},
+                       {"snapshot/changed_frac", st.changed_data_frac},
+                       {"snapshot/changed_blocks_frac", st.changed_frac},
                        {"snapshot/changed_bytes_frac", st.changed_bytes_frac},
                        {"sync/bytes", (double)st.sync_bytes},
                        {"sync/full_bytes", (double)st.full_bytes},

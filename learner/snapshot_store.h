@@ -74,6 +74,10 @@ typedef struct {
     uint64_t changed_bytes;    /* bytes that differ from the previous entry */
     double changed_frac;       /* changed_blocks / blocks; 1 for the first or a resized buffer */
     double changed_bytes_frac; /* changed_bytes / full_bytes; 1 likewise */
+    double changed_data_frac;  /* bytes inside the tensors' data that differ / the tensors' data
+                                  bytes (the header, which names the version, is left out, so a
+                                  step that moves no quantized weight gives exactly 0); 1 for the
+                                  first or a resized buffer */
     uint64_t sync_bytes;       /* bytes a worker holding the previous version pulls: the delta
                                   when one was kept, else the full buffer */
     double publish_seconds;    /* copy + digest + delta, wall time */
@@ -96,7 +100,8 @@ void snapshot_store_destroy(snapshot_store_t **s);
 /* Publishes version (> every version published before) from len > 0 bytes, copied. The tensor
  * table is validated (non-empty names and qtypes, extents inside the buffer) and copied.
  * Evicts the oldest entries beyond snapshots_kept. Logs event "snapshot.publish" with fields
- * policy/version, snapshot/changed_frac, snapshot/changed_bytes_frac, sync/bytes,
+ * policy/version, snapshot/changed_frac (changed_data_frac), snapshot/changed_blocks_frac,
+ * snapshot/changed_bytes_frac, sync/bytes,
  * sync/full_bytes, sync/publish_seconds. Fills *stats (may be NULL). Returns 0, or -1 with err:
  * QERR_INVALID (version not newer, empty buffer, bad tensor), QERR_NOMEM. */
 int snapshot_store_publish(snapshot_store_t *s, uint64_t version, const void *bytes, size_t len,

@@ -188,6 +188,44 @@ Test(snapshot_store, malformed_deltas_are_refused) {
     free(cur);
 }
 
+/* snapshot/changed_frac counts only the tensors' bytes: a header that names the version changes
+ * every publish, and must not make an unchanged policy look changed. */
+Test(snapshot_store, changed_data_frac_leaves_the_header_out) {
+    size_t len = 16 * BLOCK;
+    uint8_t *buf = random_buf(len, 6);
+    const uint64_t shape_a[1] = {4 * BLOCK}, shape_b[1] = {8 * BLOCK};
+    snapshot_tensor_t t[2] = {
+        {.name = "a",
+         .qtype = "u8",
+         .shape = shape_a,
+         .n_dims = 1,
+         .offset = 2 * BLOCK,
+         .bytes = 4 * BLOCK},
+        {.name = "b",
+         .qtype = "u8",
+         .shape = shape_b,
+         .n_dims = 1,
+         .offset = 8 * BLOCK,
+         .bytes = 8 * BLOCK},
+    };
+    snapshot_store_t *s = store_new(3, 10);
+    qerr_t err;
+    snapshot_publish_stats_t st;
+    cr_assert_eq(snapshot_store_publish(s, 1, buf, len, 0, t, 2, &st, &err), 0, "%s", err.msg);
+    cr_assert_eq(st.changed_data_frac, 1.0);
+    buf[0] ^= 1; /* the "header" */
+    cr_assert_eq(snapshot_store_publish(s, 2, buf, len, 0, t, 2, &st, &err), 0, "%s", err.msg);
+    cr_assert_eq(st.changed_blocks, 1);
+    cr_assert_eq(st.changed_data_frac, 0.0);
+    buf[3 * BLOCK] ^= 1;      /* in tensor a */
+    buf[15 * BLOCK + 7] ^= 1; /* in tensor b */
+    buf[7 * BLOCK] ^= 1;      /* between the tensors */
+    cr_assert_eq(snapshot_store_publish(s, 3, buf, len, 0, t, 2, &st, &err), 0, "%s", err.msg);
+    cr_assert_float_eq(st.changed_data_frac, 2.0 / (12.0 * BLOCK), 1e-15);
+    snapshot_store_destroy(&s);
+    free(buf);
+}
+
 Test(snapshot_store, changed_frac_on_known_edits) {
     size_t n_blocks = 400, len = n_blocks * BLOCK;
     uint8_t *buf = random_buf(len, 5);
