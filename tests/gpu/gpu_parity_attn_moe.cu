@@ -17,13 +17,14 @@
  * the random case with the CPU's routing replayed on the device, comparing values and gradients
  * on the same routing. */
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include <cuda_runtime.h>
 #include <vector>
+
+#include "gpu_parity.h"
 
 #include "cuda_attn.h"
 #include "cuda_buf.h"
@@ -72,94 +73,12 @@ extern "C" {
  * can move a flip logit across 0 or reorder two equal-looking confidences. */
 #define TOL_PLAN_POSITIONS 0.05
 
-static int g_failed, g_checks;
-
-static void report(const char *name, double err, double tol, int ok) {
-    g_checks++;
-    g_failed += !ok;
-    printf("PARITY %s max_rel_err=%.3e tol=%.1e %s\n", name, err, tol, ok ? "PASS" : "FAIL");
-    fflush(stdout);
-}
-
-static double rel_err(const float *g, const float *c, size_t n, int *finite) {
-    double num = 0, den = 0;
-    *finite = 1;
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(g[i]) || !isfinite(c[i]))
-            *finite = 0;
-        num = fmax(num, fabs((double)g[i] - (double)c[i]));
-        den = fmax(den, fabs((double)c[i]));
-    }
-    return den > 0 ? num / den : num;
-}
-
-static void check(const char *name, const std::vector<float> &g, const std::vector<float> &c,
-                  double tol) {
-    int finite;
-    const double e = rel_err(g.data(), c.data(), g.size(), &finite);
-    report(name, e, tol, g.size() == c.size() && finite && e <= tol);
-}
-
-/* Exact equality of integer-valued data (indices, counts, bits). */
-template <typename T> static void check_same(const char *name, const T *g, const T *c, size_t n) {
-    size_t diff = 0;
-    for (size_t i = 0; i < n; i++)
-        diff += g[i] != c[i];
-    report(name, (double)diff, 0, diff == 0);
-}
-
-static void check_scalar(const char *name, double g, double c, double tol) {
-    const double e = fabs(g - c) / (fabs(c) > 0 ? fabs(c) : 1.0);
-    report(name, e, tol, isfinite(g) && isfinite(c) && e <= tol);
-}
-
-static char g_name[200];
-static const char *nm(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static const char *nm(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(g_name, sizeof g_name, fmt, ap);
-    va_end(ap);
-    return g_name;
-}
-
-/* ---- buffers ---- */
-
-static rng_stream_t g_rng;
-
-static std::vector<float> randn(size_t n, float scale) {
-    std::vector<float> v(n);
-    for (size_t i = 0; i < n; i++)
-        v[i] = scale * rng_stream_normal(&g_rng);
-    return v;
-}
-
 /* Small dyadic values k / 8 with |k| <= 4: products and sums of a few hundred stay exact. */
 static std::vector<float> rand_dyadic(size_t n) {
     std::vector<float> v(n);
     for (size_t i = 0; i < n; i++)
-        v[i] = (float)((int)(rng_stream_uniform(&g_rng) * 9.0f) - 4) / 8.0f;
+        v[i] = (float)((int)(rng_stream_uniform(&g_parity_rng) * 9.0f) - 4) / 8.0f;
     return v;
-}
-
-template <typename T> static T *dev(const std::vector<T> &h) {
-    T *d = nullptr;
-    CUDA_CHECK(cudaMalloc(&d, (h.size() ? h.size() : 1) * sizeof(T)));
-    if (!h.empty())
-        CUDA_CHECK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-    return d;
-}
-
-template <typename T> static std::vector<T> host(const T *d, size_t n) {
-    std::vector<T> h(n);
-    CUDA_CHECK(cudaDeviceSynchronize());
-    if (n)
-        CUDA_CHECK(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return h;
-}
-
-static void dfree(void *p) {
-    CUDA_CHECK(cudaFree(p));
 }
 
 static int g_bf16; /* the device runs BF16 (sm_80+) */
@@ -441,7 +360,7 @@ static void test_moe(const moe_dims_t *d, int BT, moe_case_t mc, cuda_dtype_t dt
                 int v;
                 bool dup;
                 do {
-                    v = (int)(rng_stream_uniform(&g_rng) * (float)n) % n;
+                    v = randint(0, n);
                     dup = false;
                     for (int i2 = 0; i2 < i; i2++)
                         dup |= dst[i2] == v;
@@ -525,7 +444,7 @@ static void test_diffusion(const diffusion_dims_t *d, int BT, cuda_dtype_t dt, c
     diffusion_simhash_init(R.data(), Lb, C, seed);
     std::vector<int32_t> targets(BT);
     for (int t = 0; t < BT; t++) {
-        targets[t] = (int)(rng_stream_uniform(&g_rng) * V) % V;
+        targets[t] = randint(0, V);
         mask[t] = t % 5 == 4 ? 0.0f : 1.0f;
     }
     std::vector<uint64_t> code(nw, 0), noise(nw);
@@ -661,18 +580,13 @@ static void test_diffusion(const diffusion_dims_t *d, int BT, cuda_dtype_t dt, c
 }
 
 int main(void) {
-    int ndev = 0;
-    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
-        (void)cudaGetLastError();
-        printf("SKIP gpu_parity_attn_moe: no CUDA device\n");
-        return 77;
-    }
+    const char *prog = "gpu_parity_attn_moe";
+    if (parity_start(prog, 0x4C415952ULL /* "LAYR" */, 1))
+        return PARITY_SKIP;
     cudaDeviceProp prop;
     CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-    printf("gpu_parity_attn_moe on %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
     g_bf16 = prop.major >= 8;
     quant_surrogate_set(0);
-    rng_stream_init(&g_rng, 0x4C415952ULL /* "LAYR" */, 1, 0);
     qerr_t err;
     cuda_gemm_t *g = cuda_gemm_new(32u << 20, &err);
     if (!g) {
@@ -715,6 +629,5 @@ int main(void) {
         test_diffusion(&dtiny, 64, CUDA_DT_BF16, g);
 
     cuda_gemm_destroy(&g);
-    printf("gpu_parity_attn_moe: %d checks, %d failed\n", g_checks, g_failed);
-    return g_failed ? 1 : 0;
+    return parity_finish(prog);
 }
