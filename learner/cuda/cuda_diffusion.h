@@ -78,7 +78,8 @@ void cuda_diffusion_code(uint64_t *code, const float *R, const float *head, cons
 
 /* The training noise of diffusion_noise_draw for BT positions from *rng (host; advanced by
  * BT * (1 + Lb) draws exactly as the CPU): tau [BT] and m [BT, Lw], device, ASSIGNED.
- * Uses the object's host staging (so a is not const). 0, or -1 with err (QERR_RANGE for BT
+ * Uses the object's host staging (so a is not const) and synchronises the stream before
+ * returning, so the staging is free for the next call. 0, or -1 with err (QERR_RANGE for BT
  * outside [0, max_BT], QERR_IO for a failed copy). */
 int cuda_diffusion_noise_draw(cuda_diffusion_t *a, float *tau, uint64_t *m, rng_stream_t *rng,
                               int BT, cudaStream_t s, qerr_t *err);
@@ -90,7 +91,8 @@ int cuda_diffusion_noise_draw(cuda_diffusion_t *a, float *tau, uint64_t *m, rng_
  * diffusion_plan_noise(seed, pos[t]) (earlier steps detached), c_hat = z_0; with a HOST replay
  * record (validated with diffusion_plan_validate, then uploaded) z_1 and z_0 come from it, only
  * the last step runs, and aux->mismatches counts positions whose own z_0 differs. *aux (host)
- * ASSIGNED; synchronises the stream once for it. g runs the GEMMs. 0, or -1 with err
+ * ASSIGNED; under replay the stream is synchronised once for the mismatch count, otherwise
+ * the call is asynchronous. g runs the GEMMs. 0, or -1 with err
  * (QERR_INVALID malformed record, QERR_RANGE BT outside [0, max_BT], QERR_IO copy failure). */
 int cuda_diffusion_forward(cuda_diffusion_t *a, cuda_gemm_t *g, float *out, diffusion_aux_t *aux,
                            const float *u, const int32_t *pos, const diffusion_params_t *p,
