@@ -320,11 +320,8 @@ static int run_rl(const quillan_config_t *cfg, const char *resume, qerr_t *err) 
     int thread_started = 0;
 
     int rc = preflight(cfg, &data, err);
-    if (rc == 0) {
-        l = learner_new(cfg, resume, err);
-        rc = l ? 0 : -1;
-        a.l = l;
-    }
+    /* The tokenizer before the model: a bad tokenizer path fails in milliseconds, not after
+     * minutes of building a large model. */
     if (rc == 0 && cfg->model.tokenizer.kind == MODEL_TOKENIZER_BYTE) {
         tok = tokenizer_new_byte();
     } else if (rc == 0) {
@@ -334,6 +331,11 @@ static int run_rl(const quillan_config_t *cfg, const char *resume, qerr_t *err) 
     }
     if (rc == 0 && !tok)
         rc = err->msg[0] ? -1 : qerr_set(err, QERR_NOMEM, "tokenizer: out of memory");
+    if (rc == 0) {
+        l = learner_new(cfg, resume, err);
+        rc = l ? 0 : -1;
+        a.l = l;
+    }
     if (rc == 0) {
         zctx = zmq_ctx_new();
         if (!zctx)
