@@ -145,10 +145,17 @@ static int parse_list(const char *s, int *out, int max) {
     return n;
 }
 
-static double cpu_now(void) {
+static double cpu_clock(clockid_t id) {
     struct timespec ts;
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    clock_gettime(id, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static long n_new(const quillan_group_t *g, int B) {
+    long n = 0;
+    for (int i = 0; i < B; i++)
+        n += g[i].samples[0].n_tokens;
+    return n;
 }
 
 typedef struct {
@@ -177,13 +184,18 @@ static int cmd_throughput(const char *path, const tp_opts_t *o) {
         }
         printf("\n");
     }
+    printf("tok/s wall = new tokens / elapsed; tok/s main = new tokens / CPU time of the calling "
+           "thread (on an idle machine about the wall figure; on a busy one a descheduled worker "
+           "leaves its chunks to the caller, so this is pessimistic); 2-thread model (1-thread "
+           "runs) = new tokens / (serial CPU + parallel CPU split over 2 threads by chunks, no "
+           "overhead); cpu ms/tok = process CPU (all threads) per token through the network, "
+           "split by stage in proportion to the stages' wall time on the right\n");
     printf(
-        "tok/s wall = tokens / elapsed; tok/s cpu = tokens * threads / process CPU seconds (what "
-        "an otherwise idle machine would give if no thread ever waited); ms/token by stage = "
-        "process CPU per stage / tokens through the network\n");
-    printf("| threads | batch | run | tok/s wall | tok/s cpu | batch-1 roof tok/s | cpu ms/token "
-           "attn | "
-           "moe | diffusion | head | sample |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+        "| threads | batch | run | tok/s wall | tok/s main | 2-thread model tok/s | batch-1 roof "
+        "tok/s | cpu ms/tok | attn | moe | diffusion | head | sample |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    char model[32][160];
+    int nmodel = 0;
     for (int ti = 0; ti < nth; ti++)
         for (int bi = 0; bi < nb; bi++)
             for (int rep = 0; rep < o->repeat; rep++) {
@@ -198,37 +210,79 @@ static int cmd_throughput(const char *path, const tp_opts_t *o) {
                     pr[i].tokens = &bos;
                     pr[i].n_tokens = 1;
                     pr[i].n_samples = 1;
-                    pr[i].sampling.max_new_tokens = o->tokens;
-                    pr[i].sampling.n_stop = 0;
+                    /* The EOS of a random model is as likely as any token: no other stops. */
+                    pr[i].sampling.max_new_tokens = 2;
                 }
-                /* The EOS of a random model is as likely as any token: no stop tokens beyond it. */
-                const double t0 = eng_now(), c0 = cpu_now();
+                /* Warm-up: the engine's buffers and the first touch of every weight page. */
                 if (quillan_generate(e, p, pr, B, g, NULL, NULL, &err) < 0)
                     die("generate", &err);
-                const double secs = eng_now() - t0, cpu = cpu_now() - c0;
-                long n = 0;
-                for (int i = 0; i < B; i++)
-                    n += g[i].samples[0].n_tokens;
-                eng_cpu_stats_t cs;
-                eng_engine_cpu_stats(e, &cs);
+                for (int i = 0; i < B; i++) {
+                    quillan_group_free(&g[i]);
+                    pr[i].sampling.max_new_tokens = o->tokens;
+                }
+                quillan_engine_stats_reset(e);
+                kern_pool_t *pool = eng_engine_pool(e);
+                double reg0, mod0, reg1, mod1;
+                kern_pool_set_timing(pool, 2);
+                kern_pool_region_time(pool, &reg0, &mod0);
+                const double t0 = eng_now(), c0 = cpu_clock(CLOCK_THREAD_CPUTIME_ID),
+                             p0 = cpu_clock(CLOCK_PROCESS_CPUTIME_ID);
+                if (quillan_generate(e, p, pr, B, g, NULL, NULL, &err) < 0)
+                    die("generate", &err);
+                const double secs = eng_now() - t0,
+                             main_cpu = cpu_clock(CLOCK_THREAD_CPUTIME_ID) - c0,
+                             proc_cpu = cpu_clock(CLOCK_PROCESS_CPUTIME_ID) - p0;
+                kern_pool_region_time(pool, &reg1, &mod1);
+                const long n = n_new(g, B);
+                /* One thread: the caller's time outside the pool is serial; inside, its chunks
+                 * shared by two threads at best. Fractions of the wall time, applied to the
+                 * CPU time. */
+                char amdahl[64] = "";
+                if (th == 1) {
+                    const double serial = 1 - (reg1 - reg0) / secs;
+                    snprintf(amdahl, sizeof amdahl, "%.1f (%.0f%% serial)",
+                             (double)n / (main_cpu * (serial + (mod1 - mod0) / secs)),
+                             100 * serial);
+                }
+                eng_time_stats_t ts;
+                eng_engine_time_stats(e, &ts);
                 quillan_stats_t st;
                 quillan_engine_stats(e, &st);
-                const double per = 1e3 / (double)(st.decode_tokens + st.prefill_tokens);
+                /* Process CPU per token through the network, split by the stages' wall time. */
+                const double per =
+                    1e3 * proc_cpu / secs / (double)(st.decode_tokens + st.prefill_tokens);
                 char roof[32] = "";
                 if (o->probe)
                     snprintf(roof, sizeof roof, "%.1f", bw[ti] * 1e9 / bpt);
-                printf("| %d | %d | %d | %.1f | %.1f | %s | %.2f | %.2f | %.2f | %.2f | %.2f |\n",
-                       th, B, rep + 1, (double)n / secs, (double)n * th / cpu, roof,
-                       cs.stage_s[ENG_STAGE_ATTENTION] * per, cs.stage_s[ENG_STAGE_MOE] * per,
-                       cs.stage_s[ENG_STAGE_DIFFUSION] * per, cs.stage_s[ENG_STAGE_HEAD] * per,
-                       cs.stage_s[ENG_STAGE_SAMPLE] * per);
+                printf(
+                    "| %d | %d | %d | %.1f | %.1f | %s | %s | %.2f | %.2f | %.2f | %.2f | %.2f | "
+                    "%.2f |\n",
+                    th, B, rep + 1, (double)n / secs, (double)n / main_cpu, amdahl, roof,
+                    secs * per, ts.wall_s[ENG_STAGE_ATTENTION] * per,
+                    ts.wall_s[ENG_STAGE_MOE] * per, ts.wall_s[ENG_STAGE_DIFFUSION] * per,
+                    ts.wall_s[ENG_STAGE_HEAD] * per, ts.wall_s[ENG_STAGE_SAMPLE] * per);
                 fflush(stdout);
+                if (th == 1 && nmodel < (int)Q_ARRAY_LEN(model)) {
+                    char *m = model[nmodel++];
+                    int len = snprintf(m, sizeof model[0], "| %d | %d |", B, rep + 1);
+                    for (int k = 0; k < ENG_STAGE_COUNT; k++)
+                        len += snprintf(m + len, sizeof model[0] - (size_t)len, " %.2f / %.2f |",
+                                        (ts.wall_s[k] - ts.region_s[k]) * per,
+                                        (ts.wall_s[k] - ts.region_s[k] + ts.model_s[k]) * per);
+                }
                 for (int i = 0; i < B; i++)
                     quillan_group_free(&g[i]);
                 free(g);
                 free(pr);
                 quillan_engine_destroy(&e);
             }
+    if (nmodel > 0) {
+        printf("\n1-thread runs by stage: serial CPU ms/token (outside parallel regions) / the "
+               "2-thread model's ms/token\n| batch | run | attn | moe | diffusion | head | sample "
+               "|\n|---|---|---|---|---|---|---|\n");
+        for (int i = 0; i < nmodel; i++)
+            printf("%s\n", model[i]);
+    }
     quillan_policy_release(&p);
     return 0;
 }

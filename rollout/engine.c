@@ -49,10 +49,12 @@ struct quillan_engine {
     int32_t *proute; /* [pcap, L * route_ints] routing of the prefilled prompt */
     uint64_t *pplan; /* [pcap, 2 Lw] */
     size_t proute_n, pplan_n;
-    eng_row_t *rows; /* [max(nslots, ENGINE_PREFILL_CHUNK)] */
-    sampler_scratch_t ss;
+    eng_row_t *rows;                 /* [max(nslots, ENGINE_PREFILL_CHUNK)] */
+    sampler_scratch_t *ss;           /* [threads] */
+    sampler_result_t *res;           /* [nslots] the step's draws */
+    const quillan_prompt_t *prompts; /* of the current quillan_generate call */
     quillan_stats_t st;
-    eng_cpu_stats_t cs;
+    eng_time_stats_t ts;
 };
 
 void quillan_engine_params_default(quillan_engine_params_t *params) {
@@ -88,7 +90,12 @@ quillan_engine_t *quillan_engine_new(const quillan_engine_params_t *params, qerr
                                              : ncpu > KERN_POOL_MAX ? KERN_POOL_MAX
                                                                     : ncpu);
     e->pool = kern_pool_new(e->threads, err);
-    if (!e->pool) {
+    e->ss = calloc((size_t)e->threads, sizeof *e->ss);
+    if (!e->pool || !e->ss) {
+        if (e->pool)
+            qerr_set(err, QERR_NOMEM, "engine: out of memory");
+        kern_pool_destroy(&e->pool);
+        free(e->ss);
         free(e);
         return NULL;
     }
@@ -98,7 +105,9 @@ quillan_engine_t *quillan_engine_new(const quillan_engine_params_t *params, qerr
 static void engine_free_buffers(quillan_engine_t *e) {
     eng_fwd_destroy(&e->fwd);
     free(e->slots);
+    free(e->res);
     e->slots = NULL;
+    e->res = NULL;
     q_aligned_free(e->kv);
     q_aligned_free(e->pkv);
     q_aligned_free(e->logits);
@@ -113,7 +122,8 @@ static void engine_free_buffers(quillan_engine_t *e) {
     e->kv_floats = e->pkv_floats = e->proute_n = e->pplan_n = 0;
     e->cap = e->pcap = e->nslots = 0;
     e->st.kv_bytes = 0;
-    sampler_scratch_free(&e->ss);
+    for (int t = 0; t < e->threads; t++)
+        sampler_scratch_free(&e->ss[t]);
 }
 
 void quillan_engine_destroy(quillan_engine_t **pe) {
@@ -122,6 +132,7 @@ void quillan_engine_destroy(quillan_engine_t **pe) {
     quillan_engine_t *e = *pe;
     engine_free_buffers(e);
     kern_pool_destroy(&e->pool);
+    free(e->ss);
     free(e);
     *pe = NULL;
 }
@@ -137,12 +148,16 @@ void quillan_engine_stats(const quillan_engine_t *e, quillan_stats_t *out) {
 void quillan_engine_stats_reset(quillan_engine_t *e) {
     size_t kv = e->st.kv_bytes;
     memset(&e->st, 0, sizeof e->st);
-    memset(&e->cs, 0, sizeof e->cs);
+    memset(&e->ts, 0, sizeof e->ts);
     e->st.kv_bytes = kv;
 }
 
-void eng_engine_cpu_stats(const quillan_engine_t *e, eng_cpu_stats_t *out) {
-    *out = e->cs;
+void eng_engine_time_stats(const quillan_engine_t *e, eng_time_stats_t *out) {
+    *out = e->ts;
+}
+
+kern_pool_t *eng_engine_pool(quillan_engine_t *e) {
+    return e->pool;
 }
 
 void quillan_sampling_default(quillan_sampling_t *s) {
@@ -274,8 +289,10 @@ static int engine_prepare(quillan_engine_t *e, const quillan_policy_t *p,
         e->fwd = eng_fwd_new(p, rows, err);
         e->rows = calloc((size_t)rows, sizeof *e->rows);
         e->plogits = q_aligned_calloc(V, sizeof(float));
-        if (!e->fwd || !e->rows || !e->plogits ||
-            sampler_scratch_init(&e->ss, p->cfg.vocab_size, err) < 0) {
+        int ok = e->fwd && e->rows && e->plogits;
+        for (int t = 0; ok && t < e->threads; t++)
+            ok = sampler_scratch_init(&e->ss[t], p->cfg.vocab_size, err) == 0;
+        if (!ok) {
             engine_free_buffers(e);
             return err && err->code != QERR_OK ? -1
                                                : qerr_set(err, QERR_NOMEM, "engine: out of memory");
@@ -287,10 +304,12 @@ static int engine_prepare(quillan_engine_t *e, const quillan_policy_t *p,
         q_aligned_free(e->kv);
         q_aligned_free(e->logits);
         free(e->slots);
+        free(e->res);
         e->kv = q_aligned_alloc(Q_ALIGN, kv * sizeof(float));
         e->logits = q_aligned_calloc((size_t)nslots * V, sizeof(float));
         e->slots = calloc((size_t)nslots, sizeof *e->slots);
-        if (!e->kv || !e->logits || !e->slots) {
+        e->res = calloc((size_t)nslots, sizeof *e->res);
+        if (!e->kv || !e->logits || !e->slots || !e->res) {
             engine_free_buffers(e);
             return qerr_set(err, QERR_NOMEM,
                             "engine: out of memory for the KV cache of %d sequences x %d "
@@ -351,7 +370,7 @@ static void prefill(quillan_engine_t *e, const quillan_policy_t *p, const quilla
                 .logits = pos == P - 1 ? e->plogits : NULL,
             };
         }
-        eng_forward(e->fwd, p, e->pool, e->rows, n, &e->st, &e->cs);
+        eng_forward(e->fwd, p, e->pool, e->rows, n, &e->st, &e->ts);
     }
     e->st.prefill_tokens += P;
 }
@@ -378,15 +397,23 @@ static int append_token(quillan_sample_t *s, const sampler_result_t *r, const qu
     return 0;
 }
 
+/* Draws the token at position pos of sample `sample` of pr from logits, with scratch ss. */
 static void draw(quillan_engine_t *e, sampler_result_t *r, const float *logits,
-                 const quillan_prompt_t *pr, int sample, int pos) {
-    eng_clock_t clk;
-    eng_clock_start(&clk);
+                 const quillan_prompt_t *pr, int sample, int pos, sampler_scratch_t *ss) {
     const sampler_params_t sp = {pr->sampling.temperature, pr->sampling.top_k, pr->sampling.top_p};
     const float u =
         rng_sample_uniform(pr->sampling.seed, pr->prompt_id, (uint64_t)sample, (uint64_t)pos);
-    sampler_sample(r, logits, e->V, &sp, u, &e->ss);
-    eng_clock_lap(&clk, &e->st.sample_s, &e->cs.stage_s[ENG_STAGE_SAMPLE]);
+    sampler_sample(r, logits, e->V, &sp, u, ss);
+}
+
+/* One chunk per slot: the active slots' next tokens, each from its own logits and seeded
+ * uniform, so which thread draws it does not matter. */
+static void draw_chunk(void *vctx, size_t c, int tid) {
+    quillan_engine_t *e = vctx;
+    const slot_t *sl = &e->slots[c];
+    if (sl->active)
+        draw(e, &e->res[c], sl->logits, &e->prompts[sl->prompt], sl->sample, sl->pos + 1,
+             &e->ss[tid]);
 }
 
 int quillan_generate(quillan_engine_t *e, quillan_policy_t *p, const quillan_prompt_t *prompts,
@@ -443,7 +470,10 @@ int quillan_generate(quillan_engine_t *e, quillan_policy_t *p, const quillan_pro
                     memcpy(s->plan, e->pplan, (size_t)P * 2 * Lw * sizeof *s->plan);
                 }
                 sampler_result_t r;
-                draw(e, &r, e->plogits, pr, smp, P);
+                eng_clock_t clk;
+                eng_clock_start(&clk, e->pool);
+                draw(e, &r, e->plogits, pr, smp, P, &e->ss[0]);
+                eng_clock_lap(&clk, &e->st.sample_s, &e->ts, ENG_STAGE_SAMPLE);
                 if (append_token(s, &r, pr, info.eos, max_new(p, pr))) {
                     s->n_route = record ? P + s->n_tokens - 1 : 0;
                     if (++finished[g] == pr->n_samples && done)
@@ -478,20 +508,23 @@ int quillan_generate(quillan_engine_t *e, quillan_policy_t *p, const quillan_pro
                 .logits = sl->logits,
             };
         }
-        eng_forward(e->fwd, p, e->pool, e->rows, n, &e->st, &e->cs);
+        eng_forward(e->fwd, p, e->pool, e->rows, n, &e->st, &e->ts);
         e->st.steps++;
         e->st.decode_tokens += n;
+        eng_clock_t clk;
+        eng_clock_start(&clk, e->pool);
+        e->prompts = prompts;
+        kern_pool_for(e->pool, (size_t)e->nslots, draw_chunk, e);
         for (int si = 0; si < e->nslots; si++) {
             slot_t *sl = &e->slots[si];
             if (!sl->active)
                 continue;
             const quillan_prompt_t *pr = &prompts[sl->prompt];
             quillan_sample_t *s = &groups[sl->prompt].samples[sl->sample];
-            sampler_result_t r;
-            draw(e, &r, sl->logits, pr, sl->sample, sl->pos + 1);
+            const sampler_result_t *r = &e->res[si];
             sl->pos++;
-            sl->last = r.token;
-            if (append_token(s, &r, pr, info.eos, max_new(p, pr))) {
+            sl->last = r->token;
+            if (append_token(s, r, pr, info.eos, max_new(p, pr))) {
                 s->n_route = record ? pr->n_tokens + s->n_tokens - 1 : 0;
                 sl->active = 0;
                 active--;
@@ -499,6 +532,7 @@ int quillan_generate(quillan_engine_t *e, quillan_policy_t *p, const quillan_pro
                     done(done_ctx, sl->prompt, &groups[sl->prompt]);
             }
         }
+        eng_clock_lap(&clk, &e->st.sample_s, &e->ts, ENG_STAGE_SAMPLE);
     }
     free(finished);
     return 0;

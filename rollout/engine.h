@@ -138,24 +138,31 @@ typedef enum {
     ENG_STAGE_COUNT
 } eng_stage_t;
 
-/* Process CPU seconds per stage (every thread of the process, workers spinning or working
- * included), cumulative like quillan_stats_t's wall-clock times: on a shared machine wall time
- * includes the time other programs hold the cores, CPU time does not. */
+/* Wall-clock seconds per stage (as quillan_stats_t, kept apart so that the public struct
+ * stays as it is), and with the pool's timing on (kern_pool_set_timing) the wall seconds the
+ * calling thread spent inside parallel regions and their model for the pool's model thread
+ * count: the rest of a stage's time is serial. Only clock reads that cost no system call (a
+ * CPU-time clock read is one, several microseconds on a virtual machine); benchmarks split
+ * the process's CPU time by these fractions. */
 typedef struct {
-    double stage_s[ENG_STAGE_COUNT];
-} eng_cpu_stats_t;
+    double wall_s[ENG_STAGE_COUNT], region_s[ENG_STAGE_COUNT], model_s[ENG_STAGE_COUNT];
+} eng_time_stats_t;
 
-/* Wall-clock and process CPU time of the last lap. */
+/* Wall-clock and pool region times of the last lap. */
 typedef struct {
-    double wall, cpu;
+    const kern_pool_t *pool;
+    double wall, region, model;
 } eng_clock_t;
 
-void eng_clock_start(eng_clock_t *c);
-/* Adds the wall and CPU seconds since the last start or lap to *wall_s and *cpu_s. */
-void eng_clock_lap(eng_clock_t *c, double *wall_s, double *cpu_s);
+void eng_clock_start(eng_clock_t *c, const kern_pool_t *pool);
+/* Adds the times since the last start or lap to *wall_s and to stage `stage` of *ts. */
+void eng_clock_lap(eng_clock_t *c, double *wall_s, eng_time_stats_t *ts, eng_stage_t stage);
 
-/* The engine's CPU time per stage since it was made or its stats were reset. */
-void eng_engine_cpu_stats(const quillan_engine_t *e, eng_cpu_stats_t *out);
+/* The engine's times per stage since it was made or its stats were reset. */
+void eng_engine_time_stats(const quillan_engine_t *e, eng_time_stats_t *out);
+
+/* The engine's thread pool (benchmarks: kern_pool_set_timing). */
+kern_pool_t *eng_engine_pool(quillan_engine_t *e);
 
 /* ---- forward (engine_forward.c) ---- */
 
@@ -184,12 +191,11 @@ int eng_fwd_fits(const eng_fwd_t *f, const quillan_policy_t *p);
 /* Runs the network over n rows (n <= max_rows): writes each row's K and V at its position of
  * every layer, attends over positions 0..pos of its cache (rows of one sequence in one call must
  * come in position order: each sees the K/V the earlier ones wrote), records routing and plan,
- * and writes logits for the rows that ask. Adds stage wall times to *st and CPU times to *cs. */
+ * and writes logits for the rows that ask. Adds stage wall times to *st and to *ts. */
 void eng_forward(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t *pool, eng_row_t *rows, int n,
-                 quillan_stats_t *st, eng_cpu_stats_t *cs);
+                 quillan_stats_t *st, eng_time_stats_t *ts);
 
-/* Monotonic seconds; process CPU seconds. */
+/* Monotonic seconds. */
 double eng_now(void);
-double eng_cpu_now(void);
 
 #endif

@@ -555,10 +555,6 @@ static void diff_chunk(void *vctx, size_t c, int tid) {
 static void diffusion_block(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t *pool,
                             eng_row_t *rows, int n) {
     const int nt = kern_pool_size(pool);
-    if (nt == 1) {
-        diffusion_rows(f, p, NULL, rows, 0, n);
-        return;
-    }
     if (n < 2 * nt) {
         diffusion_rows(f, p, pool, rows, 0, n);
         return;
@@ -571,12 +567,11 @@ static void diffusion_block(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t
 /* ---- the whole network ---- */
 
 void eng_forward(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t *pool, eng_row_t *rows, int n,
-                 quillan_stats_t *st, eng_cpu_stats_t *cs) {
+                 quillan_stats_t *st, eng_time_stats_t *ts) {
     Q_ASSERT(n >= 1 && n <= f->R && eng_fwd_fits(f, p));
     const size_t C = (size_t)f->C;
-    double *cpu = cs->stage_s;
     eng_clock_t clk;
-    eng_clock_start(&clk);
+    eng_clock_start(&clk, pool);
     for (int r = 0; r < n; r++) {
         Q_ASSERT(rows[r].token >= 0 && rows[r].token < f->V);
         memcpy(f->x + (size_t)r * C, p->embed + (size_t)rows[r].token * C, C * sizeof(float));
@@ -584,14 +579,14 @@ void eng_forward(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t *pool, eng
     for (int l = 0; l < f->L; l++) {
         const eng_layer_t *L = &p->layers[l];
         attention_block(f, pool, L, rows, n, l);
-        eng_clock_lap(&clk, &st->attention_s, &cpu[ENG_STAGE_ATTENTION]);
+        eng_clock_lap(&clk, &st->attention_s, ts, ENG_STAGE_ATTENTION);
         rms_rows(f->xn, f->rstd, f->x, L->moe_norm, n, f->C);
         moe_block(f, pool, L, rows, n, l, f->xn, f->br, p->route_ints);
         add_rows(f->x, f->x, f->br, n, f->C);
-        eng_clock_lap(&clk, &st->moe_s, &cpu[ENG_STAGE_MOE]);
+        eng_clock_lap(&clk, &st->moe_s, ts, ENG_STAGE_MOE);
         if (l == p->cfg.diffusion_layer) {
             diffusion_block(f, p, pool, rows, n);
-            eng_clock_lap(&clk, &st->diffusion_s, &cpu[ENG_STAGE_DIFFUSION]);
+            eng_clock_lap(&clk, &st->diffusion_s, ts, ENG_STAGE_DIFFUSION);
         }
     }
     int nh = 0;
@@ -605,5 +600,5 @@ void eng_forward(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t *pool, eng
     for (int r = 0; r < n; r++)
         if (rows[r].logits)
             memcpy(rows[r].logits, f->hl + (size_t)(nh++) * f->V, (size_t)f->V * sizeof(float));
-    eng_clock_lap(&clk, &st->head_s, &cpu[ENG_STAGE_HEAD]);
+    eng_clock_lap(&clk, &st->head_s, ts, ENG_STAGE_HEAD);
 }

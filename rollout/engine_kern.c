@@ -23,6 +23,8 @@
  * microseconds of work, so a chunk held by a descheduled thread delays the others little and
  * ~100 chunks of the head keep two threads balanced. */
 #define ENG_CHUNK_BYTES (128 * 1024)
+/* Chunks a product is cut into at least (rows permitting). */
+#define ENG_MIN_CHUNKS 4
 /* Products of one region at most. */
 #define ENG_REGION_MAX 96
 
@@ -32,23 +34,23 @@ double eng_now(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-double eng_cpu_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-void eng_clock_start(eng_clock_t *c) {
+void eng_clock_start(eng_clock_t *c, const kern_pool_t *pool) {
+    c->pool = pool;
     c->wall = eng_now();
-    c->cpu = eng_cpu_now();
+    kern_pool_region_time(pool, &c->region, &c->model);
 }
 
-void eng_clock_lap(eng_clock_t *c, double *wall_s, double *cpu_s) {
-    const double w = eng_now(), u = eng_cpu_now();
+void eng_clock_lap(eng_clock_t *c, double *wall_s, eng_time_stats_t *ts, eng_stage_t stage) {
+    const double w = eng_now();
+    double reg, mod;
+    kern_pool_region_time(c->pool, &reg, &mod);
     *wall_s += w - c->wall;
-    *cpu_s += u - c->cpu;
+    ts->wall_s[stage] += w - c->wall;
+    ts->region_s[stage] += reg - c->region;
+    ts->model_s[stage] += mod - c->model;
     c->wall = w;
-    c->cpu = u;
+    c->region = reg;
+    c->model = mod;
 }
 
 void eng_row_dequant(const eng_mat_t *W, size_t r, float *out) {
@@ -77,10 +79,14 @@ void eng_matmul_rows(const kern_ops_t *ops, const eng_prod_t *pr, size_t r0, siz
     }
 }
 
-/* Rows per chunk of a product of W with n activation rows. */
+/* Rows per chunk of a product of W with n activation rows: about ENG_CHUNK_BYTES of weights
+ * (less for larger n), and at least ENG_MIN_CHUNKS chunks where the rows allow, so a small
+ * product still gives every thread a share. */
 static size_t chunk_rows(const eng_mat_t *W, size_t n) {
     const size_t per = W->row_bytes * ((n + 7) / 8);
     size_t r = ENG_CHUNK_BYTES / (per ? per : 1);
+    const size_t quarter = (W->rows + ENG_MIN_CHUNKS - 1) / ENG_MIN_CHUNKS;
+    r = r < quarter ? r : quarter;
     r = r / ENG_SPLIT_ALIGN * ENG_SPLIT_ALIGN;
     return r < ENG_SPLIT_ALIGN ? ENG_SPLIT_ALIGN : r;
 }

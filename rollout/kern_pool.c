@@ -36,6 +36,8 @@ struct kern_pool {
     atomic_int waiting;  /* 1 while the caller sleeps on done */
     atomic_uint done_at; /* value of done that ends the current job */
     atomic_int stop;
+    int model_threads; /* timing (caller only) */
+    double region_s, model_s;
 };
 
 typedef struct {
@@ -235,7 +237,16 @@ static void wait_done(kern_pool_t *p, unsigned target) {
     atomic_store_explicit(&p->waiting, 0, memory_order_relaxed);
 }
 
-void kern_pool_run(kern_pool_t *p, kern_pool_fn fn, void *ctx) {
+void kern_pool_set_timing(kern_pool_t *pool, int model_threads) {
+    pool->model_threads = model_threads > 0 ? model_threads : 0;
+}
+
+void kern_pool_region_time(const kern_pool_t *pool, double *region_s, double *model_s) {
+    *region_s = pool->region_s;
+    *model_s = pool->model_s;
+}
+
+static void run_all(kern_pool_t *p, kern_pool_fn fn, void *ctx) {
     if (p->nthreads == 1) {
         fn(ctx, 0, 1);
         return;
@@ -250,10 +261,17 @@ void kern_pool_run(kern_pool_t *p, kern_pool_fn fn, void *ctx) {
     wait_done(p, (unsigned)p->nthreads - 1);
 }
 
-void kern_pool_for(kern_pool_t *p, size_t nchunks, kern_pool_chunk_fn fn, void *ctx) {
-    Q_ASSERT(nchunks < UINT32_MAX);
-    if (nchunks == 0)
-        return;
+void kern_pool_run(kern_pool_t *p, kern_pool_fn fn, void *ctx) {
+    const double t0 = p->model_threads ? mono_us() : 0;
+    run_all(p, fn, ctx);
+    if (p->model_threads) {
+        const double t = 1e-6 * (mono_us() - t0);
+        p->region_s += t;
+        p->model_s += t;
+    }
+}
+
+static void run_chunks(kern_pool_t *p, size_t nchunks, kern_pool_chunk_fn fn, void *ctx) {
     if (p->nthreads == 1 || nchunks == 1) {
         for (size_t c = 0; c < nchunks; c++)
             fn(ctx, c, 0);
@@ -268,6 +286,20 @@ void kern_pool_for(kern_pool_t *p, size_t nchunks, kern_pool_chunk_fn fn, void *
     const unsigned g = publish(p);
     claim_chunks(p, g, fn, ctx, (unsigned)nchunks, 0);
     wait_done(p, (unsigned)nchunks);
+}
+
+void kern_pool_for(kern_pool_t *p, size_t nchunks, kern_pool_chunk_fn fn, void *ctx) {
+    Q_ASSERT(nchunks < UINT32_MAX);
+    if (nchunks == 0)
+        return;
+    const double t0 = p->model_threads ? mono_us() : 0;
+    run_chunks(p, nchunks, fn, ctx);
+    if (p->model_threads) {
+        const double t = 1e-6 * (mono_us() - t0);
+        const size_t mt = (size_t)p->model_threads;
+        p->region_s += t;
+        p->model_s += t * (double)((nchunks + mt - 1) / mt) / (double)nchunks;
+    }
 }
 
 void kern_split_rows(size_t rows, int tid, int nthreads, size_t align, size_t *r0, size_t *r1) {

@@ -49,6 +49,17 @@ void kern_pool_run(kern_pool_t *pool, kern_pool_fn fn, void *ctx);
  * once; a 1-thread pool runs the chunks in order on the caller. */
 void kern_pool_for(kern_pool_t *pool, size_t nchunks, kern_pool_chunk_fn fn, void *ctx);
 
+/* Benchmarks, to tell the serial and the parallel parts of a caller's work apart: with timing
+ * on (model_threads >= 1; 0 = off, the default) the pool adds up the wall-clock seconds the
+ * calling thread spends inside kern_pool_run and kern_pool_for into *region_s, and into
+ * *model_s the same times scaled for model_threads threads: a kern_pool_for call's time times
+ * ceil(nchunks / model_threads) / nchunks (equal chunks, no overhead); kern_pool_run calls
+ * count whole. Wall clock (a vDSO read) because a thread CPU clock read is a system call,
+ * which costs microseconds on a virtual machine: on a busy machine use the fraction of the
+ * caller's wall time spent inside, not the seconds. */
+void kern_pool_set_timing(kern_pool_t *pool, int model_threads);
+void kern_pool_region_time(const kern_pool_t *pool, double *region_s, double *model_s);
+
 /* Thread tid's share [*r0, *r1) of `rows` rows: contiguous, in order, boundaries on multiples
  * of `align` (>= 1) except the final end, sizes differing by at most one `align` unit. */
 void kern_split_rows(size_t rows, int tid, int nthreads, size_t align, size_t *r0, size_t *r1);

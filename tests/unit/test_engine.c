@@ -11,9 +11,13 @@
 #include <criterion/criterion.h>
 #include <criterion/logging.h>
 
+#include "kern_pool.h"
 #include "model.h"
 #include "qpolicy.h"
 #include "quillan.h"
+
+#include <stdatomic.h>
+#include <time.h>
 
 #include <math.h>
 #include <stdlib.h>
@@ -415,4 +419,58 @@ Test(engine, stops_and_bad_prompts) {
     quillan_engine_destroy(&e);
     qpolicy_destroy(&q);
     model_destroy(&m);
+}
+
+/* kern_pool_for: every chunk runs exactly once per call, on a valid thread, whatever the pool's
+ * size and the number of chunks; kern_pool_run still runs every thread once. */
+#define POOL_MAX_CHUNKS 67
+
+typedef struct {
+    atomic_int runs[POOL_MAX_CHUNKS];
+    atomic_int bad_tid;
+    int nthreads;
+} pool_count_t;
+
+static void count_chunk(void *ctx, size_t c, int tid) {
+    pool_count_t *pc = ctx;
+    atomic_fetch_add(&pc->runs[c], 1);
+    if (tid < 0 || tid >= pc->nthreads)
+        atomic_fetch_add(&pc->bad_tid, 1);
+}
+
+static void count_thread(void *ctx, int tid, int nthreads) {
+    pool_count_t *pc = ctx;
+    atomic_fetch_add(&pc->runs[tid], 1);
+    if (nthreads != pc->nthreads)
+        atomic_fetch_add(&pc->bad_tid, 1);
+}
+
+Test(pool, every_chunk_runs_once) {
+    for (int nt = 1; nt <= 3; nt++) {
+        qerr_t err;
+        kern_pool_t *pool = kern_pool_new(nt, &err);
+        cr_assert(pool, "%s", err.msg);
+        for (int round = 0; round < 200; round++) {
+            const size_t n = (size_t)(round * 7) % POOL_MAX_CHUNKS;
+            pool_count_t pc = {.nthreads = nt};
+            if (round % 40 == 0) {
+                /* Long enough for idle workers to stop spinning and sleep on the futex. */
+                const struct timespec pause = {0, 3 * KERN_POOL_SPIN_US * 1000};
+                nanosleep(&pause, NULL);
+            }
+            if (round % 5 == 4) {
+                kern_pool_run(pool, count_thread, &pc);
+                for (int t = 0; t < nt; t++)
+                    cr_assert_eq(atomic_load(&pc.runs[t]), 1, "threads %d, round %d", nt, round);
+            } else {
+                kern_pool_for(pool, n, count_chunk, &pc);
+                for (size_t c = 0; c < POOL_MAX_CHUNKS; c++)
+                    cr_assert_eq(atomic_load(&pc.runs[c]), c < n ? 1 : 0,
+                                 "threads %d, %zu chunks, chunk %zu", nt, n, c);
+            }
+            cr_assert_eq(atomic_load(&pc.bad_tid), 0);
+        }
+        kern_pool_destroy(&pool);
+        cr_assert_null(pool);
+    }
 }
