@@ -24,7 +24,7 @@
 #define INLINE static inline __attribute__((always_inline))
 /* Complete unrolling of the register-tile loops before GCC's scalar replacement of the
  * accumulator arrays: otherwise every accumulator is stored to the stack after each update. */
-#define UNROLL _Pragma("GCC unroll 8")
+#define UNROLL _Pragma("GCC unroll 32")
 
 /* acc += u8 u x s8 s (vpdpbusd). GCC's intrinsic makes a register copy of the accumulator
  * around every instruction in these tiles (the builtin's tied operand); the asm form updates
@@ -116,6 +116,85 @@ INLINE void prefetch_step(const pf_t *pf, size_t step) {
         _mm_prefetch(p + o, KERN_PF_HINT);
 }
 
+/* ---- tile sums ----
+ * A tile ends with R x S horizontal sums. Reduced one register at a time they cost ~8
+ * instructions each, as much as the whole loop of a short row (in = 96..512 in the 512m
+ * preset's attention, overseer and expert matrices); 16 registers transposed together cost 45
+ * (15 adds). Both are trees of 4 pairwise levels. sum16: lane 4 (i % 4) + i / 4 holds the sum
+ * of v[i]. */
+
+INLINE __m512 sum16_ps(const __m512 *v) {
+    __m512 w[8], u[4], t[2];
+    UNROLL for (int k = 0; k < 8; k++) w[k] =
+        _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
+                      _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
+    UNROLL for (int k = 0; k < 4; k++) u[k] =
+        _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0x88),
+                      _mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0xDD));
+    UNROLL for (int k = 0; k < 2; k++) {
+        const __m512d a = _mm512_castps_pd(u[2 * k]), b = _mm512_castps_pd(u[2 * k + 1]);
+        t[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    return _mm512_add_ps(_mm512_shuffle_ps(t[0], t[1], 0x88), _mm512_shuffle_ps(t[0], t[1], 0xDD));
+}
+
+INLINE __m512i sum16_epi32(const __m512i *v) {
+    __m512i w[8], u[4], t[2];
+    UNROLL for (int k = 0; k < 8; k++) w[k] =
+        _mm512_add_epi32(_mm512_shuffle_i32x4(v[2 * k], v[2 * k + 1], 0x44),
+                         _mm512_shuffle_i32x4(v[2 * k], v[2 * k + 1], 0xEE));
+    UNROLL for (int k = 0; k < 4; k++) u[k] =
+        _mm512_add_epi32(_mm512_shuffle_i32x4(w[2 * k], w[2 * k + 1], 0x88),
+                         _mm512_shuffle_i32x4(w[2 * k], w[2 * k + 1], 0xDD));
+    UNROLL for (int k = 0; k < 2; k++) t[k] =
+        _mm512_add_epi32(_mm512_unpacklo_epi64(u[2 * k], u[2 * k + 1]),
+                         _mm512_unpackhi_epi64(u[2 * k], u[2 * k + 1]));
+    const __m512 a = _mm512_castsi512_ps(t[0]), b = _mm512_castsi512_ps(t[1]);
+    return _mm512_add_epi32(_mm512_castps_si512(_mm512_shuffle_ps(a, b, 0x88)),
+                            _mm512_castps_si512(_mm512_shuffle_ps(a, b, 0xDD)));
+}
+
+/* Tiles of up to this many registers reduce them one by one. */
+#define SUM_ALONE 6
+
+/* out[r * ostride + s] = sum of the lanes of acc[r * astride + s], r < R, s < S <= TS. */
+INLINE void store_sums_ps(const int R, const int S, const __m512 *acc, int astride, float *out,
+                          int ostride) {
+    if (R * S <= SUM_ALONE) {
+        UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) out[r * ostride + s] =
+            _mm512_reduce_add_ps(acc[r * astride + s]);
+        return;
+    }
+    __m512 v[2 * 16];
+    UNROLL for (int i = 0; i < 2 * 16; i++) v[i] =
+        i < R * S ? acc[(i / S) * astride + i % S] : _mm512_setzero_ps();
+    UNROLL for (int b = 0; b < R * S; b += 16) {
+        float t[16];
+        _mm512_storeu_ps(t, sum16_ps(v + b));
+        UNROLL for (int i = 0; i < 16; i++) if (b + i < R * S)
+            out[((b + i) / S) * ostride + (b + i) % S] = t[4 * (i % 4) + i / 4];
+    }
+}
+
+INLINE void store_sums_epi32(const int R, const int S, const __m512i *acc, int astride,
+                             int32_t *out) {
+    if (R * S <= SUM_ALONE) {
+        UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) out[r * TS + s] =
+            _mm512_reduce_add_epi32(acc[r * astride + s]);
+        return;
+    }
+    __m512i v[2 * 16];
+    UNROLL for (int i = 0; i < 2 * 16; i++) v[i] =
+        i < R * S ? acc[(i / S) * astride + i % S] : _mm512_setzero_si512();
+    UNROLL for (int b = 0; b < R * S; b += 16) {
+        int32_t t[16];
+        _mm512_storeu_si512((void *)t, sum16_epi32(v + b));
+        UNROLL for (int i = 0; i < 16; i++) if (b + i < R * S)
+            out[((b + i) / S) * TS + (b + i) % S] = t[4 * (i % 4) + i / 4];
+    }
+}
+
 /* Balanced token blocks: n tokens in ceil(n / smax) blocks whose sizes differ by <= 1. */
 INLINE size_t block_len(size_t n, size_t s0, size_t smax) {
     const size_t nblk = (n + smax - 1) / smax, base = n / nblk, extra = n % nblk;
@@ -186,8 +265,7 @@ INLINE void tern_tile(const int R, const int S, const uint8_t *w, size_t rb, siz
         TERN_STEP(2);
         TERN_STEP(3);
     }
-    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) out[r * TS + s] =
-        _mm512_reduce_add_epi32(acc[r][s]);
+    store_sums_epi32(R, S, (const __m512i *)acc, TS, out);
 }
 
 #define INT8_TILE_BODY                                                                             \
@@ -208,8 +286,7 @@ INLINE void int8_tile(const int R, const int S, const uint8_t *w, size_t rb, siz
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) acc[r][s] =
         _mm512_setzero_si512();
     INT8_TILE_BODY
-    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) out[r * TS + s] =
-        _mm512_reduce_add_epi32(acc[r][s]);
+    store_sums_epi32(R, S, (const __m512i *)acc, TS, out);
 }
 
 typedef void (*itile_fn)(const uint8_t *, size_t, size_t, const int8_t *, size_t, const pf_t *,
@@ -324,8 +401,7 @@ INLINE void int4_tile(const int R, const int S, const uint8_t *w, size_t rb, siz
         INT4_HALF(0);
         INT4_HALF(1);
     }
-    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) out[r * TS_INT4 + s] =
-        _mm512_reduce_add_ps(acc[r][s]);
+    store_sums_ps(R, S, (const __m512 *)acc, TS_INT4, out, TS_INT4);
 }
 
 typedef void (*ftile_fn)(const uint8_t *, size_t, size_t, const int8_t *, size_t, const pf_t *,
@@ -438,8 +514,7 @@ INLINE void float_tile(const qtype_t T, const int R, const int S, const uint8_t 
             load_w(T, w + r * rb, i, m, _mm512_set1_ps(swf[r]));
         fma_step(R, S, wv, m, x, ldx, i, acc);
     }
-    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) out[r * TS + s] =
-        _mm512_reduce_add_ps(acc[r][s]);
+    store_sums_ps(R, S, (const __m512 *)acc, TS, out, TS);
 }
 
 /* Group g of a 128-weight block: low nibbles (g < 2) or high nibbles of bytes 32 (g % 2) ..
@@ -481,8 +556,7 @@ INLINE void int4f_tile(const int R, const int S, const uint8_t *w, size_t rb, si
             }
         }
     }
-    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) out[r * TS + s] =
-        _mm512_reduce_add_ps(acc[r][s]);
+    store_sums_ps(R, S, (const __m512 *)acc, TS, out, TS);
 }
 
 typedef void (*fltile_fn)(const uint8_t *, size_t, size_t, const float *, size_t, const pf_t *,
