@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 _Static_assert(sizeof(real) == 4, "checkpoints store FP32 master weights");
 
@@ -277,4 +278,34 @@ int checkpoint_load(const char *dir, model_t *m, optim_t *o, checkpoint_state_t 
     if (st)
         *st = s;
     return 0;
+}
+
+/* Through a temporary file: the YAML loader reads files. */
+int checkpoint_config_apply(quillan_config_t *cfg, const char *model_file, qerr_t *err) {
+    safetensors_reader_t *r = safetensors_reader_new(model_file, err);
+    if (!r)
+        return -1;
+    const char *yaml = safetensors_reader_metadata(r, "config");
+    int rc = -1;
+    if (!yaml) {
+        qerr_set(err, QERR_INVALID, "%s: __metadata__ lacks 'config' (not a Quillan checkpoint?)",
+                 model_file);
+        goto out;
+    }
+    char tmp[] = "/tmp/quillan_config_XXXXXX";
+    int fd = mkstemp(tmp);
+    if (fd < 0) {
+        qerr_set(err, QERR_IO, "cannot create a temporary file: %s", strerror(errno));
+        goto out;
+    }
+    const size_t len = strlen(yaml);
+    const int ok = write(fd, yaml, len) == (ssize_t)len;
+    close(fd);
+    rc = ok ? config_load(cfg, tmp, err) : qerr_set(err, QERR_IO, "cannot write %s", tmp);
+    unlink(tmp);
+    if (rc)
+        qerr_wrap(err, "%s: the checkpoint's config", model_file);
+out:
+    safetensors_reader_destroy(&r);
+    return rc;
 }

@@ -52,6 +52,11 @@ int checkpoint_save(const char *root, const quillan_config_t *cfg, const model_t
  * path). */
 int checkpoint_resolve(const char *path, char *dir, size_t cap, qerr_t *err);
 
+/* Applies the run config stored in a checkpoint's model file (metadata "config") over *cfg,
+ * without validating (the caller applies its overrides first). Returns 0, or -1 with err naming
+ * the file (not a Quillan checkpoint, unreadable, bad config). */
+int checkpoint_config_apply(quillan_config_t *cfg, const char *model_file, qerr_t *err);
+
 /* Loads the step directory `dir` into m (and o when non-NULL) and *st. On error nothing useful
  * is left in m or o (a partial load); the message names the file and the tensor or key. */
 int checkpoint_load(const char *dir, model_t *m, optim_t *o, checkpoint_state_t *st, qerr_t *err);

@@ -212,37 +212,6 @@ static int checkpoint_dir_of(const char *path, char *dir, size_t cap, qerr_t *er
     return checkpoint_resolve(path, dir, cap, err);
 }
 
-/* Applies the run config stored in a checkpoint's metadata over *cfg (the YAML loader reads
- * files, so through a temporary file). */
-static int config_load_checkpoint(quillan_config_t *cfg, const char *model_file, qerr_t *err) {
-    safetensors_reader_t *r = safetensors_reader_new(model_file, err);
-    if (!r)
-        return -1;
-    const char *yaml = safetensors_reader_metadata(r, "config");
-    int rc = -1;
-    if (!yaml) {
-        qerr_set(err, QERR_INVALID, "%s: __metadata__ lacks 'config' (not a Quillan checkpoint?)",
-                 model_file);
-        goto out;
-    }
-    char tmp[] = "/tmp/quillan_eval_XXXXXX";
-    int fd = mkstemp(tmp);
-    if (fd < 0) {
-        qerr_set(err, QERR_IO, "cannot create a temporary file: %s", strerror(errno));
-        goto out;
-    }
-    const size_t len = strlen(yaml);
-    const int ok = write(fd, yaml, len) == (ssize_t)len;
-    close(fd);
-    rc = ok ? config_load(cfg, tmp, err) : qerr_set(err, QERR_IO, "cannot write %s", tmp);
-    unlink(tmp);
-    if (rc)
-        qerr_wrap(err, "%s: the checkpoint's config", model_file);
-out:
-    safetensors_reader_destroy(&r);
-    return rc;
-}
-
 /* Resolves the config: --config FILE, else the checkpoint's own, else the defaults; then the
  * --set overrides; then validation. ckpt_dir is the step directory ("" for a .qst). */
 static int config_resolve(const eval_opts_t *o, const char *ckpt_dir, quillan_config_t *cfg,
@@ -254,7 +223,7 @@ static int config_resolve(const eval_opts_t *o, const char *ckpt_dir, quillan_co
     } else if (ckpt_dir[0]) {
         char model_file[4200];
         snprintf(model_file, sizeof model_file, "%s/%s", ckpt_dir, CHECKPOINT_MODEL_FILE);
-        if (config_load_checkpoint(cfg, model_file, err) < 0)
+        if (checkpoint_config_apply(cfg, model_file, err) < 0)
             return -1;
     }
     for (int i = 0; i < o->nset; i++)

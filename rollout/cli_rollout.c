@@ -51,40 +51,6 @@ static void quantize_usage(FILE *out) {
                  "(tiny, quillan-512m), for benchmarks.\n");
 }
 
-/* The run config stored in a checkpoint's metadata, loaded through a temporary file (the YAML
- * loader reads files). */
-static int config_from_checkpoint(const char *model_file, quillan_config_t *cfg, qerr_t *err) {
-    safetensors_reader_t *r = safetensors_reader_new(model_file, err);
-    if (!r)
-        return -1;
-    const char *yaml = safetensors_reader_metadata(r, "config");
-    int rc = -1;
-    if (!yaml) {
-        qerr_set(err, QERR_INVALID, "%s: __metadata__ lacks 'config' (not a Quillan checkpoint?)",
-                 model_file);
-        goto out;
-    }
-    char tmp[] = "/tmp/quillan_quantize_XXXXXX";
-    int fd = mkstemp(tmp);
-    if (fd < 0) {
-        qerr_set(err, QERR_IO, "cannot create a temporary file: %s", strerror(errno));
-        goto out;
-    }
-    const size_t len = strlen(yaml);
-    const int ok = write(fd, yaml, len) == (ssize_t)len;
-    close(fd);
-    config_defaults(cfg);
-    rc = ok ? config_load(cfg, tmp, err) : qerr_set(err, QERR_IO, "cannot write %s", tmp);
-    unlink(tmp);
-    if (rc == 0)
-        rc = config_validate(cfg, err);
-    if (rc)
-        qerr_wrap(err, "%s: the checkpoint's config", model_file);
-out:
-    safetensors_reader_destroy(&r);
-    return rc;
-}
-
 int cli_quantize_main(int argc, char **argv) {
     const char *cmd = "quillan quantize", *in = NULL, *out = NULL, *cfg_file = NULL;
     const char *preset = NULL;
@@ -158,8 +124,11 @@ int cli_quantize_main(int argc, char **argv) {
             config_defaults(cfg);
             if (config_load(cfg, cfg_file, &err) < 0 || config_validate(cfg, &err) < 0)
                 goto fail;
-        } else if (config_from_checkpoint(model_file, cfg, &err) < 0) {
-            goto fail;
+        } else {
+            config_defaults(cfg);
+            if (checkpoint_config_apply(cfg, model_file, &err) < 0 ||
+                config_validate(cfg, &err) < 0)
+                goto fail;
         }
     }
     if (head_int8)
