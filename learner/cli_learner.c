@@ -124,7 +124,7 @@ static void sft_usage(FILE *out) {
             "                   optional in SFT, where the aux balance loss evens the load)\n"
             "  --replicas N     data parallel: N model replicas on N threads each train on a\n"
             "                   shard of every batch, with max(1, learner.threads / N) threads\n"
-            "                   inside each (default 1; 2 on 2 cores is ~2x faster on tiny)\n"
+            "                   inside each; results are reproducible for a fixed N (default 1)\n"
             "\n"
             "exit status: 0 ok, 1 runtime error (bad data, bad checkpoint), 2 usage error\n");
 }
