@@ -160,42 +160,16 @@ wait_steps() {
     fail "the learner reached $(steps) steps, not $1, within $2 s ($3)"
 }
 
-# The learner first, on its namespace's address (security.bind_any). A quillan-learner that
-# refuses that (one that does not hand security.bind_any to its sockets: see
-# docs/TESTING-netns.md) runs on 127.0.0.1 instead, its namespace's address forwarded there by
-# DNAT (route_localnet), so that the fault test still runs; the fallback prints a WARNING.
-start_learner() {
-    start_in L learner.log "$LEARNER" --config "$CFG" "${SETS[@]}" "$@" --set logging.level=debug
-    LP=$STARTED
-    local i
-    for ((i = 0; i < 120; i++)); do
-        grep -q '"event":"dispatch.listen"' learner.log && return 0
-        kill -0 "$LP" 2>/dev/null || return 1
-        sleep 0.5
-    done
+# The learner first, on its namespace's address (security.bind_any).
+start_in L learner.log "$LEARNER" --config "$CFG" "${SETS[@]}" --set logging.level=debug
+LP=$STARTED
+for ((i = 0; i < 120; i++)); do
+    grep -q '"event":"dispatch.listen"' learner.log && break
+    kill -0 "$LP" 2>/dev/null || fail "the learner did not start (see learner.log)"
+    sleep 0.5
+done
+grep -q '"event":"dispatch.listen"' learner.log ||
     fail "the learner did not start its dispatcher within 60 s"
-}
-if ! start_learner; then
-    wait "$LP" || true
-    PIDS=()
-    grep -q "is not a loopback address" learner.log || fail "the learner did not start"
-    echo "WARNING: quillan-learner refuses to bind ${ADDR[L]} although security.bind_any is" \
-         "true ($(grep -o 'log hub: [^"]*' learner.log | head -1)); running it on 127.0.0.1" \
-         "behind DNAT"
-    mv learner.log learner-refused.log
-    ip netns exec "${NS_PREFIX}L" sysctl -qw net.ipv4.conf.eth0.route_localnet=1
-    ip netns exec "${NS_PREFIX}L" nft -f - <<NAT
-table ip qnnat {
-    chain pre {
-        type nat hook prerouting priority -100; policy accept;
-        ip daddr ${ADDR[L]} tcp dport { 5555, 5556, 5558, 5559 } dnat to 127.0.0.1
-    }
-}
-NAT
-    start_learner --set network.dispatcher=tcp://127.0.0.1:5555 \
-        --set network.weights=tcp://127.0.0.1:5556 --set network.log_in=tcp://127.0.0.1:5559 \
-        --set network.log_out=tcp://127.0.0.1:5558 || fail "the learner did not start on loopback"
-fi
 start_in R reward.log "$REWARD" --config "$CFG" "${SETS[@]}" --bind "tcp://${ADDR[R]}:5557"
 RP=$STARTED
 start_in W1 w1.log "$ROLLOUT" --config "$CFG" "${SETS[@]}" --id w1 --threads 1
