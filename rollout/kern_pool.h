@@ -33,7 +33,7 @@ typedef void (*kern_pool_chunk_fn)(void *ctx, size_t chunk, int tid);
 /* A pool of nthreads (1..KERN_POOL_MAX) threads in all; NULL with err on failure. */
 #define KERN_POOL_MAX 256
 /* Microseconds an idle thread spins before it sleeps (also the caller's wait for chunks). */
-#define KERN_POOL_SPIN_US 100
+#define KERN_POOL_SPIN_US 30
 kern_pool_t *kern_pool_new(int nthreads, qerr_t *err);
 
 /* Stops and joins the workers, frees the pool and sets *pool to NULL; safe on NULL. */
