@@ -49,6 +49,10 @@ extern "C" {
 /* GEMM with an FP16/BF16 output: one rounding of the result. */
 #define TOL_GEMM_F16_OUT 1e-3
 #define TOL_GEMM_BF16_OUT 8e-3
+/* A scalar the CPU sums sequentially in float over thousands of rows (moe_zloss_forward): its
+ * own rounding grows like sqrt(n) eps on average (n eps = 2.4e-4 worst case at n = 4097); the
+ * device sums in double. */
+#define TOL_F32_LONG_SUM 1e-4
 /* Double accumulations in another order (cross-entropy, DAPO metrics) then rounded to float. */
 #define TOL_DOUBLE_SUM 1e-6
 /* AdamW with an active clip: the clip factor comes from a norm summed in another order. */
@@ -444,7 +448,7 @@ static void test_zloss(int T, int n) {
     const float ref = moe_zloss_forward(l.data(), T, n);
     float *dL = dev(l), *dDL = dev(dl), *dOut = dev_zero<float>(1);
     cuda_zloss_forward(dOut, dL, T, n, 0);
-    check_scalar(nm("zloss.forward.%dx%d", T, n), host(dOut, 1)[0], ref, TOL_F32_REDUCE);
+    check_scalar(nm("zloss.forward.%dx%d", T, n), host(dOut, 1)[0], ref, TOL_F32_LONG_SUM);
     moe_zloss_backward(dl.data(), 0.7f, l.data(), T, n);
     cuda_zloss_backward(dDL, 0.7f, dL, T, n, 0);
     check(nm("zloss.backward.%dx%d", T, n), host(dDL, dl.size()), dl, TOL_F32_REDUCE);
