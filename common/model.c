@@ -903,3 +903,8 @@ void model_balance_update(model_t *m, int apply) {
         moe_load_reset(&m->loads[l]);
     }
 }
+
+moe_load_t *model_load(model_t *m, int l) {
+    Q_ASSERT(l >= 0 && l < m->cfg.num_layers);
+    return &m->loads[l];
+}

@@ -199,6 +199,11 @@ int model_greedy(model_t *m, const int32_t *tokens, int B, int T, const int *pos
  * skipped. */
 void model_balance_update(model_t *m, int apply);
 
+/* Layer l's routing selection counts since the last model_balance_update, owned by the model:
+ * data-parallel replicas sum them across ranks before the update, so that every replica moves
+ * its biases as one model that saw the whole batch would. */
+moe_load_t *model_load(model_t *m, int l);
+
 /* Bytes of activation memory currently planned. */
 size_t model_activation_bytes(const model_t *m);
 

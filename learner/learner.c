@@ -709,9 +709,11 @@ learner_t *learner_new(const quillan_config_t *cfg, const char *resume, qerr_t *
         }
     }
     if (rc == 0) {
-        l->m = model_new(&c->model, err);
-        l->tok = l->m ? tokenizer_for(&c->model, err) : NULL;
-        l->opt = l->tok ? optim_new(&oc, l->m, err) : NULL;
+        /* The tokenizer before the model: a bad tokenizer path fails in milliseconds, not
+         * after minutes of building a large model. */
+        l->tok = tokenizer_for(&c->model, err);
+        l->m = l->tok ? model_new(&c->model, err) : NULL;
+        l->opt = l->m ? optim_new(&oc, l->m, err) : NULL;
         l->store = l->opt ? snapshot_store_new(&so, err) : NULL;
         rc = l->store ? 0 : -1;
     }
@@ -781,6 +783,10 @@ const uint8_t *learner_dispatcher_state(const learner_t *l, size_t *len) {
 
 const char *learner_resumed_from(const learner_t *l) {
     return l->resumed;
+}
+
+const tokenizer_t *learner_tokenizer(const learner_t *l) {
+    return l->tok;
 }
 
 snapshot_store_t *learner_store(learner_t *l) {

@@ -49,6 +49,7 @@
 #include "error.h"
 #include "model.h"
 #include "snapshot_store.h"
+#include "tokenizer.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -98,6 +99,9 @@ const uint8_t *learner_dispatcher_state(const learner_t *l, size_t *len);
 /* The checkpoint directory resumed from, or "" on a fresh start. */
 const char *learner_resumed_from(const learner_t *l);
 
+/* The run's tokenizer (model.tokenizer), owned by the learner: the dispatcher encodes prompts
+ * with it. */
+const tokenizer_t *learner_tokenizer(const learner_t *l);
 /* The snapshot store every version is published into (the weights server serves it). */
 snapshot_store_t *learner_store(learner_t *l);
 /* The policy being trained (tests; do not use while learner_train runs). */

@@ -24,7 +24,6 @@
 #include "loghub.h"
 #include "sft.h"
 #include "tensorboard.h"
-#include "tokenizer.h"
 #include "weights_server.h"
 
 #include <errno.h>
@@ -36,9 +35,10 @@
 #include <time.h>
 #include <zmq.h>
 
-#define NET_POLL_MS 50    /* network thread: longest wait before serving timed duties */
-#define TRAIN_WAIT_MS 100 /* training thread: longest wait for a group before re-checking */
-#define WORKERS_MAX 256   /* worker rows read for perf/rollout_tokens_per_s */
+#define NET_POLL_MS 50            /* network thread: longest wait before serving timed duties */
+#define TRAIN_WAIT_MS 100         /* training thread: longest wait for a group before re-checking */
+#define WORKERS_MAX 256           /* worker rows read for perf/rollout_tokens_per_s */
+#define NET_STATS_INTERVAL_S 10.0 /* between dispatch.stats records */
 
 static volatile sig_atomic_t stop_flag;
 
@@ -266,11 +266,61 @@ static double rollout_tokens_per_s(dispatcher_t *d) {
     return sum;
 }
 
+/* The dispatcher's and the weights server's running counters as one record, so that drops,
+ * re-leases and dead workers show in the log (and the monitor) while the run goes on. */
+static void net_stats_log(app_t *a) {
+    dispatcher_stats_t d;
+    weights_server_stats_t w;
+    pthread_mutex_lock(&a->net_mu);
+    dispatcher_stats(a->d, &d);
+    weights_server_stats(a->ws, &w);
+    pthread_mutex_unlock(&a->net_mu);
+    uint64_t dropped = 0, wdropped = 0;
+    for (int i = 0; i < NET_DROP_COUNT; i++) {
+        dropped += d.net.dropped[i];
+        wdropped += w.net.dropped[i];
+    }
+    const log_field_t f[] = {
+        {"leases/granted", (double)d.table.granted},
+        {"leases/relet", (double)d.table.relet},
+        {"leases/expired", (double)d.table.expired},
+        {"leases/active", (double)d.table.active},
+        {"groups/accepted", (double)d.table.accepted},
+        {"groups/duplicates", (double)d.table.duplicates},
+        {"groups/unknown_lease", (double)d.table.unknown},
+        {"groups/rejected", (double)d.table.rejected},
+        {"workers/alive", (double)d.workers_alive},
+        {"workers/died", (double)d.workers_died},
+        {"workers/restarts", (double)d.worker_restarts},
+        {"dispatch/malformed", (double)d.malformed},
+        {"dispatch/dropped", (double)dropped},
+        {"dispatch/send_failed", (double)(d.send_failed + d.net.send_failed)},
+        {"dispatch/disconnects", (double)d.net.disconnects},
+        {"weights/chunks_sent", (double)w.chunks_sent},
+        {"weights/bytes_sent", (double)w.bytes_sent},
+        {"weights/malformed", (double)w.malformed},
+        {"weights/dropped", (double)wdropped},
+        {"data/epoch", (double)d.table.epoch},
+        {"lease_timeout_s", d.lease_timeout_s},
+    };
+    log_emit(LOG_INFO, "dispatch.stats", f, Q_ARRAY_LEN(f),
+             "%llu leases (%llu re-leased), %llu groups accepted, %llu dropped as duplicates, "
+             "%llu malformed/dropped messages, %llu workers alive",
+             (unsigned long long)d.table.granted, (unsigned long long)d.table.relet,
+             (unsigned long long)d.table.accepted, (unsigned long long)d.table.duplicates,
+             (unsigned long long)(d.malformed + dropped + w.malformed + wdropped),
+             (unsigned long long)d.workers_alive);
+}
+
 /* Trains until the step limit, a stop signal or a failure. */
 static int train_loop(app_t *a, qerr_t *err) {
     learner_t *l = a->l;
-    double wait_s = 0;
+    double wait_s = 0, stats_at = now_s();
     while (!stop_flag && !a->net_failed && learner_steps(l) < learner_step_limit(l)) {
+        if (now_s() - stats_at >= NET_STATS_INTERVAL_S) {
+            net_stats_log(a);
+            stats_at = now_s();
+        }
         const learner_perf_t perf = {.wait_seconds = wait_s,
                                      .rollout_tokens_per_s = rollout_tokens_per_s(a->d)};
         learner_train_result_t res;
@@ -308,7 +358,6 @@ static int train_loop(app_t *a, qerr_t *err) {
 
 static int run_rl(const quillan_config_t *cfg, const char *resume, qerr_t *err) {
     jsonl_reader_t *data = NULL;
-    tokenizer_t *tok = NULL;
     learner_t *l = NULL;
     void *zctx = NULL;
     loghub_t *hub = NULL;
@@ -320,17 +369,6 @@ static int run_rl(const quillan_config_t *cfg, const char *resume, qerr_t *err) 
     int thread_started = 0;
 
     int rc = preflight(cfg, &data, err);
-    /* The tokenizer before the model: a bad tokenizer path fails in milliseconds, not after
-     * minutes of building a large model. */
-    if (rc == 0 && cfg->model.tokenizer.kind == MODEL_TOKENIZER_BYTE) {
-        tok = tokenizer_new_byte();
-    } else if (rc == 0) {
-        const model_tokenizer_config_t *t = &cfg->model.tokenizer;
-        tok = t->json[0] ? tokenizer_new_hf_json(t->json, err)
-                         : tokenizer_new_bpe_files(t->vocab, t->merges, err);
-    }
-    if (rc == 0 && !tok)
-        rc = err->msg[0] ? -1 : qerr_set(err, QERR_NOMEM, "tokenizer: out of memory");
     if (rc == 0) {
         l = learner_new(cfg, resume, err);
         rc = l ? 0 : -1;
@@ -393,7 +431,7 @@ static int run_rl(const quillan_config_t *cfg, const char *resume, qerr_t *err) 
             .num_experts_per_mini = (uint32_t)mc->num_experts_per_mini,
             .num_micros_per_mini = (uint32_t)mc->num_micros_per_mini};
         o.data = data;
-        o.tokenizer = tok;
+        o.tokenizer = learner_tokenizer(l);
         o.shuffle = cfg->data.shuffle;
         o.data_seed = cfg->data.seed;
         o.temperature = (float)cfg->rollout.temperature;
@@ -440,6 +478,12 @@ static int run_rl(const quillan_config_t *cfg, const char *resume, qerr_t *err) 
         rc = train_loop(&a, err);
         if (rc != 0)
             log_error("learner.error", "%s", err->msg);
+        /* No lease may be granted after the final checkpoint captures the lease table: stop
+         * serving first (a grant made now is in the checkpoint and re-leased on resume). */
+        a.net_stop = 1;
+        pthread_join(net_thread, NULL);
+        thread_started = 0;
+        net_stats_log(&a);
         /* A checkpoint in every case where the state is sound: the end, a signal, a starved
          * batcher (the run can resume with other settings). */
         qerr_t e2 = {0};
@@ -473,7 +517,6 @@ static int run_rl(const quillan_config_t *cfg, const char *resume, qerr_t *err) 
     if (zctx)
         zmq_ctx_term(zctx);
     learner_destroy(&l);
-    tokenizer_destroy(&tok);
     jsonl_reader_destroy(&data);
     pthread_cond_destroy(&a.cv);
     pthread_mutex_destroy(&a.mu);

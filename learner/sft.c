@@ -448,6 +448,37 @@ static model_batch_t train_batch(const batch_buf_t *bb, const config_learner_t *
                            .aux_diffusion = (real)(lc->aux.diffusion * wshare)};
 }
 
+/* Sums every layer's routing counts over the ranks (exact in doubles below 2^53), so that each
+ * replica's loss-free balancing step sees the whole batch's counts and the biases stay equal. */
+static int loads_allreduce(dp_comm_t *comm, model_t *m, qerr_t *err) {
+    for (int l = 0; l < model_config(m)->num_layers; l++) {
+        moe_load_t *ld = model_load(m, l);
+        const size_t n = (size_t)ld->M * (size_t)(1 + ld->E + ld->N);
+        double *v = malloc(n * sizeof *v);
+        if (!v)
+            return qerr_set(err, QERR_NOMEM, "sft: out of memory");
+        size_t k = 0;
+        for (int i = 0; i < ld->M; i++)
+            v[k++] = (double)ld->gate[i];
+        for (int i = 0; i < ld->M * ld->E; i++)
+            v[k++] = (double)ld->router[i];
+        for (int i = 0; i < ld->M * ld->N; i++)
+            v[k++] = (double)ld->micro[i];
+        const int rc = dp_allreduce(comm, v, n, DP_F64, DP_SUM, err);
+        k = 0;
+        for (int i = 0; i < ld->M; i++)
+            ld->gate[i] = (int64_t)v[k++];
+        for (int i = 0; i < ld->M * ld->E; i++)
+            ld->router[i] = (int64_t)v[k++];
+        for (int i = 0; i < ld->M * ld->N; i++)
+            ld->micro[i] = (int64_t)v[k++];
+        free(v);
+        if (rc)
+            return -1;
+    }
+    return 0;
+}
+
 /* Forward and backward of one step; fills the gradients (all-reduced with several replicas),
  * *ms (loss, ce, balance, diffusion of the whole batch) and *tokens (input positions).
  *
@@ -642,6 +673,8 @@ static int rank_main(dp_comm_t *comm, void *arg, qerr_t *err) {
             break;
         optim_result_t orr;
         const int applied = optim_step(c.o, c.m, ms.loss, &orr);
+        if (dp_world(comm) > 1 && opt->balance_bias && (rc = loads_allreduce(comm, c.m, err)))
+            break;
         model_balance_update(c.m, applied && opt->balance_bias);
         st.step = step + 1;
         if (!root)
@@ -698,10 +731,6 @@ int sft_run(const quillan_config_t *cfg, const sft_options_t *opt, sft_result_t 
     const int R = opt->replicas;
     if (R < 1 || R > DP_LOCAL_MAX)
         return qerr_set(err, QERR_RANGE, "sft: replicas %d outside [1, %d]", R, DP_LOCAL_MAX);
-    if (R > 1 && opt->balance_bias)
-        return qerr_set(err, QERR_INVALID,
-                        "sft: --balance-bias needs one replica: each replica counts only the "
-                        "routing of its own shard, so their biases would drift apart");
     sft_shared_t sh = {.cfg = cfg, .opt = opt};
     if (R == 1 && cfg->learner.threads > 0) {
 #ifdef _OPENMP

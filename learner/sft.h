@@ -21,8 +21,8 @@
  * Results are bit-identical run to run for a fixed R, and resume exactly. Against one replica
  * they differ by float rounding of the regrouped sums, by the per-replica noise, and in the aux
  * terms: balance and z are taken per shard and weighted by the shard's share of positions (the
- * Switch balance loss of a shard is not that of the batch). The loss-free balancing biases
- * (balance_bias) need one replica.
+ * Switch balance loss of a shard is not that of the batch). With balance_bias the replicas sum
+ * their routing counts before the bias step, so the biases move as one model's on the batch.
  *
  * Progress: a log record "sft/step" every log_interval steps (step, loss, ce, lr, grad_norm,
  * tokens/s, ETA), "sft/eval" every eval_interval steps and at the end (test loss, greedy

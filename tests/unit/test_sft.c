@@ -2,9 +2,11 @@
  * the problem. */
 #include <criterion/criterion.h>
 
+#include "checkpoint.h"
 #include "config.h"
 #include "data_task.h"
 #include "log.h"
+#include "model.h"
 #include "sft.h"
 
 #include <jansson.h>
@@ -143,11 +145,60 @@ Test(sft, replicas_share_the_batch_mean, .timeout = 600) {
     for (int r = 2; r <= 3; r++)
         cr_assert_float_eq(loss[r], loss[1], 1e-6 * loss[1], "replicas %d: %.9g vs %.9g", r,
                            loss[r], loss[1]);
-    /* the loss-free balancing counts of one shard must not move everyone's biases */
-    opt.replicas = 2;
+    free(cfg);
+}
+
+/* Loss-free balancing with replicas: the ranks sum their routing counts before the bias step,
+ * so after a step every balancing bias equals one replica's on the whole batch (the counts of
+ * the first step come from identical parameters). */
+Test(sft, replicas_balance_on_the_whole_batch, .timeout = 600) {
+    char dir[64];
+    make_task(dir, sizeof dir, 100, 1);
+    quillan_config_t *cfg = small_run(dir);
+    cfg->data.test[0] = '\0';
+    set(cfg, "model.dropout=0");
+    qerr_t err;
+    sft_options_t opt;
+    sft_options_default(&opt);
+    opt.batch_size = 8;
+    opt.max_steps = 1;
     opt.balance_bias = 1;
-    cr_assert(sft_run(cfg, &opt, NULL, &err) == -1);
-    cr_assert(strstr(err.msg, "balance-bias") && strstr(err.msg, "one replica"), "%s", err.msg);
+    real *bias[3] = {0};
+    size_t n_bias = 0;
+    for (int r = 1; r <= 2; r++) {
+        snprintf(cfg->learner.checkpoint_dir, sizeof cfg->learner.checkpoint_dir, "%s/ck%d", dir,
+                 r);
+        opt.replicas = r;
+        cr_assert(sft_run(cfg, &opt, NULL, &err) == 0, "%s", err.msg);
+        model_t *m = model_new(&cfg->model, &err);
+        cr_assert(m, "%s", err.msg);
+        char step_dir[512];
+        cr_assert(
+            checkpoint_resolve(cfg->learner.checkpoint_dir, step_dir, sizeof step_dir, &err) == 0,
+            "%s", err.msg);
+        cr_assert(checkpoint_load(step_dir, m, NULL, NULL, &err) == 0, "%s", err.msg);
+        size_t k = 0;
+        bias[r] = malloc(model_num_reals(m) * sizeof(real));
+        for (size_t i = 0; i < model_tensor_count(m); i++) {
+            const model_tensor_t *t = model_tensor(m, i);
+            if (!strstr(t->name, "bias_balance"))
+                continue;
+            memcpy(bias[r] + k, model_params(m) + t->offset, t->numel * sizeof(real));
+            k += t->numel;
+        }
+        n_bias = k;
+        model_destroy(&m);
+    }
+    cr_assert_gt(n_bias, 0);
+    size_t moved = 0;
+    for (size_t i = 0; i < n_bias; i++) {
+        cr_assert_eq(bias[1][i], bias[2][i], "bias %zu: one replica %g, two %g", i,
+                     (double)bias[1][i], (double)bias[2][i]);
+        moved += bias[1][i] != 0;
+    }
+    cr_assert_gt(moved, 0, "the balancing step moved no bias");
+    free(bias[1]);
+    free(bias[2]);
     free(cfg);
 }
 
