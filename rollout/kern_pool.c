@@ -16,18 +16,23 @@
 
 enum { MODE_RUN, MODE_FOR };
 
-/* A job is published by storing its descriptor and then bumping `gen`; the descriptor is
- * rewritten only when no thread can still claim work of the previous job (kern_pool_run waits
- * for every worker, kern_pool_for for every chunk), but a worker that saw an old generation
- * may still read it, so its fields are atomics and readers re-check `gen` (a seqlock). */
+/* The caller posts a job (post()) by closing the claim counter to the new generation, writing
+ * the descriptor under a seqlock (seq odd while it is written) with the generation it belongs
+ * to, and then bumping `gen`. A worker may still be reading the descriptor of an older
+ * generation while the caller rewrites it (after every chunk of that job was claimed), so the
+ * fields are atomics, a worker accepts a descriptor only when seq was even and unchanged around
+ * its reads and its generation is the one `gen` showed, and a stale worker's claim fails on
+ * the generation in the claim counter. */
 struct kern_pool {
     int nthreads;
     pthread_t *threads;
+    atomic_uint seq; /* descriptor seqlock */
     atomic_int mode;
     _Atomic(kern_pool_fn) run_fn;
     _Atomic(kern_pool_chunk_fn) chunk_fn;
     _Atomic(void *) ctx;
     atomic_uint nchunks;
+    atomic_uint desc_gen; /* generation the descriptor belongs to */
     /* (generation << 32) | next chunk: a claim succeeds only in the generation it read. */
     atomic_ullong claim;
     atomic_uint gen;     /* futex word the workers sleep on */
@@ -39,6 +44,15 @@ struct kern_pool {
     int model_threads; /* timing (caller only) */
     double region_s, model_s;
 };
+
+/* A consistent copy of the descriptor. */
+typedef struct {
+    unsigned gen, nchunks;
+    int mode;
+    kern_pool_fn run_fn;
+    kern_pool_chunk_fn chunk_fn;
+    void *ctx;
+} job_t;
 
 typedef struct {
     kern_pool_t *pool;
@@ -110,6 +124,25 @@ static void claim_chunks(kern_pool_t *p, unsigned g, kern_pool_chunk_fn fn, void
     }
 }
 
+/* Reads the descriptor of the generation `gen` shows (retrying while the caller writes it). */
+static void read_job(kern_pool_t *p, job_t *j) {
+    for (;;) {
+        const unsigned g = atomic_load_explicit(&p->gen, memory_order_acquire);
+        const unsigned s1 = atomic_load_explicit(&p->seq, memory_order_acquire);
+        j->mode = atomic_load_explicit(&p->mode, memory_order_relaxed);
+        j->run_fn = atomic_load_explicit(&p->run_fn, memory_order_relaxed);
+        j->chunk_fn = atomic_load_explicit(&p->chunk_fn, memory_order_relaxed);
+        j->ctx = atomic_load_explicit(&p->ctx, memory_order_relaxed);
+        j->nchunks = atomic_load_explicit(&p->nchunks, memory_order_relaxed);
+        j->gen = atomic_load_explicit(&p->desc_gen, memory_order_relaxed);
+        atomic_thread_fence(memory_order_acquire);
+        const unsigned s2 = atomic_load_explicit(&p->seq, memory_order_relaxed);
+        if (s1 == s2 && !(s1 & 1) && j->gen == g)
+            return;
+        cpu_pause();
+    }
+}
+
 static void *worker_main(void *arg) {
     worker_arg_t a = *(worker_arg_t *)arg;
     free(arg);
@@ -124,31 +157,17 @@ static void *worker_main(void *arg) {
         }
         if (atomic_load_explicit(&p->stop, memory_order_acquire))
             return NULL;
-        /* Seqlock read of the descriptor of generation g. */
-        unsigned g;
-        int mode;
-        kern_pool_fn rfn;
-        kern_pool_chunk_fn cfn;
-        void *ctx;
-        unsigned n;
-        do {
-            g = atomic_load_explicit(&p->gen, memory_order_acquire);
-            mode = atomic_load_explicit(&p->mode, memory_order_relaxed);
-            rfn = atomic_load_explicit(&p->run_fn, memory_order_relaxed);
-            cfn = atomic_load_explicit(&p->chunk_fn, memory_order_relaxed);
-            ctx = atomic_load_explicit(&p->ctx, memory_order_relaxed);
-            n = atomic_load_explicit(&p->nchunks, memory_order_relaxed);
-            atomic_thread_fence(memory_order_acquire);
-        } while (atomic_load_explicit(&p->gen, memory_order_relaxed) != g);
-        seen = g;
-        if (mode == MODE_RUN) {
-            rfn(ctx, a.tid, p->nthreads);
+        job_t j;
+        read_job(p, &j);
+        seen = j.gen;
+        if (j.mode == MODE_RUN) {
+            j.run_fn(j.ctx, a.tid, p->nthreads);
             const unsigned d = atomic_fetch_add_explicit(&p->done, 1, memory_order_seq_cst) + 1;
             if (d == (unsigned)p->nthreads - 1 &&
                 atomic_load_explicit(&p->waiting, memory_order_seq_cst))
                 futex_wake(&p->done);
         } else {
-            claim_chunks(p, g, cfn, ctx, n, a.tid);
+            claim_chunks(p, j.gen, j.chunk_fn, j.ctx, j.nchunks, a.tid);
         }
     }
 }
@@ -165,6 +184,8 @@ kern_pool_t *kern_pool_new(int nthreads, qerr_t *err) {
         return NULL;
     }
     p->nthreads = 1;
+    atomic_init(&p->seq, 0);
+    atomic_init(&p->desc_gen, 0);
     atomic_init(&p->mode, MODE_RUN);
     atomic_init(&p->run_fn, NULL);
     atomic_init(&p->chunk_fn, NULL);
@@ -194,10 +215,24 @@ kern_pool_t *kern_pool_new(int nthreads, qerr_t *err) {
     return p;
 }
 
-/* Makes generation gen + 1 visible and wakes sleeping workers. */
-static unsigned publish(kern_pool_t *p) {
+/* Posts job `mode` as generation gen + 1 (see the struct's comment) and wakes sleeping
+ * workers; returns the generation. Only when no chunk of the previous job is left to claim. */
+static unsigned post(kern_pool_t *p, int mode, kern_pool_fn rfn, kern_pool_chunk_fn cfn, void *ctx,
+                     unsigned nchunks, unsigned done_at) {
     const unsigned g = atomic_load_explicit(&p->gen, memory_order_relaxed) + 1;
+    const unsigned s = atomic_load_explicit(&p->seq, memory_order_relaxed);
     atomic_store_explicit(&p->claim, (unsigned long long)g << 32, memory_order_relaxed);
+    atomic_store_explicit(&p->seq, s + 1, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release);
+    atomic_store_explicit(&p->mode, mode, memory_order_relaxed);
+    atomic_store_explicit(&p->run_fn, rfn, memory_order_relaxed);
+    atomic_store_explicit(&p->chunk_fn, cfn, memory_order_relaxed);
+    atomic_store_explicit(&p->ctx, ctx, memory_order_relaxed);
+    atomic_store_explicit(&p->nchunks, nchunks, memory_order_relaxed);
+    atomic_store_explicit(&p->desc_gen, g, memory_order_relaxed);
+    atomic_store_explicit(&p->seq, s + 2, memory_order_release);
+    atomic_store_explicit(&p->done, 0, memory_order_relaxed);
+    atomic_store_explicit(&p->done_at, done_at, memory_order_relaxed);
     atomic_store_explicit(&p->gen, g, memory_order_seq_cst);
     if (atomic_load_explicit(&p->sleepers, memory_order_seq_cst) > 0)
         futex_wake(&p->gen);
@@ -209,7 +244,7 @@ void kern_pool_destroy(kern_pool_t **pool) {
         return;
     kern_pool_t *p = *pool;
     atomic_store_explicit(&p->stop, 1, memory_order_seq_cst);
-    publish(p);
+    post(p, MODE_RUN, NULL, NULL, NULL, 0, 0);
     for (int t = 1; t < p->nthreads; t++)
         pthread_join(p->threads[t], NULL);
     free(p->threads);
@@ -251,12 +286,7 @@ static void run_all(kern_pool_t *p, kern_pool_fn fn, void *ctx) {
         fn(ctx, 0, 1);
         return;
     }
-    atomic_store_explicit(&p->mode, MODE_RUN, memory_order_relaxed);
-    atomic_store_explicit(&p->run_fn, fn, memory_order_relaxed);
-    atomic_store_explicit(&p->ctx, ctx, memory_order_relaxed);
-    atomic_store_explicit(&p->done, 0, memory_order_relaxed);
-    atomic_store_explicit(&p->done_at, (unsigned)p->nthreads - 1, memory_order_relaxed);
-    publish(p);
+    post(p, MODE_RUN, fn, NULL, ctx, 0, (unsigned)p->nthreads - 1);
     fn(ctx, 0, p->nthreads);
     wait_done(p, (unsigned)p->nthreads - 1);
 }
@@ -277,13 +307,7 @@ static void run_chunks(kern_pool_t *p, size_t nchunks, kern_pool_chunk_fn fn, vo
             fn(ctx, c, 0);
         return;
     }
-    atomic_store_explicit(&p->mode, MODE_FOR, memory_order_relaxed);
-    atomic_store_explicit(&p->chunk_fn, fn, memory_order_relaxed);
-    atomic_store_explicit(&p->ctx, ctx, memory_order_relaxed);
-    atomic_store_explicit(&p->nchunks, (unsigned)nchunks, memory_order_relaxed);
-    atomic_store_explicit(&p->done, 0, memory_order_relaxed);
-    atomic_store_explicit(&p->done_at, (unsigned)nchunks, memory_order_relaxed);
-    const unsigned g = publish(p);
+    const unsigned g = post(p, MODE_FOR, NULL, fn, ctx, (unsigned)nchunks, (unsigned)nchunks);
     claim_chunks(p, g, fn, ctx, (unsigned)nchunks, 0);
     wait_done(p, (unsigned)nchunks);
 }
