@@ -413,7 +413,7 @@ static void matmul_float(const fltile_fn table[2][TS], qtype_t type, const void 
 }
 
 /* INT8 and INT4 weights x float activations: 8 weights per register dequantised to exactly
- * s * (float)code (one vmulps; INT4 s = the group's FP16 scale), activations loaded masked
+ * s * (float)code (INT8: one vmulps; INT4: one FMA, see int4f_tile), activations loaded masked
  * past `in` (the rows are padded to whole blocks, so weight loads need no mask). */
 
 INLINE __m256i tail_mask8(size_t i, size_t in) {
@@ -423,6 +423,14 @@ INLINE __m256i tail_mask8(size_t i, size_t in) {
 
 INLINE void qf_step(const int R, const int S, const __m256 *wv, const float *x, size_t ldx,
                     size_t i, size_t in, __m256 acc[TR][TS]) {
+    if (i + 8 <= in) {
+        UNROLL for (int s = 0; s < S; s++) {
+            const __m256 xv = _mm256_loadu_ps(x + s * ldx + i);
+            UNROLL for (int r = 0; r < R; r++) acc[r][s] = _mm256_fmadd_ps(wv[r], xv, acc[r][s]);
+        }
+        return;
+    }
+    /* vmaskmovps only for the tail: it is slow on some CPUs (AMD). */
     const __m256i m = tail_mask8(i, in);
     UNROLL for (int s = 0; s < S; s++) {
         const __m256 xv = _mm256_maskload_ps(x + s * ldx + i, m);
@@ -456,14 +464,16 @@ INLINE void int8f_tile(const int R, const int S, const uint8_t *w, size_t rb, si
 }
 
 /* Group g of a 128-weight block: low nibbles (g < 2) or high nibbles of bytes 32 (g % 2) ..
- * 32 (g % 2) + 31; four steps of 8 weights. */
+ * 32 (g % 2) + 31; four steps of 8 weights. A weight is fma(nibble, d, -8 d): d * code needs at
+ * most 11 + 4 significant bits, so it is a float, and -8 d is exact; the FMA's one rounding
+ * therefore returns exactly d * (float)code, the product dequantize_row_ref computes. */
 INLINE void int4f_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t in,
                        const float *x, size_t ldx, const uint8_t *pf, float *out) {
     __m256 acc[TR][TS];
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) acc[r][s] =
         _mm256_setzero_ps();
     const size_t nb = (in + QTYPE_INT4_BLOCK - 1) / QTYPE_INT4_BLOCK, cb = nb * 64;
-    const __m256i m4 = _mm256_set1_epi32(15), off = _mm256_set1_epi32(QTYPE_INT4_OFFSET);
+    const __m256i m4 = _mm256_set1_epi32(15);
     for (size_t b = 0; b < nb; b++) {
         if (pf)
             UNROLL for (int r = 0; r < R; r++)
@@ -481,8 +491,8 @@ INLINE void int4f_tile(const int R, const int S, const uint8_t *w, size_t rb, si
                 __m256i v =
                     _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + r * rb + o)));
                 v = g >= 2 ? _mm256_srli_epi32(v, 4) : _mm256_and_si256(v, m4);
-                wv[r] = _mm256_mul_ps(_mm256_set1_ps(d[r][g]),
-                                      _mm256_cvtepi32_ps(_mm256_sub_epi32(v, off)));
+                wv[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(d[r][g]),
+                                        _mm256_set1_ps(-8.0f * d[r][g]));
             }
             qf_step(R, S, wv, x, ldx, i, in, acc);
         }
