@@ -32,6 +32,7 @@ struct snapshot {
 
 struct snapshot_client {
     snapshot_client_options_t opt;
+    const volatile sig_atomic_t *stop; /* NULL, or ends a fetch when it becomes non-zero */
     net_socket_t *sock;
     weights_codec_limits_t limits; /* read by the socket's validator */
     snapshot_client_stats_t stats;
@@ -343,12 +344,16 @@ static int chunk_send(transfer_t *t, uint32_t index, qerr_t *err) {
     return request_send(t, &env, err);
 }
 
-/* Waits for the next message until at most `until` (ms, monotonic). 1 with *m, 0 on time-out,
- * -1 with err. */
+/* Waits for the next message until at most `until` (ms, monotonic), in slices short enough to
+ * notice a stop request. 1 with *m, 0 on time-out, -1 with err (also on a stop request). */
 static int recv_until(transfer_t *t, int64_t until, net_msg_t **m, qerr_t *err) {
+    if (t->c->stop && *t->c->stop)
+        return qerr_set(err, QERR_TIMEOUT, "snapshot fetch interrupted by a stop request");
     int64_t wait = until - now_ms();
     if (wait < 0)
         wait = 0;
+    if (t->c->stop && wait > SNAPSHOT_STOP_POLL_MS)
+        wait = SNAPSHOT_STOP_POLL_MS;
     return net_recv(t->c->sock, (int)wait, m, err);
 }
 
@@ -637,6 +642,10 @@ fail:
     }
     net_msg_destroy(&t.info_msg);
     return NULL;
+}
+
+void snapshot_client_set_stop(snapshot_client_t *c, const volatile sig_atomic_t *stop) {
+    c->stop = stop;
 }
 
 snapshot_t *snapshot_client_fetch(snapshot_client_t *c, uint64_t version, const snapshot_t *base,

@@ -23,6 +23,7 @@
 
 #include "net.h"
 
+#include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -92,6 +93,8 @@ typedef struct {
     net_stats_t net;          /* the socket's own counters */
 } snapshot_client_stats_t;
 
+#define SNAPSHOT_STOP_POLL_MS 200 /* longest wait between looks at the stop flag */
+
 typedef struct snapshot_client snapshot_client_t;
 
 /* Fills o with the defaults above; endpoint "tcp://127.0.0.1:5556", sender "rollout". */
@@ -102,6 +105,10 @@ snapshot_client_t *snapshot_client_new(void *zctx, const snapshot_client_options
 
 /* Closes the socket and sets *c to NULL; safe when *c is NULL. Snapshots outlive the client. */
 void snapshot_client_destroy(snapshot_client_t **c);
+
+/* A flag (may be NULL: none) that ends a fetch within SNAPSHOT_STOP_POLL_MS of turning
+ * non-zero, with QERR_TIMEOUT: a worker asked to stop does not wait out a dead server. */
+void snapshot_client_set_stop(snapshot_client_t *c, const volatile sig_atomic_t *stop);
 
 /* Fetches version (0 = the latest) within timeout_ms (> 0). base (may be NULL) is a snapshot
  * the caller holds: the server may then send a delta against it; base is borrowed. Returns a

@@ -875,6 +875,7 @@ rollout_worker_t *rollout_worker_new(void *zctx, const rollout_worker_options_t 
         return NULL;
     }
     reward_client_set_stop(w->rc, w->stop);
+    snapshot_client_set_stop(w->sc, w->stop);
     size_t ns = reward_client_n_services(w->rc);
     w->service_names = calloc(ns, sizeof *w->service_names);
     if (w->service_names == NULL) {
