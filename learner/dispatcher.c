@@ -21,6 +21,7 @@
 #define LEASE_STATE_HEADER_WORDS 21u
 #define LEASE_STATE_ENTRY_WORDS 4u
 #define LEASE_STATE_UNIT_WORDS 2u
+#define LEASE_EPOCH_MAX (UINT64_C(1) << 62) /* restored states beyond it are refused */
 /* A restored table counts lease ids on from the next multiple of 2^32. */
 #define LEASE_ID_GENERATION_BITS 32
 
@@ -170,9 +171,10 @@ static int reserve(lease_table_t *t, size_t n) {
     return 0;
 }
 
-/* Makes epoch an open epoch (it gets its first lease). */
+/* Makes epoch (>= done_epochs) an open epoch (it gets its first lease). */
 static int epoch_open(lease_table_t *t, uint64_t epoch) {
-    while (t->done_epochs + t->n_open <= epoch) {
+    Q_ASSERT(epoch >= t->done_epochs);
+    while (epoch - t->done_epochs >= t->n_open) {
         if (t->n_open == t->cap_open) {
             size_t cap = t->cap_open ? 2 * t->cap_open : 2;
             uint64_t *bits = realloc(t->bits, cap * t->words * sizeof *bits);
@@ -478,6 +480,11 @@ static int restore_body(lease_table_t *t, const uint8_t *buf, size_t n_words, qe
     t->epoch = h[7];
     t->position = h[8];
     t->done_epochs = h[9];
+    /* Epoch counters near 2^64 would wrap in the epoch arithmetic; a real run never gets there
+     * (2^62 epochs of at least one prompt each). */
+    if (t->epoch > LEASE_EPOCH_MAX)
+        return qerr_set(err, QERR_INVALID, "lease state: epoch %llu beyond %llu",
+                        (unsigned long long)t->epoch, (unsigned long long)LEASE_EPOCH_MAX);
     if (t->next_lease_id == 0 || t->position >= t->o.n_prompts || t->done_epochs > t->epoch ||
         n_open > t->epoch - t->done_epochs + 1 ||
         (t->position == 0 && n_open + t->done_epochs > t->epoch))

@@ -5,6 +5,7 @@
 #include "rng.h"
 
 #include <criterion/criterion.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -637,4 +638,27 @@ Test(dispatcher, leases_acks_and_malformed_over_a_socket) {
     jsonl_reader_destroy(&r);
     tokenizer_destroy(&tok);
     unlink(path);
+}
+
+/* Regression (libFuzzer, fuzz_lease_restore): a state whose epoch counters sit next to 2^64
+ * made the epoch arithmetic wrap and the restore grow its tables without end. */
+Test(lease_table, restore_refuses_epochs_near_overflow, .timeout = 30) {
+    const char *path = QUILLAN_SOURCE_DIR "/tests/fuzz/corpus/fuzz_lease_restore/"
+                                          "regression-epoch-overflow";
+    FILE *f = fopen(path, "rb");
+    cr_assert_not_null(f, "%s", path);
+    uint8_t buf[4096];
+    const size_t len = fread(buf, 1, sizeof buf, f);
+    fclose(f);
+    cr_assert_gt(len, 0);
+    /* the options fuzz_state.c restores with (tests/fuzz/fuzz_seed_config.h) */
+    lease_table_options_t o = {.n_prompts = 12,
+                               .shuffle = true,
+                               .seed = 1234,
+                               .fingerprint = 0x5eedf00dcafe1234ull,
+                               .max_epochs = 3};
+    qerr_t err;
+    lease_table_t *t = lease_table_restore(&o, buf, len, &err);
+    cr_assert_null(t);
+    cr_assert(strstr(err.msg, "epoch"), "%s", err.msg);
 }
