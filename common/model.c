@@ -623,13 +623,13 @@ static void dropout_stream(const model_t *m, rng_stream_t *s, int l, int branch)
     rng_stream_init(s, MODEL_RNG_TAG_NOISE, m->noise_key, (uint64_t)(2 * l + branch));
 }
 
-static int check_batch(const model_t *m, const model_batch_t *b, qerr_t *err) {
-    if (b->B < 1 || b->T < 1 || b->T > m->cfg.context)
+int model_batch_check(const model_config_t *cfg, const model_batch_t *b, qerr_t *err) {
+    if (b->B < 1 || b->T < 1 || b->T > cfg->context)
         return qerr_set(err, QERR_RANGE, "model: batch of %d x %d tokens: T must be in [1, %d]",
-                        b->B, b->T, m->cfg.context);
+                        b->B, b->T, cfg->context);
     if (!(b->temperature > 0))
         return qerr_set(err, QERR_RANGE, "model: temperature must be > 0");
-    const int V = m->cfg.vocab_size;
+    const int V = cfg->vocab_size;
     const size_t BT = (size_t)b->B * b->T;
     for (size_t i = 0; i < BT; i++) {
         if (b->tokens[i] < 0 || b->tokens[i] >= V)
@@ -706,7 +706,7 @@ static void diff_backward(model_t *m, real *dx) {
 }
 
 int model_forward(model_t *m, const model_batch_t *b, model_stats_t *stats, qerr_t *err) {
-    if (check_batch(m, b, err) || model_plan(m, b->B, b->T, err))
+    if (model_batch_check(&m->cfg, b, err) || model_plan(m, b->B, b->T, err))
         return -1;
     quantize_weights(m);
     const int B = b->B, T = b->T, C = m->cfg.dim, NH = m->cfg.num_heads, V = m->cfg.vocab_size;

@@ -160,6 +160,11 @@ typedef struct {
     long plan_mismatches; /* replayed plan positions whose own last step differed */
 } model_stats_t;
 
+/* Validates a batch against cfg: 1 <= T <= context, B >= 1, temperature > 0, tokens (and the
+ * targets of weighted positions) in [0, vocab), weights >= 0. 0, or -1 with QERR_RANGE naming
+ * the row and position. model_forward and the CUDA model check with it. */
+int model_batch_check(const model_config_t *cfg, const model_batch_t *b, qerr_t *err);
+
 /* Sizes the activation memory for batches of up to B x T tokens (T <= context). Called by
  * model_forward when a batch does not fit; call it once up front to allocate early. */
 int model_plan(model_t *m, int B, int T, qerr_t *err);

@@ -51,7 +51,7 @@ double optim_lr_at(const optim_config_t *c, long step) {
     return c->lr * 0.5 * (1 + cos(M_PI * prog));
 }
 
-optim_t *optim_new(const optim_config_t *cfg, const model_t *model, qerr_t *err) {
+int optim_config_check(const optim_config_t *cfg, qerr_t *err) {
     if (!(cfg->lr >= 0) || cfg->warmup_steps < 0 || cfg->total_steps < 1 ||
         !(cfg->beta1 >= 0 && cfg->beta1 < 1) || !(cfg->beta2 >= 0 && cfg->beta2 < 1) ||
         !(cfg->eps > 0) || !(cfg->weight_decay >= 0) || (int)cfg->schedule < 0 ||
@@ -60,8 +60,13 @@ optim_t *optim_new(const optim_config_t *cfg, const model_t *model, qerr_t *err)
                         "optimizer: invalid settings (lr %g, warmup %d, total %d, betas %g/%g, "
                         "eps %g, weight decay %g)",
                         cfg->lr, cfg->warmup_steps, cfg->total_steps, cfg->beta1, cfg->beta2,
-                        cfg->eps, cfg->weight_decay),
-               NULL;
+                        cfg->eps, cfg->weight_decay);
+    return 0;
+}
+
+optim_t *optim_new(const optim_config_t *cfg, const model_t *model, qerr_t *err) {
+    if (optim_config_check(cfg, err))
+        return NULL;
     optim_t *o = calloc(1, sizeof *o);
     if (!o)
         return qerr_set(err, QERR_NOMEM, "optimizer: out of memory"), NULL;

@@ -37,6 +37,11 @@ void optim_config_default(optim_config_t *cfg);
 /* The learning rate of update number `step` (0-based count of updates applied before it). */
 double optim_lr_at(const optim_config_t *cfg, long step);
 
+/* 0 when cfg is usable (lr >= 0, warm-up >= 0, total >= 1, betas in [0, 1), eps > 0, decay >= 0,
+ * a known schedule); else -1 with QERR_RANGE naming the settings. optim_new and the CUDA
+ * optimizer check with it. */
+int optim_config_check(const optim_config_t *cfg, qerr_t *err);
+
 typedef struct optim optim_t;
 
 /* Moments zeroed, for model m (its tensor table decides what decays and what is skipped).

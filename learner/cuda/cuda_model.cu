@@ -889,34 +889,6 @@ static void diff_backward(cuda_model_t *m, float scale) {
     prof_end(m);
 }
 
-/* model.c check_batch: sizes, temperature, ids and weights, with the position named. */
-static int check_batch(const cuda_model_t *m, const model_batch_t *b, qerr_t *err) {
-    if (b->B < 1 || b->T < 1 || b->T > m->cfg.context)
-        return qerr_set(err, QERR_RANGE,
-                        "cuda model: batch of %d x %d tokens: T must be in [1, %d]", b->B, b->T,
-                        m->cfg.context);
-    if (!(b->temperature > 0))
-        return qerr_set(err, QERR_RANGE, "cuda model: temperature must be > 0");
-    const int V = m->cfg.vocab_size;
-    const size_t BT = (size_t)b->B * b->T;
-    for (size_t i = 0; i < BT; i++) {
-        const size_t row = i / (size_t)b->T, at = i % (size_t)b->T;
-        if (b->tokens[i] < 0 || b->tokens[i] >= V)
-            return qerr_set(err, QERR_RANGE,
-                            "cuda model: token %d at row %zu position %zu is outside [0, %d)",
-                            b->tokens[i], row, at, V);
-        if (b->weights && !(b->weights[i] >= 0))
-            return qerr_set(err, QERR_RANGE,
-                            "cuda model: loss weight at row %zu position %zu is not >= 0", row, at);
-        if (b->targets && b->weights && b->weights[i] != 0 &&
-            (b->targets[i] < 0 || b->targets[i] >= V))
-            return qerr_set(err, QERR_RANGE,
-                            "cuda model: target %d at row %zu position %zu is outside [0, %d)",
-                            b->targets[i], row, at, V);
-    }
-    return 0;
-}
-
 static int upload_batch(cuda_model_t *m, const model_batch_t *b, qerr_t *err) {
     const size_t BT = (size_t)b->B * b->T;
     m->R = 0;
@@ -935,7 +907,7 @@ static int upload_batch(cuda_model_t *m, const model_batch_t *b, qerr_t *err) {
 }
 
 int cuda_model_forward(cuda_model_t *m, const model_batch_t *b, model_stats_t *stats, qerr_t *err) {
-    if (check_batch(m, b, err) || cuda_model_plan(m, b->B, b->T, err))
+    if (model_batch_check(&m->cfg, b, err) || cuda_model_plan(m, b->B, b->T, err))
         return -1;
     /* The host copies of the batch must not be rewritten while an earlier step still runs. */
     CUDA_TRY(err, cudaStreamSynchronize(m->s));

@@ -77,16 +77,8 @@ struct cuda_optim {
 extern "C" {
 
 cuda_optim_t *cuda_optim_new(const optim_config_t *cfg, const model_t *model, qerr_t *err) {
-    if (!(cfg->lr >= 0) || cfg->warmup_steps < 0 || cfg->total_steps < 1 ||
-        !(cfg->beta1 >= 0 && cfg->beta1 < 1) || !(cfg->beta2 >= 0 && cfg->beta2 < 1) ||
-        !(cfg->eps > 0) || !(cfg->weight_decay >= 0) || (int)cfg->schedule < 0 ||
-        cfg->schedule >= OPTIM_LR_COUNT)
-        return qerr_set(err, QERR_RANGE,
-                        "cuda optimizer: invalid settings (lr %g, warmup %d, total %d, betas "
-                        "%g/%g, eps %g, weight decay %g)",
-                        cfg->lr, cfg->warmup_steps, cfg->total_steps, cfg->beta1, cfg->beta2,
-                        cfg->eps, cfg->weight_decay),
-               nullptr;
+    if (optim_config_check(cfg, err))
+        return qerr_wrap(err, "cuda optimizer"), nullptr;
     cuda_optim_t *o = (cuda_optim_t *)calloc(1, sizeof *o);
     if (!o)
         return qerr_set(err, QERR_NOMEM, "cuda optimizer: out of host memory"), nullptr;
