@@ -12,7 +12,6 @@
 
 #define TR 4
 #define TS 2
-#define KERN_PF_TILES 1
 
 #define INLINE static inline __attribute__((always_inline))
 /* Complete unrolling of the register-tile loops before GCC's scalar replacement of the
@@ -203,7 +202,7 @@ static void matmul_single_scale(const itile_fn table[2][TS], qtype_t type, int o
         const uint8_t *wr = wbase + r * rb;
         for (size_t s0 = 0; s0 < n;) {
             const size_t S = block_len(n, s0, TS);
-            const uint8_t *pf = s0 == 0 ? wr + (size_t)KERN_PF_TILES * R * rb : NULL;
+            const uint8_t *pf = s0 == 0 ? wr + kern_pf_ahead((size_t)R * rb) : NULL;
             table[R == TR][S - 1](wr, rb, nb, act->q + s0 * act->stride, act->stride, pf, isum);
             for (int i = 0; i < R; i++) {
                 const float sw = kern_load_f32(wr + i * rb + cb);
@@ -312,7 +311,7 @@ static void matmul_int4(const void *w, size_t in, const kern_act_t *act, float *
         const uint8_t *wr = wbase + r * rb;
         for (size_t s0 = 0; s0 < n;) {
             const size_t S = block_len(n, s0, TS);
-            const uint8_t *pf = s0 == 0 ? wr + (size_t)KERN_PF_TILES * R * rb : NULL;
+            const uint8_t *pf = s0 == 0 ? wr + kern_pf_ahead((size_t)R * rb) : NULL;
             int4_tile_table[R == TR][S - 1](wr, rb, nb, act->q + s0 * act->stride, act->stride, pf,
                                             part);
             for (int i = 0; i < R; i++)
@@ -401,7 +400,7 @@ static void matmul_float(const fltile_fn table[2][TS], qtype_t type, const void 
         const uint8_t *wr = wbase + r * rb;
         for (size_t s0 = 0; s0 < n;) {
             const size_t S = block_len(n, s0, TS);
-            const uint8_t *pf = s0 == 0 ? wr + (size_t)KERN_PF_TILES * R * rb : NULL;
+            const uint8_t *pf = s0 == 0 ? wr + kern_pf_ahead((size_t)R * rb) : NULL;
             table[R == TR][S - 1](wr, rb, in, x + s0 * ldx, ldx, pf, part);
             for (int i = 0; i < R; i++)
                 for (size_t s = 0; s < S; s++)

@@ -5,8 +5,8 @@
  * zmm accumulators, so each unpacked weight register serves S tokens and each activation
  * register TR rows. Tiles walk the rows of [r0, r1) in order; the activation blocks of a
  * whole batch (<= 32 x in bytes) stay in L1/L2 while the weights stream from memory once.
- * While a tile computes on its first token block, it prefetches the rows of the tile
- * KERN_PF_TILES ahead, at the rate it consumes its own (software prefetch 4-8 KiB ahead). */
+ * While a tile computes, it prefetches the rows of the tile at least KERN_PF_BYTES ahead
+ * (kernels_impl.h), at the rate it consumes its own. */
 #include "kernels_impl.h"
 
 #include <immintrin.h>
@@ -16,9 +16,6 @@
 #define TS_INT4 4 /* tokens per tile (int4: two scale registers per row) */
 #ifndef KERN_PF_HINT
 #define KERN_PF_HINT _MM_HINT_T0
-#endif
-#ifndef KERN_PF_TILES
-#define KERN_PF_TILES 1 /* prefetch distance in tiles */
 #endif
 
 #define INLINE static inline __attribute__((always_inline))
@@ -93,22 +90,15 @@ static void quantize_act(kern_act_t *act, const float *x, size_t ldx, size_t n) 
     act->n = n;
 }
 
-/* Software prefetch of the next tile's R rows (R * rb bytes from wr + R * rb, KERN_PF_TILES
- * tiles ahead), spread over the token blocks of the current tile: block k of nblk fetches
- * slice k, `len` bytes per step of the tile (a step consumes `unit` bytes of each of its R
- * rows: 64, or a 72-byte INT4 block with its scales), so the memory streams through every
- * block instead of idling after the first. */
+/* Software prefetch of the tile at least KERN_PF_BYTES ahead (R * rb bytes each, whole tiles),
+ * spread over the token blocks of the current tile: block k of nblk fetches slice k, `len`
+ * bytes per step of the tile (a step consumes `unit` bytes of each of its R rows: 64, or a
+ * 72-byte INT4 block with its scales), so the memory streams through every block instead of
+ * idling after the first. */
 typedef struct {
     const uint8_t *p;
     size_t len;
 } pf_t;
-
-INLINE pf_t pf_slice(const uint8_t *wr, int R, size_t rb, size_t unit, size_t k, size_t nblk) {
-    const size_t tile = (size_t)R * rb;
-    pf_t pf = {wr + (size_t)KERN_PF_TILES * tile + k * tile / nblk,
-               ((size_t)R * unit + nblk - 1) / nblk};
-    return pf;
-}
 
 INLINE void prefetch_step(const pf_t *pf, size_t step) {
     const char *p = (const char *)pf->p + step * pf->len;
@@ -195,11 +185,90 @@ INLINE void store_sums_epi32(const int R, const int S, const __m512i *acc, int a
     }
 }
 
-/* Balanced token blocks: n tokens in ceil(n / smax) blocks whose sizes differ by <= 1. */
-INLINE size_t block_len(size_t n, size_t s0, size_t smax) {
-    const size_t nblk = (n + smax - 1) / smax, base = n / nblk, extra = n % nblk;
-    const size_t k = s0 < extra * (base + 1) ? s0 / (base + 1) : extra;
-    return k < extra ? base + 1 : base;
+/* A product's tiling, computed once so that no division runs per tile: balanced token blocks
+ * (n >= 1 tokens in ceil(n / smax) blocks whose sizes differ by <= 1, the first `extra` ones
+ * longer) and the prefetch slices of a full (TR-row) and a one-row tile. */
+typedef struct {
+    size_t nblk, base, extra;
+    size_t ahead[2], stride[2], len[2]; /* [R == TR] */
+} tiling_t;
+
+INLINE tiling_t tiling_of(size_t n, size_t smax, size_t rb, size_t unit) {
+    tiling_t t;
+    t.nblk = (n + smax - 1) / smax;
+    t.base = n / t.nblk;
+    t.extra = n % t.nblk;
+    for (int i = 0; i < 2; i++) {
+        const size_t R = i ? TR : 1, tile = R * rb;
+        t.ahead[i] = kern_pf_ahead(tile);
+        t.stride[i] = tile / t.nblk;
+        t.len[i] = (R * unit + t.nblk - 1) / t.nblk;
+    }
+    return t;
+}
+
+INLINE size_t tiling_len(const tiling_t *t, size_t k) {
+    return t->base + (k < t->extra);
+}
+
+/* Prefetch slice of token block k for the tile at wr. */
+INLINE pf_t tiling_pf(const tiling_t *t, const uint8_t *wr, int full, size_t k) {
+    const pf_t pf = {wr + t->ahead[full] + k * t->stride[full], t->len[full]};
+    return pf;
+}
+
+/* Where a single-scale tile's results go: y[s * ldy + i] = ((float)(isum - offset * xsum[s]) *
+ * s_w[i]) * xscale[s] for its rows i (row scale s_w[i] at sw + i * rb) and tokens s. */
+typedef struct {
+    float *y;
+    size_t ldy;
+    const uint8_t *sw;
+    size_t rb;
+    int offset;
+    const int32_t *xsum;
+    const float *xscale;
+} qout_t;
+
+/* Stores the R x S sums of acc[r * astride + s]. A full tile reduces 4 tokens x 4 rows per
+ * transpose, lane 4 s + r, so each token's 4 rows are one 128-bit store after vector scaling
+ * (per tile of 1024-weight rows the scalar version cost about half as much as the products). */
+INLINE void single_scale_store(const int R, const int S, const __m512i *acc, int astride,
+                               const qout_t *o) {
+    if (R != TR) {
+        int32_t isum[TR * TS];
+        store_sums_epi32(R, S, acc, astride, isum);
+        for (int i = 0; i < R; i++) {
+            const float sw = kern_load_f32(o->sw + i * o->rb);
+            for (int s = 0; s < S; s++) {
+                const int32_t v = isum[i * TS + s] - o->offset * o->xsum[s];
+                o->y[s * o->ldy + i] = (float)v * sw * o->xscale[s];
+            }
+        }
+        return;
+    }
+    const __m512 sw = _mm512_broadcast_f32x4(
+        _mm_setr_ps(kern_load_f32(o->sw), kern_load_f32(o->sw + o->rb),
+                    kern_load_f32(o->sw + 2 * o->rb), kern_load_f32(o->sw + 3 * o->rb)));
+    const __m512i per_token = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    UNROLL for (int s0 = 0; s0 < S; s0 += 4) {
+        const int ns = S - s0 < 4 ? S - s0 : 4;
+        __m512i v[16];
+        UNROLL for (int j = 0; j < 16; j++) v[j] =
+            j % 4 < ns ? acc[(j / 4) * astride + s0 + j % 4] : _mm512_setzero_si512();
+        const __mmask8 m = (__mmask8)((1u << ns) - 1);
+        const __m512i xs = _mm512_permutexvar_epi32(
+            per_token, _mm512_castsi128_si512(_mm_maskz_loadu_epi32(m, o->xsum + s0)));
+        const __m512 xsc = _mm512_permutexvar_ps(
+            per_token, _mm512_castps128_ps512(_mm_maskz_loadu_ps(m, o->xscale + s0)));
+        const __m512i d =
+            _mm512_sub_epi32(sum16_epi32(v), _mm512_mullo_epi32(xs, _mm512_set1_epi32(o->offset)));
+        const __m512 yv = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), sw), xsc);
+        UNROLL for (int s = 0; s < ns; s++)
+            _mm_storeu_ps(o->y + (size_t)(s0 + s) * o->ldy,
+                          _mm512_castps512_ps128(_mm512_permutexvar_ps(
+                              _mm512_add_epi32(lanes, _mm512_set1_epi32(4 * s)), yv)));
+    }
 }
 
 /* ---- ternary x int8 ---- */
@@ -220,7 +289,7 @@ INLINE size_t block_len(size_t n, size_t s0, size_t smax) {
  * products (at most 2 << 6 = 128, still a u8), so each k gets its own accumulator and is
  * divided back exactly at the end. One fused load+and and one vpdpbusd per 64 weights. */
 INLINE void tern_tile_s1(const int R, const uint8_t *w, size_t rb, size_t nb, const int8_t *x,
-                         const pf_t *pf, int32_t *out) {
+                         const pf_t *pf, const qout_t *o) {
     __m512i acc[TR][4];
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int k = 0; k < 4; k++) acc[r][k] =
         _mm512_setzero_si512();
@@ -237,17 +306,20 @@ INLINE void tern_tile_s1(const int R, const uint8_t *w, size_t rb, size_t nb, co
                 xv);
         }
     }
-    UNROLL for (int r = 0; r < R; r++) {
-        int32_t v = 0;
-        UNROLL for (int k = 0; k < 4; k++) v += _mm512_reduce_add_epi32(acc[r][k]) / (1 << (2 * k));
-        out[r * TS] = v;
-    }
+    /* Every lane of acc[r][k] is 4^k times an integer: shift it back exactly, then one sum per
+     * row (rows of 256-1024 weights run only 1-4 blocks, so the tile's end costs as much as
+     * its loop). */
+    __m512i tot[TR];
+    UNROLL for (int r = 0; r < R; r++) tot[r] = _mm512_add_epi32(
+        _mm512_add_epi32(acc[r][0], _mm512_srai_epi32(acc[r][1], 2)),
+        _mm512_add_epi32(_mm512_srai_epi32(acc[r][2], 4), _mm512_srai_epi32(acc[r][3], 6)));
+    single_scale_store(R, 1, tot, 1, o);
 }
 
 INLINE void tern_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t nb,
-                      const int8_t *x, size_t xs, const pf_t *pf, int32_t *out) {
+                      const int8_t *x, size_t xs, const pf_t *pf, const qout_t *o) {
     if (S == 1) {
-        tern_tile_s1(R, w, rb, nb, x, pf, out);
+        tern_tile_s1(R, w, rb, nb, x, pf, o);
         return;
     }
     __m512i acc[TR][TS];
@@ -265,7 +337,7 @@ INLINE void tern_tile(const int R, const int S, const uint8_t *w, size_t rb, siz
         TERN_STEP(2);
         TERN_STEP(3);
     }
-    store_sums_epi32(R, S, (const __m512i *)acc, TS, out);
+    single_scale_store(R, S, (const __m512i *)acc, TS, o);
 }
 
 #define INT8_TILE_BODY                                                                             \
@@ -281,22 +353,22 @@ INLINE void tern_tile(const int R, const int S, const uint8_t *w, size_t rb, siz
     }
 
 INLINE void int8_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t nb,
-                      const int8_t *x, size_t xs, const pf_t *pf, int32_t *out) {
+                      const int8_t *x, size_t xs, const pf_t *pf, const qout_t *o) {
     __m512i acc[TR][TS];
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) acc[r][s] =
         _mm512_setzero_si512();
     INT8_TILE_BODY
-    store_sums_epi32(R, S, (const __m512i *)acc, TS, out);
+    single_scale_store(R, S, (const __m512i *)acc, TS, o);
 }
 
 typedef void (*itile_fn)(const uint8_t *, size_t, size_t, const int8_t *, size_t, const pf_t *,
-                         int32_t *);
+                         const qout_t *);
 
 /* Instances with constant R and S, so the accumulators live in registers. */
 #define DEF_TILE(name, R, S)                                                                       \
     static void name##_##R##_##S(const uint8_t *w, size_t rb, size_t nb, const int8_t *x,          \
-                                 size_t xs, const pf_t *pf, int32_t *out) {                        \
-        name(R, S, w, rb, nb, x, xs, pf, out);                                                     \
+                                 size_t xs, const pf_t *pf, const qout_t *o) {                     \
+        name(R, S, w, rb, nb, x, xs, pf, o);                                                       \
     }
 #define DEF_TILES(name)                                                                            \
     DEF_TILE(name, 4, 1)                                                                           \
@@ -327,22 +399,19 @@ static void matmul_single_scale(const itile_fn table[2][TS], qtype_t type, int o
     const qtype_traits_t *t = qtype_traits(type);
     const size_t rb = qtype_row_bytes(type, in), nb = (in + t->block - 1) / t->block;
     const size_t cb = nb * t->block_bytes, n = act->n;
+    if (n == 0)
+        return;
+    const tiling_t tl = tiling_of(n, TS, rb, 64);
     const uint8_t *wbase = w;
-    int32_t isum[TR * TS];
     for (size_t r = r0; r < r1;) {
         const int R = r1 - r >= TR ? TR : 1;
         const uint8_t *wr = wbase + r * rb;
         for (size_t s0 = 0, k = 0; s0 < n; k++) {
-            const size_t S = block_len(n, s0, TS);
-            const pf_t pf = pf_slice(wr, R, rb, 64, k, (n + TS - 1) / TS);
-            table[R == TR][S - 1](wr, rb, nb, act->q + s0 * act->stride, act->stride, &pf, isum);
-            for (int i = 0; i < R; i++) {
-                const float sw = kern_load_f32(wr + i * rb + cb);
-                for (size_t s = 0; s < S; s++) {
-                    const int32_t v = isum[i * TS + s] - offset * act->sum[s0 + s];
-                    y[(s0 + s) * ldy + r + i] = (float)v * sw * act->scale[s0 + s];
-                }
-            }
+            const size_t S = tiling_len(&tl, k);
+            const pf_t pf = tiling_pf(&tl, wr, R == TR, k);
+            const qout_t o = {y + s0 * ldy + r, ldy,           wr + cb,        rb,
+                              offset,           act->sum + s0, act->scale + s0};
+            table[R == TR][S - 1](wr, rb, nb, act->q + s0 * act->stride, act->stride, &pf, &o);
             s0 += S;
         }
         r += (size_t)R;
@@ -440,14 +509,17 @@ static void matmul_int4(const void *w, size_t in, const kern_act_t *act, float *
     const size_t rb = qtype_row_bytes(QTYPE_INT4, in);
     const size_t nb = (in + QTYPE_INT4_BLOCK - 1) / QTYPE_INT4_BLOCK, ng = 4 * nb;
     const size_t gstride = act->stride / QTYPE_INT4_GROUP, n = act->n;
+    if (n == 0)
+        return;
+    const tiling_t tl = tiling_of(n, TS_INT4, rb, 72);
     const uint8_t *wbase = w;
     float part[TR * TS_INT4];
     for (size_t r = r0; r < r1;) {
         const int R = r1 - r >= TR ? TR : 1;
         const uint8_t *wr = wbase + r * rb;
         for (size_t s0 = 0, k = 0; s0 < n; k++) {
-            const size_t S = block_len(n, s0, TS_INT4);
-            const pf_t pf = pf_slice(wr, R, rb, 72, k, (n + TS_INT4 - 1) / TS_INT4);
+            const size_t S = tiling_len(&tl, k);
+            const pf_t pf = tiling_pf(&tl, wr, R == TR, k);
             int4_tile_table[R == TR][S - 1](wr, rb, nb, act->q + s0 * act->stride, act->stride, &pf,
                                             part);
             for (int i = 0; i < R; i++)
@@ -461,6 +533,30 @@ static void matmul_int4(const void *w, size_t in, const kern_act_t *act, float *
             s0 += S;
         }
         r += (size_t)R;
+    }
+}
+
+/* y[s * ldy + r] = sum of the lanes of acc[r * TS + s]; a full tile as single_scale_store. */
+INLINE void float_store(const int R, const int S, const __m512 *acc, float *y, size_t ldy) {
+    if (R != TR) {
+        float part[TR * TS];
+        store_sums_ps(R, S, acc, TS, part, TS);
+        for (int i = 0; i < R; i++)
+            for (int s = 0; s < S; s++)
+                y[s * ldy + i] = part[i * TS + s];
+        return;
+    }
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    UNROLL for (int s0 = 0; s0 < S; s0 += 4) {
+        const int ns = S - s0 < 4 ? S - s0 : 4;
+        __m512 v[16];
+        UNROLL for (int j = 0; j < 16; j++) v[j] =
+            j % 4 < ns ? acc[(j / 4) * TS + s0 + j % 4] : _mm512_setzero_ps();
+        const __m512 sums = sum16_ps(v);
+        UNROLL for (int s = 0; s < ns; s++)
+            _mm_storeu_ps(y + (size_t)(s0 + s) * ldy,
+                          _mm512_castps512_ps128(_mm512_permutexvar_ps(
+                              _mm512_add_epi32(lanes, _mm512_set1_epi32(4 * s)), sums)));
     }
 }
 
@@ -496,7 +592,8 @@ INLINE void fma_step(const int R, const int S, const __m512 *wv, __mmask16 m, co
 }
 
 INLINE void float_tile(const qtype_t T, const int R, const int S, const uint8_t *w, size_t rb,
-                       size_t in, const float *x, size_t ldx, const pf_t *pf, float *out) {
+                       size_t in, const float *x, size_t ldx, const pf_t *pf, float *y,
+                       size_t ldy) {
     __m512 acc[TR][TS];
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) acc[r][s] =
         _mm512_setzero_ps();
@@ -514,13 +611,13 @@ INLINE void float_tile(const qtype_t T, const int R, const int S, const uint8_t 
             load_w(T, w + r * rb, i, m, _mm512_set1_ps(swf[r]));
         fma_step(R, S, wv, m, x, ldx, i, acc);
     }
-    store_sums_ps(R, S, (const __m512 *)acc, TS, out, TS);
+    float_store(R, S, (const __m512 *)acc, y, ldy);
 }
 
 /* Group g of a 128-weight block: low nibbles (g < 2) or high nibbles of bytes 32 (g % 2) ..
  * 32 (g % 2) + 31; two steps of 16 weights. */
 INLINE void int4f_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t in,
-                       const float *x, size_t ldx, const pf_t *pf, float *out) {
+                       const float *x, size_t ldx, const pf_t *pf, float *y, size_t ldy) {
     __m512 acc[TR][TS];
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) acc[r][s] =
         _mm512_setzero_ps();
@@ -556,15 +653,15 @@ INLINE void int4f_tile(const int R, const int S, const uint8_t *w, size_t rb, si
             }
         }
     }
-    store_sums_ps(R, S, (const __m512 *)acc, TS, out, TS);
+    float_store(R, S, (const __m512 *)acc, y, ldy);
 }
 
 typedef void (*fltile_fn)(const uint8_t *, size_t, size_t, const float *, size_t, const pf_t *,
-                          float *);
+                          float *, size_t);
 #define DEF_FLTILE(T, R, S)                                                                        \
     static void float_tile_##T##_##R##_##S(const uint8_t *w, size_t rb, size_t in, const float *x, \
-                                           size_t ldx, const pf_t *pf, float *out) {               \
-        float_tile(QTYPE_##T, R, S, w, rb, in, x, ldx, pf, out);                                   \
+                                           size_t ldx, const pf_t *pf, float *y, size_t ldy) {     \
+        float_tile(QTYPE_##T, R, S, w, rb, in, x, ldx, pf, y, ldy);                                \
     }
 #define DEF_FLTILES(T)                                                                             \
     DEF_FLTILE(T, 4, 1)                                                                            \
@@ -590,8 +687,8 @@ DEF_FLTILES(INT8)
 
 #define DEF_I4FTILE(R, S)                                                                          \
     static void int4f_tile_##R##_##S(const uint8_t *w, size_t rb, size_t in, const float *x,       \
-                                     size_t ldx, const pf_t *pf, float *out) {                     \
-        int4f_tile(R, S, w, rb, in, x, ldx, pf, out);                                              \
+                                     size_t ldx, const pf_t *pf, float *y, size_t ldy) {           \
+        int4f_tile(R, S, w, rb, in, x, ldx, pf, y, ldy);                                           \
     }
 DEF_I4FTILE(4, 1)
 DEF_I4FTILE(4, 2)
@@ -610,19 +707,17 @@ static void matmul_float(const fltile_fn table[2][TS], size_t smax, qtype_t type
                          size_t in, const float *x, size_t ldx, size_t n, float *y, size_t ldy,
                          size_t r0, size_t r1) {
     const size_t rb = qtype_row_bytes(type, in);
+    if (n == 0)
+        return;
+    const tiling_t tl = tiling_of(n, smax, rb, type == QTYPE_INT4 ? 72 : 64);
     const uint8_t *wbase = w;
-    float part[TR * TS];
     for (size_t r = r0; r < r1;) {
         const int R = r1 - r >= TR ? TR : 1;
         const uint8_t *wr = wbase + r * rb;
         for (size_t s0 = 0, k = 0; s0 < n; k++) {
-            const size_t S = block_len(n, s0, smax);
-            const pf_t pf =
-                pf_slice(wr, R, rb, type == QTYPE_INT4 ? 72 : 64, k, (n + smax - 1) / smax);
-            table[R == TR][S - 1](wr, rb, in, x + s0 * ldx, ldx, &pf, part);
-            for (int i = 0; i < R; i++)
-                for (size_t s = 0; s < S; s++)
-                    y[(s0 + s) * ldy + r + i] = part[i * TS + s];
+            const size_t S = tiling_len(&tl, k);
+            const pf_t pf = tiling_pf(&tl, wr, R == TR, k);
+            table[R == TR][S - 1](wr, rb, in, x + s0 * ldx, ldx, &pf, y + s0 * ldy + r, ldy);
             s0 += S;
         }
         r += (size_t)R;

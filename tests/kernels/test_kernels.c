@@ -19,7 +19,8 @@
 #define KERN_TEST_REL_TOL 1e-5
 #define GUARD 7 /* extra output rows and columns checked to stay untouched */
 
-static const size_t WIDTHS[] = {1, 7, 31, 32, 33, 64, 100, 128, 255, 256, 257, 511, 700, 1024};
+static const size_t WIDTHS[] = {1,   7,   31,  32,  33,  64,   100,  128,
+                                255, 256, 257, 511, 700, 1024, 1500, 4100};
 static const size_t OUTS[] = {1, 3, 4, 5, 9, 13};
 static const size_t BATCH[] = {1, 2, 5, 6, 7, 13, 33};
 
