@@ -109,7 +109,9 @@ typedef struct {
 } probe_job_t;
 
 /* Reads the thread's share with the widest loads available (a scalar loop tops out below the
- * memory system's rate), 4 cache lines per iteration into independent accumulators. */
+ * memory system's rate), 4 cache lines per iteration into independent accumulators, and the
+ * same software prefetch distance as the kernels (KERN_PF_BYTES): without it the kernels read
+ * faster than the probe (1.1-1.2 of it), so the probe was not the memory's limit. */
 #if defined(__x86_64__)
 __attribute__((target("avx2"))) static void probe_read(void *ctx, int tid, int nt) {
     probe_job_t *j = ctx;
@@ -119,6 +121,8 @@ __attribute__((target("avx2"))) static void probe_read(void *ctx, int tid, int n
     for (int k = 0; k < 8; k++)
         a[k] = _mm256_setzero_si256();
     for (size_t i = w0; i + 32 <= w1; i += 32) {
+        for (int k = 0; k < 4; k++)
+            _mm_prefetch((const char *)(j->buf + i + 8 * k) + KERN_PF_BYTES, _MM_HINT_T0);
 #pragma GCC unroll 8
         for (int k = 0; k < 8; k++)
             a[k] = _mm256_add_epi64(a[k], _mm256_load_si256((const __m256i *)(j->buf + i + 4 * k)));
@@ -234,15 +238,21 @@ __attribute__((target("avx2"))) static void peak_maddubs256(void *ctx, int tid, 
 #endif
 
 /* Multiply-accumulates per second of a probe running on every thread: int8 MACs for VNNI
- * (64 per instruction), fp32 FMAs for FMA (16 per instruction). */
+ * (64 per instruction), fp32 FMAs for FMA (16 per instruction). The best of 7 runs: one run
+ * read anywhere from 0.75 to 1 of the idle figure while another program shared the machine. */
 static double probe_peak(kern_pool_t *pool, kern_pool_fn fn, double macs_per_instr) {
-    int64_t sink[KERN_POOL_MAX];
-    timed_t tj = {.fn = fn, .ctx = sink};
-    kern_pool_run(pool, timed_run, &tj);
-    double rate = 0.0;
-    for (int i = 0; i < kern_pool_size(pool); i++)
-        rate += PEAK_ITERS * 12 * macs_per_instr / tj.cpu[i];
-    return rate;
+    double best = 0.0;
+    for (int run = 0; run < 7; run++) {
+        int64_t sink[KERN_POOL_MAX];
+        timed_t tj = {.fn = fn, .ctx = sink};
+        kern_pool_run(pool, timed_run, &tj);
+        double rate = 0.0;
+        for (int i = 0; i < kern_pool_size(pool); i++)
+            rate += PEAK_ITERS * 12 * macs_per_instr / tj.cpu[i];
+        if (rate > best)
+            best = rate;
+    }
+    return best;
 }
 
 /* ---- products ---- */

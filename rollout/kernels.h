@@ -39,6 +39,12 @@
 /* Activation rows are padded with zero codes to a multiple of this (a multiple of every
  * block in qtypes.h), so kernels read whole blocks without tail handling. */
 #define KERN_ACT_PAD 256
+/* Least software-prefetch distance of the tiled products in bytes: one 4-row tile of 4096
+ * INT8 weights. A tile of ternary rows (4 KiB at 4096 weights) fetched one tile ahead arrived
+ * too late for DRAM at batch 1 (0.6 of the streaming bandwidth; 0.8-1.0 at this distance). */
+#ifndef KERN_PF_BYTES
+#define KERN_PF_BYTES 12288
+#endif
 /* Largest input width: keeps every int32 code sum exact (255 * 127 * 32768 < 2^31). */
 #define KERN_MAX_IN 32768
 

@@ -32,13 +32,6 @@ static inline size_t kern_codes_bytes(qtype_t type, size_t in) {
     return (in + t->block - 1) / t->block * t->block_bytes;
 }
 
-/* Least software-prefetch distance of the tiled products: one 4-row tile of 4096 INT8
- * weights. A tile of ternary rows (4 KiB at 4096 weights) fetched one tile ahead arrived too
- * late for DRAM at batch 1 (0.6 of the streaming bandwidth; 0.8-1.0 at this distance). */
-#ifndef KERN_PF_BYTES
-#define KERN_PF_BYTES 12288
-#endif
-
 /* Bytes from a tile of `tile` bytes to the whole tile at least KERN_PF_BYTES ahead. */
 static inline size_t kern_pf_ahead(size_t tile) {
     return tile >= KERN_PF_BYTES ? tile : (KERN_PF_BYTES + tile - 1) / tile * tile;
