@@ -39,7 +39,9 @@ void embedding_backward(real *dwte, const real *dout, const int32_t *tokens, int
 /* ---- RMSNorm ---- */
 
 /* out[BT, C] = weight[C] * inp / sqrt(mean(inp^2) + RMSNORM_EPS); rstd[BT] keeps
- * 1 / sqrt(mean + eps) for the backward. */
+ * 1 / sqrt(mean + eps) for the backward. The sum of squares runs in 16 lanes (element c in
+ * lane c % 16) added by a fixed pairwise tree: the bits of a row depend on that row alone,
+ * whatever BT or the thread count, so the engine's BitLinear inputs match the learner's. */
 void rmsnorm_forward(real *out, real *rstd, const real *inp, const real *weight, int BT, int C);
 /* dinp[BT, C] += ..., dweight[C] += ... (both ACCUMULATED; dinp may be NULL). */
 void rmsnorm_backward(real *dinp, real *dweight, const real *dout, const real *inp,

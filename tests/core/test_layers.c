@@ -286,6 +286,49 @@ Test(layers, embedding_and_rmsnorm_values) {
     cr_assert_float_eq(y[1], 8 * r, 1e-6);
 }
 
+/* Each row's RMSNorm, in the documented order (16 lanes, then a pairwise tree), for every
+ * width around the lane count and a long row: the same bits alone, inside a batch, and in a
+ * batch above the size that runs on OpenMP threads; close to a double computation. */
+Test(layers, rmsnorm_rows_fixed_order) {
+    const int widths[] = {1, 2, 15, 16, 17, 31, 33, 1000, 3968};
+    for (size_t wi = 0; wi < sizeof widths / sizeof *widths; wi++) {
+        const int C = widths[wi], BT = (1 << 20) / C + 3;
+        const size_t n = (size_t)BT * C;
+        float *x = malloc(n * sizeof *x), *y = malloc(n * sizeof *y), *w = malloc((size_t)C * 4);
+        float *rs = malloc((size_t)BT * sizeof *rs), *y1 = malloc((size_t)C * sizeof *y1);
+        cr_assert(x && y && w && rs && y1);
+        fill(x, n, 11 + (uint64_t)C, 3.0f);
+        fill(w, (size_t)C, 12, 1.0f);
+        rmsnorm_forward(y, rs, x, w, BT, C);
+        for (int t = 0; t < BT; t += BT / 7 + 1) {
+            const float *xt = x + (size_t)t * C;
+            float acc[16] = {0}, r1;
+            for (int c = 0; c < C; c++)
+                acc[c % 16] += xt[c] * xt[c];
+            for (int h = 8; h >= 1; h /= 2)
+                for (int j = 0; j < h; j++)
+                    acc[j] += acc[j + h];
+            const float r = 1 / sqrtf(acc[0] / (float)C + (float)RMSNORM_EPS);
+            double ss = 0;
+            for (int c = 0; c < C; c++)
+                ss += (double)xt[c] * xt[c];
+            cr_assert(fabs(r - 1 / sqrt(ss / C + RMSNORM_EPS)) <= 1e-5 * r, "C %d row %d", C, t);
+            cr_assert(memcmp(&rs[t], &r, sizeof r) == 0, "C %d row %d: rstd order", C, t);
+            rmsnorm_forward(y1, &r1, xt, w, 1, C);
+            cr_assert(memcmp(&r1, &r, sizeof r) == 0 &&
+                          memcmp(y1, y + (size_t)t * C, (size_t)C * sizeof *y1) == 0,
+                      "C %d row %d: alone vs batch", C, t);
+            for (int c = 0; c < C; c++)
+                cr_assert(y1[c] == w[c] * (xt[c] * r), "C %d row %d col %d", C, t, c);
+        }
+        free(x);
+        free(y);
+        free(w);
+        free(rs);
+        free(y1);
+    }
+}
+
 Test(layers, pointwise_values) {
     const float x[4] = {-2, 0, 0.5f, 3};
     float s[4], r[4];
