@@ -140,36 +140,76 @@ static real plan_conf(real logit) {
     return R_FABS(2 * sigm(logit) - 1);
 }
 
-/* Codes up to this length keep their confidences on the stack instead of recomputing them in
- * every minimum scan of diffusion_plan_step. */
-#define PLAN_CONF_STACK 1024
+/* Codes up to this length sort their candidate flips on the stack; longer ones fall back to
+ * repeated minimum scans, which need no scratch. */
+#define PLAN_SORT_MAX 1024
+
+/* A predicted flip: its confidence and bit index. */
+typedef struct {
+    real c;
+    int b;
+} plan_cand_t;
+
+/* Stable bottom-up merge sort of a[n] by increasing confidence, tmp[n] scratch; returns the
+ * array (a or tmp) holding the result. a is in increasing bit order, so equal confidences stay
+ * in increasing bit order: the order the minimum scans of diffusion_plan_step pick them in. */
+static plan_cand_t *cand_sort(plan_cand_t *a, plan_cand_t *tmp, int n) {
+    plan_cand_t *src = a, *dst = tmp;
+    for (int w = 1; w < n; w *= 2) {
+        for (int lo = 0; lo < n; lo += 2 * w) {
+            const int mid = lo + w < n ? lo + w : n, hi = lo + 2 * w < n ? lo + 2 * w : n;
+            int i = lo, j = mid, o = lo;
+            while (i < mid && j < hi)
+                dst[o++] = src[j].c < src[i].c ? src[j++] : src[i++];
+            while (i < mid)
+                dst[o++] = src[i++];
+            while (j < hi)
+                dst[o++] = src[j++];
+        }
+        plan_cand_t *t = src;
+        src = dst;
+        dst = t;
+    }
+    return src;
+}
 
 int diffusion_plan_step(uint64_t *z_prev, const uint64_t *z, const real *logits, int k, int K,
                         int Lb) {
     Q_ASSERT(Lb >= 1 && Lb <= DIFFUSION_MAX_BITS && z_prev != z);
     const int Lw = diffusion_words(Lb);
     uint64_t e[DIFFUSION_MAX_BITS / 64];
-    real conf[PLAN_CONF_STACK];
-    const int keep = Lb <= PLAN_CONF_STACK;
+    plan_cand_t cand[PLAN_SORT_MAX], tmp[PLAN_SORT_MAX];
+    const int sort = Lb <= PLAN_SORT_MAX;
+    int nc = 0;
     memset(e, 0, (size_t)Lw * sizeof *e);
     for (int b = 0; b < Lb; b++) {
         const real pi = sigm(logits[b]);
-        if (keep)
-            conf[b] = R_FABS(2 * pi - 1);
-        if (pi > (real)0.5)
+        if (pi > (real)0.5) {
             diffusion_bit_set(e, b, 1);
+            if (sort)
+                cand[nc++] = (plan_cand_t){R_FABS(2 * pi - 1), b};
+        }
     }
     diffusion_bits_xor(z_prev, z, e, Lw);
     const int n = diffusion_plan_nflip(k, K, diffusion_bits_popcount(e, Lw));
-    /* Re-noise the n least confident flips: repeated minimum scans over the remaining set bits
-     * of e, strict < so the lowest index wins among equal confidences. */
+    /* Re-noise the n least confident flips, equal confidences by lowest index. The candidates
+     * have pi > 1/2, so no confidence is NaN and (confidence, index) orders them totally. */
+    if (sort) {
+        Q_ASSERT(n <= nc);
+        const plan_cand_t *by_conf = cand_sort(cand, tmp, nc);
+        for (int i = 0; i < n; i++)
+            z_prev[by_conf[i].b / 64] ^= 1ULL << (by_conf[i].b % 64);
+        return n;
+    }
+    /* Repeated minimum scans over the remaining set bits of e, strict < so the lowest index
+     * wins among equal confidences. */
     for (int i = 0; i < n; i++) {
         int best = -1;
         real best_c = 0;
         for (int b = 0; b < Lb; b++) {
             if (!diffusion_bit_get(e, b))
                 continue;
-            const real c = keep ? conf[b] : plan_conf(logits[b]);
+            const real c = plan_conf(logits[b]);
             if (best < 0 || c < best_c) {
                 best = b;
                 best_c = c;

@@ -109,6 +109,72 @@ Test(diffusion, plan_step_by_hand) {
     cr_assert_eq(zp[0], (1ULL << 0) | (1ULL << 1) | (1ULL << 5) | (1ULL << 7));
 }
 
+/* diffusion_plan_step as its contract states it: n minimum scans by confidence |2 pi - 1| over
+ * the remaining predicted flips, strict < so the lowest bit index wins among equal ones. */
+static int plan_step_scan(uint64_t *zp, const uint64_t *z, const real *l, int k, int K, int Lb) {
+    const int Lw = diffusion_words(Lb);
+    uint64_t *e = calloc((size_t)Lw, sizeof *e);
+    cr_assert_not_null(e);
+    for (int b = 0; b < Lb; b++)
+        if (1 / (1 + expf(-l[b])) > 0.5f)
+            diffusion_bit_set(e, b, 1);
+    diffusion_bits_xor(zp, z, e, Lw);
+    const int n = diffusion_plan_nflip(k, K, diffusion_bits_popcount(e, Lw));
+    for (int i = 0; i < n; i++) {
+        int best = -1;
+        float best_c = 0;
+        for (int b = 0; b < Lb; b++) {
+            const float c = fabsf(2 * (1 / (1 + expf(-l[b]))) - 1);
+            if (diffusion_bit_get(e, b) && (best < 0 || c < best_c)) {
+                best = b;
+                best_c = c;
+            }
+        }
+        cr_assert(best >= 0);
+        diffusion_bit_set(e, best, 0);
+        diffusion_bit_set(zp, best, !diffusion_bit_get(zp, best));
+    }
+    free(e);
+    return n;
+}
+
+/* The sampler step against the scans on random logits, with many equal confidences (logits
+ * from a few levels, both signs, and huge ones whose pi rounds to 1), for code lengths on both
+ * sides of the word size and of the stack sort's limit, at every k. */
+Test(diffusion, plan_step_matches_minimum_scans) {
+    const int lens[] = {1, 2, 63, 64, 65, 256, 1024, 1025, 2100};
+    const int K = 10;
+    rng_stream_t r;
+    rng_stream_init(&r, 33, 7, 0);
+    for (size_t li = 0; li < sizeof lens / sizeof *lens; li++) {
+        const int Lb = lens[li], Lw = diffusion_words(Lb);
+        real *l = malloc((size_t)Lb * sizeof *l);
+        uint64_t *z = calloc((size_t)Lw, 8), *zp = calloc((size_t)Lw, 8),
+                 *want = calloc((size_t)Lw, 8);
+        cr_assert(l && z && zp && want);
+        for (int trial = 0; trial < 6; trial++) {
+            for (int b = 0; b < Lb; b++) {
+                const float u = rng_stream_uniform(&r);
+                l[b] = trial % 3 == 0   ? 3 * rng_stream_normal(&r)
+                       : trial % 3 == 1 ? (float)((int)(u * 9) - 4) * 0.25f
+                                        : (u < 0.2f ? 200.0f : (float)((int)(u * 5) - 1));
+            }
+            diffusion_plan_noise(z, 99, (uint64_t)trial, Lb);
+            for (int k = 1; k <= K; k++) {
+                const int nw = plan_step_scan(want, z, l, k, K, Lb);
+                const int n = diffusion_plan_step(zp, z, l, k, K, Lb);
+                cr_assert_eq(n, nw, "Lb %d trial %d k %d", Lb, trial, k);
+                cr_assert(memcmp(zp, want, (size_t)Lw * 8) == 0, "Lb %d trial %d k %d", Lb, trial,
+                          k);
+            }
+        }
+        free(l);
+        free(z);
+        free(zp);
+        free(want);
+    }
+}
+
 /* A stage with random weights (norm gains near 1) in one buffer. */
 typedef struct {
     diffusion_dims_t d;
