@@ -61,6 +61,31 @@ typedef struct {
     size_t cap;
 } kern_act_t;
 
+/* Row-interleaved INT4 ("int4x"), prepared once per weight matrix for batched products: the
+ * rows of a qtypes.h INT4 matrix regrouped in panels of KERN_INT4X_ROWS rows so that one
+ * 64-byte register holds 4 consecutive weights of each of 16 rows and one vpdpbusd against a
+ * broadcast activation dword feeds 16 rows (the row-major layout yields 16 partial sums of one
+ * row, each needing its own float conversion and scaling).
+ *
+ * With nb = ceil(in / 128), panel p (rows 16 p .. 16 p + 15) is nb blocks of
+ * KERN_INT4X_BLOCK_BYTES bytes at p * nb * KERN_INT4X_BLOCK_BYTES. Block b holds groups
+ * g = 4 b + k (k = 0..3, 32 weights each): 256 bytes of codes per group at 256 k, then the 4
+ * groups' scales at 1024 + 32 k, FP16, row 16 p + i at + 2 i. In the codes of group g, byte
+ * 64 L + 4 i + t (L = 0..3, i = 0..15, t = 0..3): low nibble = weight 32 g + 4 L + t of row
+ * 16 p + i, high nibble = weight 32 g + 16 + 4 L + t, stored as code + 8 as in qtypes.h. Rows
+ * past `out` and groups past `in` have nibble 8 (code 0) and scale 0. Same codes and scales as
+ * the row-major matrix, so the same 4.5 bits per weight when in % 128 == 0 and out % 16 == 0. */
+#define KERN_INT4X_ROWS 16
+#define KERN_INT4X_BLOCK_BYTES (4 * 256 + 4 * 32)
+
+/* Bytes of the interleaved copy of an out x in INT4 matrix (out, in >= 1); SIZE_MAX when that
+ * overflows. */
+size_t kern_int4x_bytes(size_t out, size_t in);
+/* Writes the interleaved copy of the `out` row-major INT4 rows w (qtype_row_bytes(QTYPE_INT4,
+ * in) bytes each, 1 <= in <= KERN_MAX_IN) into dst[kern_int4x_bytes(out, in)]; any alignment
+ * (the products read 64-byte aligned panels faster). The same on every level. */
+void kern_int4x_pack(void *dst, const void *w, size_t out, size_t in);
+
 /* Allocates room for `cap` rows of width `in` (1 <= in <= KERN_MAX_IN, cap >= 1); -1 with
  * err on a bad size or no memory. */
 int kern_act_init(kern_act_t *act, size_t cap, size_t in, qerr_t *err);
@@ -87,6 +112,15 @@ typedef struct {
      * these give the learner's weights x FP32 activations; the matmul_q entries of the same
      * types quantize the activations to int8 instead. */
     kern_matmul_f_fn matmul_f[QTYPE_COUNT];
+    /* INT4 x int8 product on the interleaved copy w of kern_int4x_pack: y[s * ldy + r] as
+     * matmul_q[QTYPE_INT4] on the row-major matrix (the reference level: bit for bit; SIMD
+     * levels: within rounding, kernels.h's first comment), for rows r in [r0, r1) with r0 a
+     * multiple of KERN_INT4X_ROWS and r1 <= out: threads split rows at multiples of 16 (a panel
+     * cut by r1 is computed whole, stored up to r1). For batches of >= 2 tokens: at one token
+     * the row-major product reads the same bytes with less work per byte. NULL on AVX2 (its
+     * row-major INT4 product already runs at 0.75-0.8 of its own roofline): callers use
+     * matmul_q[QTYPE_INT4] on the row-major matrix there. */
+    kern_matmul_q_fn matmul_int4x;
     /* FP16 conversions of n values, round to nearest even: bit-identical to fp16.h. */
     void (*f16_from_f32)(uint16_t *dst, const float *src, size_t n);
     void (*f16_to_f32)(float *dst, const uint16_t *src, size_t n);

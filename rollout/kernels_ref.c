@@ -101,6 +101,85 @@ static void matmul_int4(const void *w, size_t in, const kern_act_t *act, float *
     }
 }
 
+/* ---- INT4, row-interleaved (kernels.h: kern_int4x_pack) ---- */
+
+size_t kern_int4x_bytes(size_t out, size_t in) {
+    const size_t panels = out / KERN_INT4X_ROWS + (out % KERN_INT4X_ROWS != 0);
+    const size_t nb = in / QTYPE_INT4_BLOCK + (in % QTYPE_INT4_BLOCK != 0);
+    if (nb != 0 && panels > SIZE_MAX / nb / KERN_INT4X_BLOCK_BYTES)
+        return SIZE_MAX;
+    return panels * nb * KERN_INT4X_BLOCK_BYTES;
+}
+
+/* Byte of panel `p` holding weight i (0..31) of row i16 (0..15) in group g, and the nibble's
+ * shift. */
+static size_t int4x_code_at(size_t nb, size_t p, size_t g, size_t i16, size_t i, int *shift) {
+    *shift = i >= 16 ? 4 : 0;
+    return (p * nb + g / 4) * KERN_INT4X_BLOCK_BYTES + (g % 4) * 256 + 64 * (i % 16 / 4) + 4 * i16 +
+           i % 4;
+}
+
+static size_t int4x_scale_at(size_t nb, size_t p, size_t g, size_t i16) {
+    return (p * nb + g / 4) * KERN_INT4X_BLOCK_BYTES + 1024 + 32 * (g % 4) + 2 * i16;
+}
+
+void kern_int4x_pack(void *dst, const void *w, size_t out, size_t in) {
+    Q_ASSERT(out >= 1 && in >= 1 && in <= KERN_MAX_IN);
+    const size_t rb = qtype_row_bytes(QTYPE_INT4, in);
+    const size_t nb = (in + QTYPE_INT4_BLOCK - 1) / QTYPE_INT4_BLOCK, ng = 4 * nb;
+    const size_t panels = (out + KERN_INT4X_ROWS - 1) / KERN_INT4X_ROWS;
+    uint8_t *d = dst;
+    const uint8_t nib8 = QTYPE_INT4_OFFSET | QTYPE_INT4_OFFSET << 4;
+    /* Rows past `out`: code 0 and scale 0; every other byte is written below. */
+    memset(d, nib8, kern_int4x_bytes(out, in));
+    for (size_t p = 0; p < panels; p++)
+        for (size_t g = 0; g < ng; g++)
+            memset(d + int4x_scale_at(nb, p, g, 0), 0, 2 * KERN_INT4X_ROWS);
+    for (size_t r = 0; r < out; r++) {
+        const uint8_t *row = (const uint8_t *)w + r * rb;
+        const size_t p = r / KERN_INT4X_ROWS, i16 = r % KERN_INT4X_ROWS;
+        for (size_t g = 0; g < ng; g++) {
+            memcpy(d + int4x_scale_at(nb, p, g, i16), row + nb * 64 + 2 * g, 2);
+            for (size_t i = 0; i < QTYPE_INT4_GROUP; i++) {
+                const size_t k = g * QTYPE_INT4_GROUP + i; /* weight index in the row */
+                const size_t b = k / QTYPE_INT4_BLOCK, kb = k % QTYPE_INT4_BLOCK;
+                const unsigned nib = (row[b * 64 + kb % 64] >> (4 * (kb / 64))) & 15;
+                int shift;
+                uint8_t *c = d + int4x_code_at(nb, p, g, i16, i, &shift);
+                *c = (uint8_t)((*c & ~(15u << shift)) | nib << shift);
+            }
+        }
+    }
+}
+
+/* matmul_int4 on the interleaved copy: the same sums in the same order, so the same floats. */
+static void matmul_int4x(const void *w, size_t in, const kern_act_t *act, float *y, size_t ldy,
+                         size_t r0, size_t r1) {
+    Q_ASSERT(r0 % KERN_INT4X_ROWS == 0);
+    const uint8_t *base = w;
+    const size_t nb = (in + QTYPE_INT4_BLOCK - 1) / QTYPE_INT4_BLOCK;
+    for (size_t r = r0; r < r1; r++) {
+        const size_t p = r / KERN_INT4X_ROWS, i16 = r % KERN_INT4X_ROWS;
+        for (size_t s = 0; s < act->n; s++) {
+            const int8_t *q = act->q + s * act->stride;
+            double acc = 0.0;
+            for (size_t g = 0; g * QTYPE_INT4_GROUP < in; g++) {
+                int32_t isum = 0;
+                for (size_t i = 0; i < QTYPE_INT4_GROUP && g * QTYPE_INT4_GROUP + i < in; i++) {
+                    int shift;
+                    const uint8_t c = base[int4x_code_at(nb, p, g, i16, i, &shift)];
+                    isum += ((int)((c >> shift) & 15) - QTYPE_INT4_OFFSET) *
+                            q[g * QTYPE_INT4_GROUP + i];
+                }
+                uint16_t h;
+                memcpy(&h, base + int4x_scale_at(nb, p, g, i16), 2);
+                acc += (double)fp16_to_float(h) * isum;
+            }
+            y[s * ldy + r] = (float)(acc * act->scale[s]);
+        }
+    }
+}
+
 /* Weight i of a packed row of width `in`, exactly as dequantize_row_ref gives it: the stored
  * float, the FP16 value, or scale * code (one float multiply). */
 static float weight_at(qtype_t t, const uint8_t *row, size_t in, size_t i) {
@@ -188,6 +267,7 @@ const kern_ops_t kern_ops_ref = {
                  [QTYPE_F16] = matmul_f16,
                  [QTYPE_INT4] = matmul_int4_f,
                  [QTYPE_INT8] = matmul_int8_f},
+    .matmul_int4x = matmul_int4x,
     .f16_from_f32 = fp16_from_float_n,
     .f16_to_f32 = fp16_to_float_n,
     .bits_xor = kern_ref_bits_xor,

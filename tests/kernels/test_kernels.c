@@ -265,6 +265,17 @@ static float *sentinel_out(size_t out, size_t n) {
     return y;
 }
 
+/* a = reference quantization of n random rows x[n, in]; xdeq = the activations a stands for
+ * (s_x * code). */
+static void random_act(kern_act_t *a, float *x, float *xdeq, size_t n, size_t in, uint64_t seed) {
+    fill_normal(x, n * in, seed, 1.0f);
+    cr_assert_eq(kern_act_init(a, n, in, NULL), 0);
+    kern_ops_for(CPU_ISA_REF)->quantize_act(a, x, in, n);
+    for (size_t s = 0; s < n; s++)
+        for (size_t i = 0; i < in; i++)
+            xdeq[s * in + i] = a->scale[s] * a->q[s * a->stride + i];
+}
+
 static void run_quantized(qtype_t t) {
     const kern_ops_t *ref = kern_ops_for(CPU_ISA_REF);
     for (size_t kw = 0; kw < Q_ARRAY_LEN(WIDTHS); kw++)
@@ -273,13 +284,8 @@ static void run_quantized(qtype_t t) {
             const size_t n = BATCH[(kw + ko) % Q_ARRAY_LEN(BATCH)];
             uint8_t *w = pack_matrix(t, out, in, kw * 31 + ko);
             float *x = xmalloc(n * in * sizeof *x), *xdeq = xmalloc(n * in * sizeof *x);
-            fill_normal(x, n * in, 100 + kw * 7 + ko, 1.0f);
             kern_act_t a;
-            cr_assert_eq(kern_act_init(&a, n, in, NULL), 0);
-            ref->quantize_act(&a, x, in, n);
-            for (size_t s = 0; s < n; s++)
-                for (size_t i = 0; i < in; i++)
-                    xdeq[s * in + i] = a.scale[s] * a.q[s * a.stride + i];
+            random_act(&a, x, xdeq, n, in, 100 + kw * 7 + ko);
             float *yr = sentinel_out(out, n);
             ref->matmul_q[t](w, in, &a, yr, out + GUARD, 0, out);
             for (int lvl = 1; lvl < CPU_ISA_COUNT; lvl++) {
@@ -339,6 +345,128 @@ Test(matmul, int4_levels_match_reference) {
 
 Test(matmul, int8_levels_match_reference) {
     run_quantized(QTYPE_INT8);
+}
+
+/* ---- INT4, row-interleaved (kern_int4x_pack, matmul_int4x) ---- */
+
+/* Nibble of weight i of row r in the interleaved copy, decoded from kernels.h's layout text. */
+static unsigned int4x_nibble(const uint8_t *x, size_t in, size_t r, size_t i) {
+    const size_t nb = (in + 127) / 128, g = i / 32, k = i % 32;
+    const size_t off = (r / 16 * nb + g / 4) * KERN_INT4X_BLOCK_BYTES + g % 4 * 256 +
+                       64 * (k % 16 / 4) + 4 * (r % 16) + k % 4;
+    return (x[off] >> (k >= 16 ? 4 : 0)) & 15;
+}
+
+static uint16_t int4x_scale(const uint8_t *x, size_t in, size_t r, size_t g) {
+    const size_t nb = (in + 127) / 128;
+    uint16_t h;
+    memcpy(&h,
+           x + (r / 16 * nb + g / 4) * KERN_INT4X_BLOCK_BYTES + 1024 + 32 * (g % 4) + 2 * (r % 16),
+           2);
+    return h;
+}
+
+static uint8_t *int4x_copy(const uint8_t *w, size_t out, size_t in) {
+    const size_t bytes = kern_int4x_bytes(out, in);
+    uint8_t *x = xmalloc(bytes);
+    kern_int4x_pack(x, w, out, in);
+    return x;
+}
+
+/* Every weight's nibble and every group's scale of the row-major rows sit where the layout
+ * says; padding rows hold code 0 with scale 0; the copy does not depend on what dst held. */
+Test(int4x, pack_places_every_code_and_scale) {
+    const size_t outs[] = {1, 15, 16, 17, 40};
+    const size_t ins[] = {1, 31, 100, 128, 129, 300, 1500};
+    for (size_t ko = 0; ko < Q_ARRAY_LEN(outs); ko++)
+        for (size_t ki = 0; ki < Q_ARRAY_LEN(ins); ki++) {
+            const size_t out = outs[ko], in = ins[ki], rb = qtype_row_bytes(QTYPE_INT4, in);
+            const size_t nb = (in + 127) / 128, panels = (out + 15) / 16;
+            const size_t bytes = kern_int4x_bytes(out, in);
+            cr_assert_eq(bytes, panels * 16 * rb, "out=%zu in=%zu", out, in);
+            uint8_t *w = pack_matrix(QTYPE_INT4, out, in, 60 + ko * 7 + ki);
+            uint8_t *x = xmalloc(bytes), *x2 = xmalloc(bytes);
+            memset(x, 0xA5, bytes);
+            memset(x2, 0x00, bytes);
+            kern_int4x_pack(x, w, out, in);
+            kern_int4x_pack(x2, w, out, in);
+            cr_assert_eq(memcmp(x, x2, bytes), 0, "out=%zu in=%zu: copy depends on dst", out, in);
+            for (size_t r = 0; r < panels * 16; r++)
+                for (size_t i = 0; i < nb * 128; i++) {
+                    unsigned want = 8;
+                    if (r < out)
+                        want = (w[r * rb + i / 128 * 64 + i % 64] >> (i % 128 >= 64 ? 4 : 0)) & 15;
+                    cr_assert_eq(int4x_nibble(x, in, r, i), want, "out=%zu in=%zu r=%zu i=%zu", out,
+                                 in, r, i);
+                }
+            for (size_t r = 0; r < panels * 16; r++)
+                for (size_t g = 0; g < 4 * nb; g++) {
+                    uint16_t want = 0;
+                    if (r < out)
+                        memcpy(&want, w + r * rb + nb * 64 + 2 * g, 2);
+                    cr_assert_eq(int4x_scale(x, in, r, g), want, "out=%zu in=%zu r=%zu g=%zu", out,
+                                 in, r, g);
+                }
+            free(w);
+            free(x);
+            free(x2);
+        }
+    cr_assert_eq(kern_int4x_bytes(4096, 4096), 4096 * qtype_row_bytes(QTYPE_INT4, 4096));
+    cr_assert_eq(kern_int4x_bytes(SIZE_MAX / 8, 4096), SIZE_MAX);
+}
+
+/* matmul_int4x on the copy against the reference row-major product: the reference level bit
+ * for bit, SIMD levels within the INT4 tolerance; whole range and sub-ranges (a panel start to
+ * a row inside a panel). Levels without the product are the documented ones. */
+static void check_int4x(size_t out, size_t in, size_t n, uint64_t seed) {
+    const kern_ops_t *ref = kern_ops_for(CPU_ISA_REF);
+    uint8_t *w = pack_matrix(QTYPE_INT4, out, in, seed);
+    uint8_t *wx = int4x_copy(w, out, in);
+    float *x = xmalloc(n * in * sizeof *x), *xdeq = xmalloc(n * in * sizeof *x);
+    kern_act_t a;
+    random_act(&a, x, xdeq, n, in, seed + 1);
+    float *yr = sentinel_out(out, n);
+    ref->matmul_q[QTYPE_INT4](w, in, &a, yr, out + GUARD, 0, out);
+    size_t ranges[4][2] = {{0, out}, {16, out}, {0, 16}, {16, out - 1}};
+    for (int lvl = 0; lvl < CPU_ISA_COUNT; lvl++) {
+        const kern_ops_t *ops = kern_ops_for((cpu_isa_t)lvl);
+        if (!ops)
+            continue;
+        if (!ops->matmul_int4x) {
+            cr_assert_str_eq(ops->name, "avx2", "%s lacks matmul_int4x", ops->name);
+            continue;
+        }
+        char what[64];
+        snprintf(what, sizeof what, "%s int4x out=%zu n=%zu", ops->name, out, n);
+        for (int k = 0; k < (out > 17 ? 4 : out > 16 ? 3 : 1); k++) {
+            float *y = sentinel_out(out, n);
+            ops->matmul_int4x(wx, in, &a, y, out + GUARD, ranges[k][0], ranges[k][1]);
+            check_outputs(what, QTYPE_INT4, w, in, xdeq, y, yr, out, n, ranges[k][0], ranges[k][1],
+                          lvl == CPU_ISA_REF ? CMP_EXACT : CMP_REL_TOL);
+            free(y);
+        }
+    }
+    free(yr);
+    kern_act_free(&a);
+    free(x);
+    free(xdeq);
+    free(wx);
+    free(w);
+}
+
+Test(int4x, levels_match_row_major_product) {
+    const size_t outs[] = {1, 13, 16, 17, 40};
+    for (size_t kw = 0; kw < Q_ARRAY_LEN(WIDTHS); kw++)
+        for (size_t ko = 0; ko < Q_ARRAY_LEN(outs); ko++)
+            check_int4x(outs[ko], WIDTHS[kw], BATCH[(kw + ko) % Q_ARRAY_LEN(BATCH)],
+                        300 + kw * 11 + ko);
+}
+
+/* Every batch size 1..33: every tile width and the balanced split into token blocks. */
+Test(int4x, every_batch_size) {
+    for (size_t n = 1; n <= 33; n++)
+        check_int4x(35, 300, n, 900 + n);
+    check_int4x(48, 2100, 32, 990);
 }
 
 static void run_float(qtype_t t) {
