@@ -8,14 +8,24 @@
  *   bench_engine memory POLICY.qst [--context 1024] [--batch 16]
  *       peak resident memory while decoding `batch` sequences whose contexts reach `context`
  *       tokens (one shared prompt of context - 8 tokens, 8 new tokens each).
- *   bench_engine agree PRESET [--seed 1] [--samples 4] [--tokens 24] [--head-int8]
- *       builds a random model of the preset, quantizes it in memory, decodes, and recomputes
- *       every sampled token's log-prob with the learner's forward, with and without routing
- *       replay: mean and worst |delta log p|, router and plan mismatch counts.
+ *   bench_engine agree PRESET|CHECKPOINT [--data TEST.jsonl] [--seed 1] [--prompts 1]
+ *                      [--samples 4] [--tokens 24] [--temperature 1] [--head-int8] [--check]
+ *       builds a random model of the preset (or loads a trained checkpoint directory),
+ *       quantizes it in memory, decodes `samples` sampled and one greedy completion of each
+ *       prompt (lines of the data file tokenized by the policy, or random ids), and recomputes
+ *       every token's log-prob with the learner's forward, with and without routing replay:
+ *       mean and worst |delta log p| of sampled tokens; for greedy tokens the fraction equal to
+ *       the learner's argmax where its top-1/top-2 logit margin exceeds 0.01 (the others
+ *       reported apart); router and plan mismatch counts. --check exits 1 unless the bounds
+ *       of tests/unit/test_engine.c hold (the e2e.engine_agree test runs it on a checkpoint it
+ *       trains).
  *
  * Prompts are token ids (no tokenizer files needed). Results go to bench/RESULTS.md
  * ("Engine"). */
+#include "checkpoint.h"
+#include "config.h"
 #include "engine.h"
+#include "jsonl.h"
 #include "model.h"
 #include "qpolicy.h"
 #include "quillan.h"
@@ -332,16 +342,192 @@ static int cmd_memory(const char *path, int ctx, int batch) {
     return 0;
 }
 
-static int cmd_agree(const char *preset, uint64_t seed, int nsamples, int ntok, int head_int8) {
+/* ---- agreement ---- */
+
+typedef struct {
+    const char *what; /* preset name or checkpoint directory */
+    const char *data; /* JSONL prompts (RL or SFT lines) or NULL for random token prompts */
+    uint64_t seed;
+    int prompts, samples, tokens, head_int8, check;
+    double temperature;
+} agree_opts_t;
+
+/* A preset's random model, or a trained checkpoint's model (its own config). */
+static model_t *agree_model(const agree_opts_t *o, qerr_t *err) {
     model_config_t c;
+    if (model_config_preset(o->what, &c, NULL) == 0) {
+        c.seed = o->seed;
+        c.head_int8 = o->head_int8;
+        return model_new(&c, err);
+    }
+    char dir[4096], file[4200];
+    quillan_config_t *cfg = calloc(1, sizeof *cfg);
+    model_t *m = NULL;
+    if (!cfg) {
+        qerr_set(err, QERR_NOMEM, "out of memory");
+        return NULL;
+    }
+    config_defaults(cfg);
+    if (checkpoint_resolve(o->what, dir, sizeof dir, err) == 0) {
+        snprintf(file, sizeof file, "%s/%s", dir, CHECKPOINT_MODEL_FILE);
+        if (checkpoint_config_apply(cfg, file, err) == 0 && config_validate(cfg, err) == 0) {
+            cfg->model.head_int8 = cfg->model.head_int8 || o->head_int8;
+            m = model_new(&cfg->model, err);
+            if (m && checkpoint_load(dir, m, NULL, NULL, err) < 0)
+                model_destroy(&m);
+        }
+    }
+    free(cfg);
+    return m;
+}
+
+/* Prompt i: line i of the data file tokenized by the policy (BOS first), or 8 random ids. */
+static int32_t *agree_prompt(const agree_opts_t *o, const jsonl_reader_t *rd,
+                             const quillan_policy_t *p, int i, int *n) {
+    quillan_policy_info_t info;
+    quillan_policy_info(p, &info);
     qerr_t err;
-    if (model_config_preset(preset, &c, &err) < 0)
-        die("preset", &err);
-    c.seed = seed;
-    c.head_int8 = head_int8;
-    model_t *m = model_new(&c, &err);
+    if (!rd) {
+        int32_t *t = random_tokens(8, info.vocab_size, o->seed + 1 + (uint64_t)i);
+        t[0] = info.bos;
+        *n = 8;
+        return t;
+    }
+    jsonl_example_t ex;
+    if (jsonl_reader_example(rd, (size_t)i, JSONL_TASK_RL, &ex, &err) < 0)
+        die("prompt", &err);
+    int32_t *ids;
+    size_t len;
+    if (quillan_tokenize(p, ex.prompt, strlen(ex.prompt), 1, &ids, &len, &err) < 0)
+        die("tokenize", &err);
+    jsonl_example_free(&ex);
+    *n = (int)len;
+    return ids;
+}
+
+typedef struct {
+    double sum[2], worst[2]; /* |delta log p| of sampled tokens: [own routing, replay] */
+    long n;
+    double gsum[2]; /* the same for greedy tokens */
+    long gn;
+    /* greedy tokens where the learner's top-1 / top-2 logit margin exceeds AGREE_MARGIN:
+     * counted, and how many the engine chose as the learner's top-1; low: margin <= it */
+    long counted[2], agree[2], low[2], low_agree[2];
+    long dec, mis, pmis, npos; /* learner decisions that differed from the record (replay run) */
+} agree_stats_t;
+
+#define AGREE_MARGIN 0.01
+/* --check bounds, those of tests/unit/test_engine.c: with routing replay the greedy agreement
+ * and the mean |delta log p| of sampled and greedy tokens; with each side routing on its own
+ * the mean |delta log p| (near-ties may flip a few discrete decisions). */
+#define BOUND_GREEDY 0.995
+#define BOUND_DLOGP_REPLAY 5e-3
+#define BOUND_DLOGP_OWN 5e-2
+
+/* Recomputes every token of sample sm with the learner, own routing and replayed. */
+static void agree_sample(model_t *m, const quillan_policy_info_t *info, const int32_t *prompt,
+                         int P, const quillan_sample_t *sm, double temperature, int greedy,
+                         agree_stats_t *st) {
+    if (sm->n_tokens < 2)
+        return;
+    const model_config_t *c = model_config(m);
+    moe_dims_t d;
+    moe_dims_from_config(&d, c);
+    const int L = c->num_layers, Lw = info->plan_words, T = P + sm->n_tokens - 1, V = c->vocab_size;
+    qerr_t err;
+    int32_t *tk = malloc((size_t)T * 4), *tg = malloc((size_t)T * 4);
+    real *w = malloc((size_t)T * sizeof *w), *logits = malloc((size_t)V * sizeof *logits);
+    moe_route_t *rt = calloc((size_t)L, sizeof *rt);
+    diffusion_plan_t plan;
+    if (!tk || !tg || !w || !logits || !rt)
+        die("agree", &(qerr_t){.msg = "out of memory"});
+    for (int l = 0; l < L; l++)
+        if (moe_route_init(&rt[l], &d, T, &err) < 0)
+            die("routes", &err);
+    if (diffusion_plan_init(&plan, c->diffusion_bits, T, &err) < 0)
+        die("plan", &err);
+    for (int t = 0; t < T; t++) {
+        tk[t] = t < P ? prompt[t] : sm->tokens[t - P];
+        tg[t] = t + 1 < P ? prompt[t + 1] : sm->tokens[t + 1 - P];
+        w[t] = t >= P - 1 ? 1 : 0;
+        for (int l = 0; l < L; l++) {
+            const int32_t *rec = sm->route + ((size_t)t * L + l) * info->route_ints;
+            memcpy(rt[l].mini + (size_t)t * d.KM, rec, (size_t)d.KM * 4);
+            memcpy(rt[l].expert + (size_t)t * d.KM * d.KE, rec + d.KM, (size_t)d.KM * d.KE * 4);
+            memcpy(rt[l].micro + (size_t)t * d.KM * d.KN, rec + d.KM + d.KM * d.KE,
+                   (size_t)d.KM * d.KN * 4);
+        }
+        memcpy(plan.z1 + (size_t)t * Lw, sm->plan + (size_t)t * 2 * Lw, (size_t)Lw * 8);
+        memcpy(plan.z0 + (size_t)t * Lw, sm->plan + ((size_t)t * 2 + 1) * Lw, (size_t)Lw * 8);
+    }
+    for (int l = 0; l < L; l++)
+        rt[l].BT = T;
+    plan.BT = T;
+    for (int replay = 0; replay <= 1; replay++) {
+        model_batch_t b = {.B = 1,
+                           .T = T,
+                           .tokens = tk,
+                           .targets = tg,
+                           .weights = w,
+                           .replay = replay ? rt : NULL,
+                           .plan_replay = replay ? &plan : NULL,
+                           .temperature = (real)temperature};
+        model_stats_t ms;
+        if (model_forward(m, &b, &ms, &err) < 0)
+            die("learner forward", &err);
+        const real *lp = model_logp(m);
+        for (int k = 0; k < sm->n_tokens; k++) {
+            const double dl = fabs((double)sm->logprobs_full[k] - lp[P - 1 + k]);
+            if (!greedy) {
+                st->sum[replay] += dl;
+                st->worst[replay] = dl > st->worst[replay] ? dl : st->worst[replay];
+                continue;
+            }
+            st->gsum[replay] += dl;
+            model_logits_at(m, 0, P - 1 + k, logits);
+            int best = 0, second = V > 1 ? 1 : 0;
+            if (V > 1 && logits[1] > logits[0])
+                best = 1, second = 0;
+            for (int v = 2; v < V; v++)
+                if (logits[v] > logits[best])
+                    second = best, best = v;
+                else if (logits[v] > logits[second])
+                    second = v;
+            const int same = best == sm->tokens[k];
+            if ((double)logits[best] - logits[second] > AGREE_MARGIN) {
+                st->counted[replay]++;
+                st->agree[replay] += same;
+            } else {
+                st->low[replay]++;
+                st->low_agree[replay] += same;
+            }
+        }
+        if (replay) {
+            st->dec += ms.decisions;
+            st->mis += ms.mismatches;
+            st->pmis += ms.plan_mismatches;
+            st->npos += T;
+        }
+    }
+    if (greedy)
+        st->gn += sm->n_tokens;
+    else
+        st->n += sm->n_tokens;
+    for (int l = 0; l < L; l++)
+        moe_route_free(&rt[l]);
+    free(rt);
+    diffusion_plan_free(&plan);
+    free(tk);
+    free(tg);
+    free(w);
+    free(logits);
+}
+
+static int cmd_agree(const agree_opts_t *o) {
+    qerr_t err;
+    model_t *m = agree_model(o, &err);
     if (!m)
-        die("model", &err);
+        die(o->what, &err);
     qpolicy_t *q = qpolicy_build(m, 1, &err);
     if (!q)
         die("quantize", &err);
@@ -352,101 +538,70 @@ static int cmd_agree(const char *preset, uint64_t seed, int nsamples, int ntok, 
         die("load", &err);
     quillan_policy_info_t info;
     quillan_policy_info(p, &info);
-    quillan_engine_t *e = engine(0, nsamples, 1);
-    const int P = 8;
-    int32_t *toks = random_tokens(P, c.vocab_size, seed + 1);
-    toks[0] = info.bos;
-    quillan_prompt_t pr;
-    memset(&pr, 0, sizeof pr);
-    quillan_sampling_default(&pr.sampling);
-    pr.tokens = toks;
-    pr.n_tokens = P;
-    pr.n_samples = nsamples;
-    pr.sampling.max_new_tokens = ntok;
-    pr.sampling.seed = seed;
-    quillan_group_t g;
-    if (quillan_generate(e, p, &pr, 1, &g, NULL, NULL, &err) < 0)
-        die("generate", &err);
-    moe_dims_t d;
-    moe_dims_from_config(&d, model_config(m));
-    const int L = c.num_layers, Lw = info.plan_words;
-    double sum[2] = {0, 0}, worst[2] = {0, 0};
-    long n = 0, dec = 0, mis = 0, pmis = 0, npos = 0;
-    for (int s = 0; s < nsamples; s++) {
-        const quillan_sample_t *sm = &g.samples[s];
-        const int T = P + sm->n_tokens - 1;
-        if (sm->n_tokens < 2)
-            continue;
-        int32_t *tk = malloc((size_t)T * 4), *tg = malloc((size_t)T * 4);
-        real *w = malloc((size_t)T * sizeof *w);
-        moe_route_t *rt = calloc((size_t)L, sizeof *rt);
-        diffusion_plan_t plan;
-        for (int l = 0; l < L; l++)
-            moe_route_init(&rt[l], &d, T, &err);
-        diffusion_plan_init(&plan, c.diffusion_bits, T, &err);
-        for (int t = 0; t < T; t++) {
-            tk[t] = t < P ? toks[t] : sm->tokens[t - P];
-            tg[t] = t + 1 < P ? toks[t + 1] : sm->tokens[t + 1 - P];
-            w[t] = t >= P - 1 ? 1 : 0;
-            for (int l = 0; l < L; l++) {
-                const int32_t *rec = sm->route + ((size_t)t * L + l) * info.route_ints;
-                memcpy(rt[l].mini + (size_t)t * d.KM, rec, (size_t)d.KM * 4);
-                memcpy(rt[l].expert + (size_t)t * d.KM * d.KE, rec + d.KM, (size_t)d.KM * d.KE * 4);
-                memcpy(rt[l].micro + (size_t)t * d.KM * d.KN, rec + d.KM + d.KM * d.KE,
-                       (size_t)d.KM * d.KN * 4);
-            }
-            memcpy(plan.z1 + (size_t)t * Lw, sm->plan + (size_t)t * 2 * Lw, (size_t)Lw * 8);
-            memcpy(plan.z0 + (size_t)t * Lw, sm->plan + ((size_t)t * 2 + 1) * Lw, (size_t)Lw * 8);
+    jsonl_reader_t *rd = NULL;
+    if (o->data && !(rd = jsonl_reader_new(o->data, JSONL_MAX_LINE_DEFAULT, &err)))
+        die(o->data, &err);
+    if (rd && jsonl_reader_count(rd) < (size_t)o->prompts)
+        die(o->data, &(qerr_t){.msg = "fewer lines than --prompts"});
+    quillan_engine_t *e = engine(0, o->samples > 8 ? o->samples : 8, 1);
+    agree_stats_t st;
+    memset(&st, 0, sizeof st);
+    for (int i = 0; i < o->prompts; i++) {
+        int P;
+        int32_t *toks = agree_prompt(o, rd, p, i, &P);
+        for (int greedy = 0; greedy <= 1; greedy++) {
+            quillan_prompt_t pr;
+            memset(&pr, 0, sizeof pr);
+            quillan_sampling_default(&pr.sampling);
+            pr.prompt_id = (uint64_t)i;
+            pr.tokens = toks;
+            pr.n_tokens = P;
+            pr.n_samples = greedy ? 1 : o->samples;
+            pr.sampling.max_new_tokens = o->tokens;
+            pr.sampling.seed = o->seed;
+            pr.sampling.temperature = greedy ? 0.0f : (float)o->temperature;
+            quillan_group_t g;
+            if (quillan_generate(e, p, &pr, 1, &g, NULL, NULL, &err) < 0)
+                die("generate", &err);
+            for (int s = 0; s < g.n_samples; s++)
+                agree_sample(m, &info, toks, P, &g.samples[s], greedy ? 1.0 : o->temperature,
+                             greedy, &st);
+            quillan_group_free(&g);
         }
-        for (int l = 0; l < L; l++)
-            rt[l].BT = T;
-        plan.BT = T;
-        for (int replay = 0; replay <= 1; replay++) {
-            model_batch_t b = {.B = 1,
-                               .T = T,
-                               .tokens = tk,
-                               .targets = tg,
-                               .weights = w,
-                               .replay = replay ? rt : NULL,
-                               .plan_replay = replay ? &plan : NULL,
-                               .temperature = 1};
-            model_stats_t st;
-            if (model_forward(m, &b, &st, &err) < 0)
-                die("learner forward", &err);
-            const real *lp = model_logp(m);
-            for (int k = 0; k < sm->n_tokens; k++) {
-                const double dl = fabs((double)sm->logprobs_full[k] - lp[P - 1 + k]);
-                sum[replay] += dl;
-                worst[replay] = dl > worst[replay] ? dl : worst[replay];
-            }
-            if (replay) {
-                dec += st.decisions;
-                mis += st.mismatches;
-                pmis += st.plan_mismatches;
-                npos += T;
-            }
-        }
-        n += sm->n_tokens;
-        for (int l = 0; l < L; l++)
-            moe_route_free(&rt[l]);
-        free(rt);
-        diffusion_plan_free(&plan);
-        free(tk);
-        free(tg);
-        free(w);
+        free(toks);
     }
-    printf("%s (seed %llu%s): %ld sampled tokens; mean |dlogp| own routing %.2e (worst %.2e), "
-           "replay %.2e (worst %.2e); learner's own choice differed on %ld of %ld router "
-           "decisions and %ld of %ld plans\n",
-           preset, (unsigned long long)seed, head_int8 ? ", head_int8" : "", n,
-           n ? sum[0] / n : 0.0, worst[0], n ? sum[1] / n : 0.0, worst[1], mis, dec, pmis, npos);
-    quillan_group_free(&g);
-    free(toks);
+    printf("%s (seed %llu%s; %d prompts%s): sampled at T %.2f: %ld tokens, mean |dlogp| own "
+           "routing %.2e (worst %.2e), replay %.2e (worst %.2e)\n",
+           o->what, (unsigned long long)o->seed, o->head_int8 ? ", head_int8" : "", o->prompts,
+           rd ? " from the data file" : " of random ids", o->temperature, st.n,
+           st.n ? st.sum[0] / st.n : 0.0, st.worst[0], st.n ? st.sum[1] / st.n : 0.0, st.worst[1]);
+    for (int r = 0; r <= 1; r++)
+        printf("greedy, %s: %ld tokens, mean |dlogp| %.2e; agreement %ld / %ld = %.4f where the "
+               "learner's top-1/top-2 margin > %.2g; margin <= %.2g: %ld tokens, %ld agree\n",
+               r ? "routing replay" : "own routing", st.gn, st.gn ? st.gsum[r] / st.gn : 0.0,
+               st.agree[r], st.counted[r],
+               st.counted[r] ? (double)st.agree[r] / st.counted[r] : 0.0, AGREE_MARGIN,
+               AGREE_MARGIN, st.low[r], st.low_agree[r]);
+    printf("learner's own choice differed on %ld of %ld router decisions and %ld of %ld plans\n",
+           st.mis, st.dec, st.pmis, st.npos);
+    int rc = 0;
+    if (o->check) {
+        const double own = (st.sum[0] + st.gsum[0]) / (double)(st.n + st.gn),
+                     rep = (st.sum[1] + st.gsum[1]) / (double)(st.n + st.gn),
+                     agree = st.counted[1] ? (double)st.agree[1] / st.counted[1] : 0.0;
+        rc = !(agree >= BOUND_GREEDY && rep <= BOUND_DLOGP_REPLAY && own <= BOUND_DLOGP_OWN) ||
+             st.counted[1] == 0;
+        printf("check: greedy agreement with replay %.4f (>= %.3f), mean |dlogp| replay %.2e "
+               "(<= %.0e), own routing %.2e (<= %.0e): %s\n",
+               agree, BOUND_GREEDY, rep, BOUND_DLOGP_REPLAY, own, BOUND_DLOGP_OWN,
+               rc ? "FAILED" : "ok");
+    }
+    jsonl_reader_destroy(&rd);
     quillan_engine_destroy(&e);
     quillan_policy_release(&p);
     qpolicy_destroy(&q);
     model_destroy(&m);
-    return 0;
+    return rc;
 }
 
 static long opt(int argc, char **argv, const char *name, long def) {
@@ -463,6 +618,13 @@ static const char *sopt(int argc, char **argv, const char *name, const char *def
     return def;
 }
 
+static double dopt(int argc, char **argv, const char *name, double def) {
+    for (int i = 0; i + 1 < argc; i++)
+        if (!strcmp(argv[i], name))
+            return strtod(argv[i + 1], NULL);
+    return def;
+}
+
 static int has(int argc, char **argv, const char *name) {
     for (int i = 0; i < argc; i++)
         if (!strcmp(argv[i], name))
@@ -472,11 +634,13 @@ static int has(int argc, char **argv, const char *name) {
 
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: bench_engine throughput POLICY.qst [--tokens 16] [--threads 1,2] "
-                        "[--batches 1,8,32] [--repeat 1] [--no-probe]\n"
-                        "       bench_engine memory POLICY.qst [--context 1024] [--batch 16]\n"
-                        "       bench_engine agree PRESET [--seed 1] [--samples 4] [--tokens 24] "
-                        "[--head-int8]\n");
+        fprintf(stderr,
+                "usage: bench_engine throughput POLICY.qst [--tokens 16] [--threads 1,2] "
+                "[--batches 1,8,32] [--repeat 1] [--no-probe]\n"
+                "       bench_engine memory POLICY.qst [--context 1024] [--batch 16]\n"
+                "       bench_engine agree PRESET|CHECKPOINT [--data TEST.jsonl] [--seed 1] "
+                "[--prompts 1] [--samples 4] [--tokens 24] [--temperature 1] "
+                "[--head-int8] [--check]\n");
         return 2;
     }
     if (!strcmp(argv[1], "throughput")) {
@@ -489,10 +653,23 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "memory"))
         return cmd_memory(argv[2], (int)opt(argc, argv, "--context", 1024),
                           (int)opt(argc, argv, "--batch", 16));
-    if (!strcmp(argv[1], "agree"))
-        return cmd_agree(argv[2], (uint64_t)opt(argc, argv, "--seed", 1),
-                         (int)opt(argc, argv, "--samples", 4), (int)opt(argc, argv, "--tokens", 24),
-                         has(argc, argv, "--head-int8"));
+    if (!strcmp(argv[1], "agree")) {
+        const agree_opts_t o = {argv[2],
+                                sopt(argc, argv, "--data", NULL),
+                                (uint64_t)opt(argc, argv, "--seed", 1),
+                                (int)opt(argc, argv, "--prompts", 1),
+                                (int)opt(argc, argv, "--samples", 4),
+                                (int)opt(argc, argv, "--tokens", 24),
+                                has(argc, argv, "--head-int8"),
+                                has(argc, argv, "--check"),
+                                dopt(argc, argv, "--temperature", 1.0)};
+        if (o.prompts < 1 || o.samples < 1 || o.tokens < 1 || !(o.temperature > 0)) {
+            fprintf(stderr, "bench_engine: --prompts, --samples, --tokens and --temperature must "
+                            "be positive\n");
+            return 2;
+        }
+        return cmd_agree(&o);
+    }
     fprintf(stderr, "bench_engine: unknown command '%s'\n", argv[1]);
     return 2;
 }

@@ -3,6 +3,7 @@
 #include "alloc.h"
 #include "attention.h"
 #include "diffusion.h"
+#include "gemm.h"
 #include "layers.h"
 #include "rng.h"
 
@@ -871,6 +872,13 @@ void model_backward(model_t *m, const real *dlogp, const real *dentropy) {
                          a->rstd1, BT, C);
     }
     embedding_backward(m->grads + m->embed, m->dx, m->tokens, BT, C, V);
+}
+
+void model_logits_at(const model_t *m, int b, int t, real *out) {
+    Q_ASSERT(m->has_fwd && b >= 0 && b < m->fB && t >= 0 && t < m->fT);
+    const int C = m->cfg.dim;
+    gemm(GEMM_N, GEMM_T, 1, m->cfg.vocab_size, C, 1, m->lnf + ((size_t)b * m->fT + t) * C, C,
+         m->qp + m->head, C, 0, out, m->cfg.vocab_size);
 }
 
 int model_greedy(model_t *m, const int32_t *tokens, int B, int T, const int *pos, int32_t *out,

@@ -193,6 +193,12 @@ const diffusion_plan_t *model_plan_record(const model_t *m);
  * model_grads (zero them once per optimizer step). */
 void model_backward(model_t *m, const real *dlogp, const real *dentropy);
 
+/* Logits at position t of row b of the last model_forward (V values into out): the final-norm
+ * output times the head as that forward used it (fake-quantized when the config quantizes
+ * the head), before the temperature. Asserts that a forward ran and (b, t) lies in its
+ * batch. For agreement measurements (top-1 / top-2 margins). */
+void model_logits_at(const model_t *m, int b, int t, real *out);
+
 /* Greedy next tokens: runs the forward on tokens [B, T] (no dropout, no losses) and writes
  * out[b] = argmax of the logits at position pos[b] of row b (lowest id on ties). */
 int model_greedy(model_t *m, const int32_t *tokens, int B, int T, const int *pos, int32_t *out,
