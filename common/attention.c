@@ -40,8 +40,8 @@ static int head_size(int C, int NH) {
 
 /* ---- RoPE ---- */
 
-/* cos and sin of pos * theta^(-2i/HS), i < HS/2, computed in double. */
-static void rope_angles(real *cs, real *sn, int pos, int HS) {
+void rope_angles(real *cs, real *sn, int pos, int HS) {
+    Q_ASSERT(pos >= 0 && HS % 2 == 0 && HS <= ATTN_MAX_HS);
     for (int i = 0; i < HS / 2; i++) {
         const double ang = (double)pos * pow(ROPE_THETA, -2.0 * i / HS);
         cs[i] = (real)cos(ang);
@@ -61,21 +61,34 @@ static void rope_row(real *out, const real *inp, const real *cs, const real *sn,
         }
 }
 
+void rope_rotate(real *out, const real *inp, const real *cs, const real *sn, int C, int NH) {
+    rope_row(out, inp, cs, sn, C, head_size(C, NH), 1);
+}
+
+/* Row t of every batch entry, at position pos0 + t. */
+static void rope_rows_at(real *out, const real *inp, int B, int T, int C, int HS, int pos0, int t,
+                         real dir) {
+    real cs[ATTN_MAX_HS / 2], sn[ATTN_MAX_HS / 2];
+    rope_angles(cs, sn, pos0 + t, HS);
+    for (int b = 0; b < B; b++) {
+        const size_t off = ((size_t)b * T + t) * C;
+        rope_row(out + off, inp + off, cs, sn, C, HS, dir);
+    }
+}
+
 static void rope_apply(real *out, const real *inp, int B, int T, int C, int NH, int pos0,
                        real dir) {
     const int HS = head_size(C, NH);
     Q_ASSERT(pos0 >= 0);
-    const int par = par_ok((double)B * T * C * 4);
-    (void)par;
-    OMP_PRAGMA(omp parallel for schedule(static) if (par))
-    for (int t = 0; t < T; t++) {
-        real cs[ATTN_MAX_HS / 2], sn[ATTN_MAX_HS / 2];
-        rope_angles(cs, sn, pos0 + t, HS);
-        for (int b = 0; b < B; b++) {
-            const size_t off = ((size_t)b * T + t) * C;
-            rope_row(out + off, inp + off, cs, sn, C, HS, dir);
-        }
+    /* A branch rather than an `if` clause: a one-thread OpenMP region still sets up a team. */
+    if (par_ok((double)B * T * C * 4)) {
+        OMP_PRAGMA(omp parallel for schedule(static))
+        for (int t = 0; t < T; t++)
+            rope_rows_at(out, inp, B, T, C, HS, pos0, t, dir);
+        return;
     }
+    for (int t = 0; t < T; t++)
+        rope_rows_at(out, inp, B, T, C, HS, pos0, t, dir);
 }
 
 void rope_forward(real *out, const real *inp, int B, int T, int C, int NH, int pos0) {

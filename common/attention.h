@@ -34,6 +34,12 @@
 void rope_forward(real *out, const real *inp, int B, int T, int C, int NH, int pos0);
 /* dinp = rotation by -angle of dout (ASSIGNED; dinp may equal dout, RoPE needs no inputs). */
 void rope_backward(real *dinp, const real *dout, int B, int T, int C, int NH, int pos0);
+/* rope_forward of one row in two parts, for a caller that rotates several rows at one position
+ * (the engine: q and k of every layer): cs, sn [HS/2], HS = C / NH, get the cosines and sines
+ * of the angles at position pos; rope_rotate applies them to one row inp[C] (out may equal
+ * inp). rope_angles then rope_rotate gives rope_forward's bits. */
+void rope_angles(real *cs, real *sn, int pos, int HS);
+void rope_rotate(real *out, const real *inp, const real *cs, const real *sn, int C, int NH);
 
 /* ---- Causal attention ---- */
 

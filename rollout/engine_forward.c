@@ -24,6 +24,7 @@ struct eng_fwd {
     int Lw;
     float *x, *xn, *q, *k, *v, *att, *br; /* [R, C] */
     float *rstd;                          /* [R] */
+    float *rc, *rs; /* [R, HS/2] RoPE cosines and sines at each row's position (all layers) */
     /* MoE */
     float *ov_h;        /* [R, OH] */
     float *gl;          /* [R, M] gate logits */
@@ -73,7 +74,7 @@ void eng_fwd_destroy(eng_fwd_t **pf) {
                     &f->rstd, &f->ov_h, &f->gl,  &f->gate_w, &f->gx, &f->rl,  &f->ml,
                     &f->rl_g, &f->ml_g, &f->r_w, &f->m_w,    &f->eh, &f->ey,  &f->mo,
                     &f->vec,  &f->u,    &f->dn,  &f->hc,     &f->h,  &f->tmp, &f->a,
-                    &f->up,   &f->zin,  &f->dl,  &f->hx,     &f->hl};
+                    &f->up,   &f->zin,  &f->dl,  &f->hx,     &f->hl, &f->rc,  &f->rs};
     for (size_t i = 0; i < Q_ARRAY_LEN(fl); i++)
         q_aligned_free(*fl[i]);
     q_aligned_free(f->mini);
@@ -126,6 +127,8 @@ eng_fwd_t *eng_fwd_new(const quillan_policy_t *p, int max_rows, qerr_t *err) {
     f->att = xalloc(&ok, R * C, sizeof(float));
     f->br = xalloc(&ok, R * C, sizeof(float));
     f->rstd = xalloc(&ok, R, sizeof(float));
+    f->rc = xalloc(&ok, R * C / (size_t)f->NH / 2, sizeof(float));
+    f->rs = xalloc(&ok, R * C / (size_t)f->NH / 2, sizeof(float));
     f->ov_h = xalloc(&ok, R * (size_t)m->OH, sizeof(float));
     f->gl = xalloc(&ok, R * (size_t)m->M, sizeof(float));
     f->mini = xalloc(&ok, S, sizeof(int32_t));
@@ -232,11 +235,12 @@ static void attention_block(eng_fwd_t *f, kern_pool_t *pool, const eng_layer_t *
                                {&L->wk, f->xn, C, NULL, nz, f->k, C},
                                {&L->wv, f->xn, C, NULL, nz, f->v, C}};
     eng_matmul_many(pool, ops, qkv, 3);
+    const size_t H2 = C / (size_t)f->NH / 2;
     for (int r = 0; r < n; r++) {
         eng_row_t *row = &rows[r];
-        Q_ASSERT(row->pos >= 0 && row->pos < row->cap);
-        rope_forward(f->q + (size_t)r * C, f->q + (size_t)r * C, 1, 1, f->C, f->NH, row->pos);
-        rope_forward(f->k + (size_t)r * C, f->k + (size_t)r * C, 1, 1, f->C, f->NH, row->pos);
+        const float *rc = f->rc + (size_t)r * H2, *rs = f->rs + (size_t)r * H2;
+        rope_rotate(f->q + (size_t)r * C, f->q + (size_t)r * C, rc, rs, f->C, f->NH);
+        rope_rotate(f->k + (size_t)r * C, f->k + (size_t)r * C, rc, rs, f->C, f->NH);
         const size_t at = ((size_t)l * (size_t)row->cap + (size_t)row->pos) * C;
         memcpy(row->kc + at, f->k + (size_t)r * C, C * sizeof(float));
         memcpy(row->vc + at, f->v + (size_t)r * C, C * sizeof(float));
@@ -572,9 +576,13 @@ void eng_forward(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t *pool, eng
     const size_t C = (size_t)f->C;
     eng_clock_t clk;
     eng_clock_start(&clk, pool);
+    const size_t H2 = C / (size_t)f->NH / 2;
     for (int r = 0; r < n; r++) {
         Q_ASSERT(rows[r].token >= 0 && rows[r].token < f->V);
+        Q_ASSERT(rows[r].pos >= 0 && rows[r].pos < rows[r].cap);
         memcpy(f->x + (size_t)r * C, p->embed + (size_t)rows[r].token * C, C * sizeof(float));
+        /* rope_forward's angles, computed once per row for the q and k of every layer. */
+        rope_angles(f->rc + (size_t)r * H2, f->rs + (size_t)r * H2, rows[r].pos, f->C / f->NH);
     }
     for (int l = 0; l < f->L; l++) {
         const eng_layer_t *L = &p->layers[l];

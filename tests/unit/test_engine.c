@@ -11,6 +11,7 @@
 #include <criterion/criterion.h>
 #include <criterion/logging.h>
 
+#include "attention.h"
 #include "kern_pool.h"
 #include "model.h"
 #include "qpolicy.h"
@@ -419,6 +420,31 @@ Test(engine, stops_and_bad_prompts) {
     quillan_engine_destroy(&e);
     qpolicy_destroy(&q);
     model_destroy(&m);
+}
+
+/* The engine's RoPE, angles once per row (rope_angles) and then each q and k row rotated
+ * (rope_rotate), against the learner's rope_forward: the same bits at every head size and at
+ * positions up to past the 512m context, in place and out of place. */
+Test(engine, rope_in_two_parts_is_rope_forward) {
+    const int shapes[][2] = {{8, 1}, {64, 4}, {512, 8}, {96, 3}, {512, 2}};
+    uint64_t st = 0x9E3779B97F4A7C15ULL;
+    for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++) {
+        const int C = shapes[si][0], NH = shapes[si][1];
+        float x[512], want[512], got[512], cs[ATTN_MAX_HS / 2], sn[ATTN_MAX_HS / 2];
+        for (int pos = 0; pos < 5000; pos += 1 + pos / 3) {
+            for (int c = 0; c < C; c++) {
+                st = st * 6364136223846793005ULL + 1442695040888963407ULL;
+                x[c] = (float)((int64_t)(st >> 11) - (1LL << 52)) / (float)(1LL << 50);
+            }
+            rope_forward(want, x, 1, 1, C, NH, pos);
+            rope_angles(cs, sn, pos, C / NH);
+            rope_rotate(got, x, cs, sn, C, NH);
+            cr_assert(memcmp(got, want, (size_t)C * sizeof *got) == 0, "C %d NH %d pos %d", C, NH,
+                      pos);
+            rope_rotate(x, x, cs, sn, C, NH);
+            cr_assert(memcmp(x, want, (size_t)C * sizeof *x) == 0, "in place, C %d pos %d", C, pos);
+        }
+    }
 }
 
 /* kern_pool_for: every chunk runs exactly once per call, on a valid thread, whatever the pool's
