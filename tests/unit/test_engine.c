@@ -16,6 +16,7 @@
 #include "model.h"
 #include "qpolicy.h"
 #include "quillan.h"
+#include "sampler.h"
 
 #include <stdatomic.h>
 #include <time.h>
@@ -445,6 +446,174 @@ Test(engine, rope_in_two_parts_is_rope_forward) {
             cr_assert(memcmp(x, want, (size_t)C * sizeof *x) == 0, "in place, C %d pos %d", C, pos);
         }
     }
+}
+
+/* ---- sampler ---- */
+
+/* sampler_weights' exp against libm's (both within about 1 ulp of the exact value). */
+#define SAMPLER_EXP_ULPS 2.0
+
+static uint64_t lcg_next(uint64_t *st) {
+    *st = *st * 6364136223846793005ULL + 1442695040888963407ULL;
+    return *st >> 11;
+}
+
+/* Logits of one of several shapes: wide normal-ish, few levels (many equal probabilities),
+ * huge gaps (probabilities that underflow to 0 or to subnormals). */
+static void sampler_logits(float *l, int V, int shape, uint64_t *st) {
+    for (int i = 0; i < V; i++) {
+        const double u = (double)lcg_next(st) / 9007199254740992.0;
+        l[i] = shape == 0   ? (float)((u - 0.5) * 24)
+               : shape == 1 ? (float)((int)(u * 7) - 3)
+                            : (u < 0.3 ? -1e30f : (float)(-700 - 50 * u));
+    }
+}
+
+Test(sampler, weights_are_exp_within_ulps) {
+    const int V = 3001;
+    float *l = malloc((size_t)V * sizeof *l), *z = malloc((size_t)V * sizeof *z);
+    double *p = malloc((size_t)V * sizeof *p);
+    cr_assert(l && z && p);
+    uint64_t st = 7;
+    const float temps[] = {0.0f, 1.0f, 0.7f, 1.9f};
+    for (int shape = 0; shape < 3; shape++)
+        for (size_t ti = 0; ti < sizeof temps / sizeof *temps; ti++) {
+            const float T = temps[ti];
+            sampler_logits(l, V, shape, &st);
+            const double sum = sampler_weights(p, z, l, V, T);
+            float mx = -INFINITY;
+            for (int i = 0; i < V; i++)
+                mx = fmaxf(mx, T == 0 ? l[i] : l[i] / T);
+            double lanes[8] = {0};
+            for (int i = 0; i < V; i++) {
+                const float zi = T == 0 ? l[i] : l[i] / T;
+                cr_assert(memcmp(&z[i], &zi, sizeof zi) == 0, "z[%d]", i);
+                const double e = exp((double)(zi - mx)), ulp = nextafter(e, INFINITY) - e;
+                cr_assert(fabs(p[i] - e) <= SAMPLER_EXP_ULPS * ulp,
+                          "shape %d T %g: p[%d] = %.17g, exp %.17g", shape, (double)T, i, p[i], e);
+                if (zi == mx)
+                    cr_assert(p[i] == 1.0, "the maximum's weight is exactly 1");
+                lanes[i % 8] += p[i];
+            }
+            for (int w = 4; w >= 1; w /= 2)
+                for (int j = 0; j < w; j++)
+                    lanes[j] += lanes[j + w];
+            cr_assert(sum == lanes[0], "shape %d T %g: the sum's order", shape, (double)T);
+        }
+    free(l);
+    free(z);
+    free(p);
+}
+
+static const double *cmp_p;
+
+static int cmp_desc(const void *a, const void *b) {
+    const int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    if (cmp_p[x] != cmp_p[y])
+        return cmp_p[x] > cmp_p[y] ? -1 : 1;
+    return (x > y) - (x < y);
+}
+
+/* sampler.h's contract written out with a whole sort, on sampler_weights' p. */
+static sampler_result_t sample_ref(const float *l, int V, const sampler_params_t *prm, float u) {
+    double *p = malloc((size_t)V * sizeof *p);
+    float *z = malloc((size_t)V * sizeof *z);
+    int32_t *ord = malloc((size_t)V * sizeof *ord);
+    cr_assert(p && z && ord);
+    const double sum = sampler_weights(p, z, l, V, prm->temperature);
+    sampler_result_t r = {0};
+    if (prm->temperature == 0) {
+        for (int i = 1; i < V; i++)
+            if (l[i] > l[r.token])
+                r.token = i;
+        r.logprob_full = (float)(-log(sum));
+        r.kept = 1;
+    } else {
+        for (int i = 0; i < V; i++)
+            ord[i] = i;
+        cmp_p = p;
+        qsort(ord, (size_t)V, sizeof *ord, cmp_desc);
+        int kept = prm->top_k > 0 && prm->top_k < V ? prm->top_k : V;
+        double mass = 0;
+        for (int i = 0; i < kept; i++)
+            mass += p[ord[i]];
+        if (prm->top_p < 1) {
+            const double need = (double)prm->top_p * mass;
+            double c = 0;
+            int n = 0;
+            while (n < kept && !((c += p[ord[n++]]) >= need))
+                ;
+            kept = n;
+            mass = c;
+        }
+        const int truncate = kept < V || prm->top_p < 1;
+        if (!truncate) {
+            /* Nothing truncated: inverse CDF in id order. */
+            for (int i = 0; i < V; i++)
+                ord[i] = i;
+            mass = sum;
+        }
+        const double target = (double)u * mass;
+        double c = 0;
+        r.token = -1;
+        for (int i = 0; i < kept && r.token < 0; i++)
+            if ((c += p[ord[i]]) > target)
+                r.token = ord[i];
+        if (r.token < 0) {
+            int last = kept - 1;
+            while (!truncate && last > 0 && p[ord[last]] == 0)
+                last--;
+            r.token = ord[last];
+        }
+        r.logprob = (float)log(p[r.token] / mass);
+        r.logprob_full = (float)log(p[r.token] / sum);
+        r.kept = kept;
+    }
+    free(p);
+    free(z);
+    free(ord);
+    return r;
+}
+
+/* Every truncation (top-k on both sides of the insertion limit and of V, top-p alone and
+ * with top-k, greedy) gives the reference's token, count and log-probs to the bit. */
+Test(sampler, truncations_match_a_whole_sort) {
+    const int V = 2003;
+    float *l = malloc((size_t)V * sizeof *l);
+    cr_assert(l);
+    sampler_scratch_t s;
+    qerr_t err;
+    cr_assert(sampler_scratch_init(&s, V, &err) == 0, "%s", err.msg);
+    const int ks[] = {0, 1, 2, 7, 50, 256, 257, 1000, V - 1, V, V + 5};
+    const float ps[] = {1.0f, 0.95f, 0.5f, 1e-6f};
+    const float temps[] = {0.0f, 1.0f, 0.6f};
+    uint64_t st = 99;
+    long n = 0;
+    for (int shape = 0; shape < 3; shape++)
+        for (size_t ti = 0; ti < sizeof temps / sizeof *temps; ti++)
+            for (size_t ki = 0; ki < sizeof ks / sizeof *ks; ki++)
+                for (size_t pi = 0; pi < sizeof ps / sizeof *ps; pi++) {
+                    sampler_logits(l, V, shape, &st);
+                    const sampler_params_t prm = {temps[ti], ks[ki], ps[pi]};
+                    cr_assert(sampler_params_check(&prm, &err) == 0, "%s", err.msg);
+                    for (int ui = 0; ui < 3; ui++) {
+                        const float u = ui == 0 ? 0.0f : ui == 1 ? 0.37f : 0.999999f;
+                        sampler_result_t got, want = sample_ref(l, V, &prm, u);
+                        sampler_sample(&got, l, V, &prm, u, &s);
+                        cr_assert(got.token == want.token && got.kept == want.kept &&
+                                      memcmp(&got.logprob, &want.logprob, 4) == 0 &&
+                                      memcmp(&got.logprob_full, &want.logprob_full, 4) == 0,
+                                  "shape %d T %g top_k %d top_p %g u %g: token %d / %d, kept %d "
+                                  "/ %d, logprob %g / %g",
+                                  shape, (double)prm.temperature, prm.top_k, (double)prm.top_p,
+                                  (double)u, got.token, want.token, got.kept, want.kept,
+                                  (double)got.logprob, (double)want.logprob);
+                        n++;
+                    }
+                }
+    cr_assert(n > 1000);
+    sampler_scratch_free(&s);
+    free(l);
 }
 
 /* kern_pool_for: every chunk runs exactly once per call, on a valid thread, whatever the pool's
