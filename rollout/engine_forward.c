@@ -456,6 +456,13 @@ static kern_act_t act_rows(const kern_act_t *act, int r0, int n) {
     return v;
 }
 
+/* out[Lb] = +1 at the set bits of z [Lw], -1 elsewhere: the stage's 2 z - 1 (diffusion_bit_get's
+ * bits, read inline). */
+static void bit_signs(float *out, const uint64_t *z, int Lb) {
+    for (int b = 0; b < Lb; b++)
+        out[b] = (z[b / 64] >> (b % 64)) & 1 ? 1.0f : -1.0f;
+}
+
 /* out [n, OC] = BL(RMSNorm_g(x)) for rows r0.. with the learner's arithmetic: RMSNorm, int8
  * codes of each row, exact integer product with the ternary codes, times s_w then s_x. With a
  * pool the product is a parallel region; without, it runs on the calling thread. */
@@ -495,15 +502,16 @@ static void diffusion_rows(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t 
                              Lb);
     for (int k = K; k >= 1; k--) {
         for (int r = 0; r < n; r++)
-            for (int b = 0; b < Lb; b++)
-                zin[(size_t)r * Lb + b] = diffusion_bit_get(z + (size_t)r * Lw, b) ? 1.0f : -1.0f;
+            bit_signs(zin + (size_t)r * Lb, z + (size_t)r * Lw, Lb);
         bitlinear(f, pool, &f->act_Lb, &D->in_z, D->in_z_norm, zin, r0, n, h);
-        /* h = (BL_z + BL_c) + BL_time, in the learner's order. */
-        add_rows(h, h, hc, n, W);
+        /* h = (BL_z + BL_c) + BL_time, in the learner's order, in one pass. */
         const float *te = D->time_emb + (size_t)(k - 1) * W;
-        for (int r = 0; r < n; r++)
+        for (int r = 0; r < n; r++) {
+            float *hr = h + (size_t)r * W;
+            const float *hcr = hc + (size_t)r * W;
             for (int i = 0; i < W; i++)
-                h[(size_t)r * W + i] = h[(size_t)r * W + i] + te[i];
+                hr[i] = (hr[i] + hcr[i]) + te[i];
+        }
         for (int nb = 0; nb < d->NB; nb++) {
             rms_rows(a, f->rstd + r0, h, D->blk_norm[nb], n, W);
             bitlinear(f, pool, &f->act_W, &D->up[nb], D->up_norm[nb], a, r0, n, up);
@@ -527,8 +535,7 @@ static void diffusion_rows(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t 
     }
     /* Write-back BL_dec(2 c_hat - 1), c_hat = z_0. */
     for (int r = 0; r < n; r++)
-        for (int b = 0; b < Lb; b++)
-            zin[(size_t)r * Lb + b] = 2 * (float)diffusion_bit_get(z + (size_t)r * Lw, b) - 1;
+        bit_signs(zin + (size_t)r * Lb, z + (size_t)r * Lw, Lb);
     bitlinear(f, pool, &f->act_Lb, &D->dec, D->dec_norm, zin, r0, n, br);
     add_rows(x, x, br, n, C);
 }
