@@ -8,9 +8,13 @@
  *
  * Formats: ternary, int4 and int8 multiply int8 activations (matmul_q); f16, f32 and the
  * int4-f32 / int8-f32 variants (the engine's experts, micro agents and head_int8) multiply
- * FP32 activations (matmul_f). --isa (or QUILLAN_ISA) picks a lower kernel level, e.g. the
- * AVX2 path on an AVX-512 machine; its roofline then uses that level's own peaks (256-bit FMA,
- * and vpmaddubsw + vpmaddwd + vpaddd for int8, since AVX2 has no VNNI).
+ * FP32 activations (matmul_f). At batches n >= 2, int4 runs matmul_int4x on a row-interleaved copy
+ * of its matrices (kern_int4x_pack, packed once before timing; the copies are what streams
+ * from DRAM; rows "int4 x16") where the level has one (AVX-512); at n = 1 it keeps the row-major
+ * matmul_q, which is bandwidth-bound and reads the same bytes with less work. --isa (or
+ * QUILLAN_ISA) picks a lower kernel level, e.g. the AVX2 path on an AVX-512 machine; its roofline
+ * then uses that level's own peaks (256-bit FMA, and vpmaddubsw + vpmaddwd + vpaddd for int8, since
+ * AVX2 has no VNNI).
  *
  * Each format cycles through >= M MiB (default 512) of distinct copies of its matrix, so every
  * product reads its weights from DRAM (ANCHORS.md: cache-hot numbers overstate batch-1 speed
@@ -275,6 +279,7 @@ typedef struct {
     const kern_ops_t *ops;
     qtype_t type;
     int fact;
+    int int4x; /* w is a kern_int4x_pack copy: matmul_int4x, rows split at panel bounds */
     const uint8_t *w;
     size_t in, out;
     const kern_act_t *act;
@@ -286,8 +291,10 @@ typedef struct {
 static void mm_run(void *ctx, int tid, int nt) {
     mm_job_t *j = ctx;
     size_t r0, r1;
-    kern_split_rows(j->out, tid, nt, 4, &r0, &r1);
-    if (j->fact)
+    kern_split_rows(j->out, tid, nt, j->int4x ? KERN_INT4X_ROWS : 4, &r0, &r1);
+    if (j->int4x)
+        j->ops->matmul_int4x(j->w, j->in, j->act, j->y, j->out, r0, r1);
+    else if (j->fact)
         j->ops->matmul_f[j->type](j->w, j->in, j->x, j->in, j->n, j->y, j->out, r0, r1);
     else
         j->ops->matmul_q[j->type](j->w, j->in, j->act, j->y, j->out, r0, r1);
@@ -297,13 +304,18 @@ typedef struct {
     double us, gbps, gmacs, wall_us;
 } result_t;
 
+/* Bytes of one out x in matrix of format f, row-major or (int4x) interleaved. */
+static size_t matrix_bytes(const format_t *f, int int4x, size_t out, size_t in) {
+    return int4x ? kern_int4x_bytes(out, in) : out * qtype_row_bytes(f->type, in);
+}
+
 /* Best time per product over `rounds` passes through `copies` distinct copies. */
 static result_t bench_product(kern_pool_t *pool, const kern_ops_t *ops, const format_t *f,
-                              const uint8_t *mats, size_t copies, size_t out, size_t in,
+                              int int4x, const uint8_t *mats, size_t copies, size_t out, size_t in,
                               const kern_act_t *act, const float *x, size_t n, float *y,
                               int rounds) {
-    const size_t mb = out * qtype_row_bytes(f->type, in);
-    mm_job_t job = {ops, f->type, f->fact, mats, in, out, act, x, n, y};
+    const size_t mb = matrix_bytes(f, int4x, out, in);
+    mm_job_t job = {ops, f->type, f->fact, int4x, mats, in, out, act, x, n, y};
     kern_pool_run(pool, mm_run, &job); /* warm-up: page tables, code */
     double t[MAX_ROUNDS] = {0}, wall[MAX_ROUNDS] = {0};
     for (int r = 0; r < rounds; r++) {
@@ -341,6 +353,16 @@ static uint8_t *make_copies(qtype_t type, size_t out, size_t in, size_t min_byte
         memcpy(m + c * mb, m, mb);
     free(row);
     return m;
+}
+
+/* The interleaved copies of `copies` INT4 out x in matrices m (all alike: packs one). */
+static uint8_t *int4x_copies(const uint8_t *m, size_t out, size_t in, size_t copies) {
+    const size_t xb = kern_int4x_bytes(out, in);
+    uint8_t *x = xalloc(copies * xb);
+    kern_int4x_pack(x, m, out, in);
+    for (size_t c = 1; c < copies; c++)
+        memcpy(x + c * xb, x, xb);
+    return x;
 }
 
 typedef struct {
@@ -510,43 +532,53 @@ int main(int argc, char **argv) {
         }
         char lines[NFORMATS * MAX_BATCHES][256];
         result_t res[NFORMATS][MAX_BATCHES];
+        int ilv[NFORMATS][MAX_BATCHES]; /* ran matmul_int4x */
         for (size_t k = 0; k < NFORMATS; k++) {
             if (!use[k])
                 continue;
             size_t copies;
-            uint8_t *mats = make_copies(FORMATS[k].type, 4096, 4096, mib << 20, &copies);
+            uint8_t *mats = make_copies(FORMATS[k].type, 4096, 4096, mib << 20, &copies),
+                    *xmats = NULL;
+            if (FORMATS[k].type == QTYPE_INT4 && !FORMATS[k].fact && ops->matmul_int4x)
+                xmats = int4x_copies(mats, 4096, 4096, copies);
             for (int b = 0; b < nbatch; b++) {
+                ilv[k][b] = xmats && batches[b] >= 2;
                 ops->quantize_act(&act, x, in_max, batches[b]);
-                res[k][b] = bench_product(pool, ops, &FORMATS[k], mats, copies, 4096, 4096, &act, x,
-                                          batches[b], y, rounds);
+                res[k][b] =
+                    bench_product(pool, ops, &FORMATS[k], ilv[k][b], ilv[k][b] ? xmats : mats,
+                                  copies, 4096, 4096, &act, x, batches[b], y, rounds);
             }
             free(mats);
+            free(xmats);
         }
         double bw1 = probe_dram(pool, probe_buf, probe_bytes, rounds), bw = 0.5 * (bw0 + bw1);
         int nl = 0;
         for (size_t k = 0; k < NFORMATS; k++) {
-            const qtype_t t = FORMATS[k].type;
             if (!use[k])
                 continue;
-            const double bpw = (double)qtype_row_bytes(t, 4096) / 4096.0;
             const double peak = FORMATS[k].fact ? fma : vnni;
             for (int b = 0; b < nbatch; b++) {
                 const result_t *e = &res[k][b];
+                const double bpw =
+                    (double)matrix_bytes(&FORMATS[k], ilv[k][b], 4096, 4096) / (4096.0 * 4096.0);
                 double roof = bw * 1e9 * (double)batches[b] / bpw;
                 if (peak < roof)
                     roof = peak;
                 snprintf(lines[nl++], sizeof lines[0],
-                         "| %s | %.4f | %zu | %.1f | %.1f | %.2f | %.0f | %.0f | %.2f | %.1f |",
-                         FORMATS[k].name, bpw, batches[b], e->us, e->gbps, e->gbps / bw, e->gmacs,
-                         2 * e->gmacs, e->gmacs * 1e9 / roof, e->wall_us);
+                         "| %s%s | %.4f | %zu | %.1f | %.1f | %.2f | %.0f | %.0f | %.2f | %.1f |",
+                         FORMATS[k].name, ilv[k][b] ? " x16" : "", bpw, batches[b], e->us, e->gbps,
+                         e->gbps / bw, e->gmacs, 2 * e->gmacs, e->gmacs * 1e9 / roof, e->wall_us);
             }
         }
         for (int i = 0; i < nl; i++)
             printf("%s\n", lines[i]);
-        printf("\nDRAM read after: %.1f GB/s; ratios use the mean %.1f GB/s. Roofline = "
-               "min(peak, DRAM x n / bytes per weight), peak = the VNNI (int8 activations) or "
-               "FMA (FP32 activations) probe.\n\n",
-               bw1, bw);
+        printf(
+            "\nDRAM read after: %.1f GB/s; ratios use the mean %.1f GB/s. Roofline = "
+            "min(peak, DRAM x n / bytes per weight), peak = the VNNI (int8 activations) or "
+            "FMA (FP32 activations) probe. int4 x16: matmul_int4x on the 16-row interleaved copy "
+            "(kern_int4x_pack), what this level runs at n >= 2; plain int4 rows are the "
+            "row-major matmul_q.\n\n",
+            bw1, bw);
 
         if (shapes) {
             printf("### quillan-512m shapes, %d thread%s\n\n| matrix | format | n | us/product | "
@@ -569,8 +601,8 @@ int main(int argc, char **argv) {
                 float *y2 = xalloc(nmax * sh->out * sizeof *y2);
                 for (int b = 0; b < nbatch; b++) {
                     ops->quantize_act(&a2, x, in_max, batches[b]);
-                    result_t e = bench_product(pool, ops, f, mats, copies, sh->out, sh->in, &a2, x,
-                                               batches[b], y2, rounds);
+                    result_t e = bench_product(pool, ops, f, 0, mats, copies, sh->out, sh->in, &a2,
+                                               x, batches[b], y2, rounds);
                     const double bpw = (double)qtype_row_bytes(f->type, sh->in) / (double)sh->in;
                     double roof = bw * 1e9 * (double)batches[b] / bpw;
                     const double peak = f->fact ? fma : vnni;

@@ -537,34 +537,33 @@ static void matmul_int4(const void *w, size_t in, const kern_act_t *act, float *
 }
 
 /* ---- INT4 x int8, row-interleaved (kernels.h: kern_int4x_pack) ----
- * A tile is one 16-row panel x S <= TS_INT4X tokens. Per group of 32 weights, 4 loads of 64
- * bytes unpack (and / shift + and) into 8 registers of 16 rows x 4 consecutive weights,
- * shared by the S tokens; per token, 8 vpdpbusd against the token's activation dwords
- * (embedded broadcast: a load, no shuffle) complete the group's exact int32 sums of 16 rows,
- * then one conversion and one FMA with the 16 rows' group scales (one vcvtph2ps per group).
- * Each group's int32 sum starts at -8 * (the group's activation sum), which removes the +8 of
- * the stored nibbles exactly. Float accumulators: S + 8 weight registers + scales fit the 32
- * zmm; the int32 sums of successive tokens are independent chains the core overlaps. */
+ * A tile is P = 2 adjacent 16-row panels (1 for a last odd panel) x S <= TS_INT4X tokens. Per
+ * group of 32 weights, each panel's 4 loads of 64 bytes unpack (and / shift + and) into 8
+ * registers of 16 rows x 4 consecutive weights, shared by the S tokens. Per token, each of the
+ * 8 activation dwords is broadcast once (one load) and feeds one vpdpbusd per panel; 8 of them
+ * complete the group's exact int32 sums of 16 rows, then one conversion and one FMA with the
+ * 16 rows' group scales (one vcvtph2ps per group and panel). Each int32 sum starts at -8 * (the
+ * group's activation sum), which removes the +8 of the stored nibbles exactly.
+ * Why two panels: loads, not vector operations, bound these tiles (a vpdpbusd with a broadcast
+ * memory operand alone runs at ~0.88 of the register form here). One panel x 16 tokens, a
+ * broadcast per vpdpbusd, reached ~0.5 of the VNNI rate (16 activation rows 4 KiB apart also
+ * share L1 sets); two panels share each broadcast: ~0.8 with the weights in L2. Registers: 16
+ * weights, 2 scales, 2 S float accumulators, the broadcast and 2 int32 sums: S = 4 fills the
+ * 32 zmm. */
 
-#define TS_INT4X 16    /* tokens per tile */
+#define TS_INT4X 4     /* tokens per tile */
 #define INT4X_CHUNK 32 /* groups whose -8 * gsum a tile converts to int32 at once */
 
-typedef int32_t int4x_dword __attribute__((may_alias));
-
-/* acc += u8 u x the s8 dword at x broadcast to the 16 lanes. */
-INLINE __m512i dpbusd_bcast(__m512i acc, __m512i u, const int8_t *x) {
-    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u), "m"(*(const int4x_dword *)x));
-    return acc;
-}
-
-/* acc[s] (s < S) = sum over the ng groups of d_g (16 rows) * int32 sum of group g for token s
- * (activation rows x + s * xs, group sums gsum + s * gstride). */
-INLINE void int4x_tile(const int S, const uint8_t *panel, size_t ng, const int8_t *x, size_t xs,
-                       const float *gsum, size_t gstride, const pf_t *pf, __m512 *out) {
-    __m512 acc[TS_INT4X];
-    UNROLL for (int s = 0; s < S; s++) acc[s] = _mm512_setzero_ps();
+/* acc[s * P + p] (s < S, p < P) = sum over the ng groups of d_g (panel p's 16 rows) * int32 sum
+ * of group g for token s (activation rows x + s * xs, group sums gsum + s * gstride); panel p
+ * at panel + p * pb. */
+INLINE void int4x_tile(const int P, const int S, const uint8_t *panel, size_t pb, size_t ng,
+                       const int8_t *x, size_t xs, const float *gsum, size_t gstride,
+                       const pf_t *pf, __m512 *out) {
+    __m512 acc[TS_INT4X * 2];
+    UNROLL for (int i = 0; i < S * P; i++) acc[i] = _mm512_setzero_ps();
     const __m512i m4 = _mm512_set1_epi8(15);
-    int32_t bias[TS_INT4X * INT4X_CHUNK];
+    int32_t bias[INT4X_CHUNK * TS_INT4X];
     for (size_t g0 = 0; g0 < ng; g0 += INT4X_CHUNK) {
         const size_t gn = ng - g0 < INT4X_CHUNK ? ng - g0 : INT4X_CHUNK;
         UNROLL for (int s = 0; s < S; s++) for (size_t g = 0; g < gn; g += 16) {
@@ -576,60 +575,62 @@ INLINE void int4x_tile(const int S, const uint8_t *panel, size_t ng, const int8_
                 _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(-QTYPE_INT4_OFFSET))));
         }
         for (size_t g = 0; g < gn; g++) {
-            const size_t gg = g0 + g;
-            const uint8_t *blk = panel + gg / 4 * KERN_INT4X_BLOCK_BYTES,
-                          *codes = blk + gg % 4 * 256;
+            const size_t gg = g0 + g, off = gg / 4 * KERN_INT4X_BLOCK_BYTES;
             if (gg % 4 == 0)
                 prefetch_step(pf, gg / 4);
-            __m512i wv[8];
-            UNROLL for (int l = 0; l < 4; l++) {
-                const __m512i raw = _mm512_loadu_si512((const void *)(codes + 64 * l));
-                wv[l] = _mm512_and_si512(raw, m4);
-                wv[l + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+            __m512i wv[2][8];
+            __m512 d[2];
+            UNROLL for (int p = 0; p < P; p++) {
+                const uint8_t *codes = panel + p * pb + off + gg % 4 * 256;
+                UNROLL for (int l = 0; l < 4; l++) {
+                    const __m512i raw = _mm512_loadu_si512((const void *)(codes + 64 * l));
+                    wv[p][l] = _mm512_and_si512(raw, m4);
+                    wv[p][l + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+                }
+                d[p] = _mm512_cvtph_ps(_mm256_loadu_si256(
+                    (const __m256i *)(panel + p * pb + off + 1024 + 32 * (gg % 4))));
             }
-            const __m512 d =
-                _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 1024 + 32 * (gg % 4))));
-            const int8_t *xg = x + gg * QTYPE_INT4_GROUP;
             UNROLL for (int s = 0; s < S; s++) {
-                __m512i t = _mm512_set1_epi32(bias[s * INT4X_CHUNK + g]);
-                UNROLL for (int j = 0; j < 8; j++) t = dpbusd_bcast(t, wv[j], xg + s * xs + 4 * j);
-                acc[s] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), d, acc[s]);
+                const int8_t *xg = x + s * xs + gg * QTYPE_INT4_GROUP;
+                __m512i t[2];
+                UNROLL for (int p = 0; p < P; p++) t[p] =
+                    _mm512_set1_epi32(bias[s * INT4X_CHUNK + g]);
+                UNROLL for (int j = 0; j < 8; j++) {
+                    int32_t xd;
+                    memcpy(&xd, xg + 4 * j, 4);
+                    const __m512i xb = _mm512_set1_epi32(xd);
+                    UNROLL for (int p = 0; p < P; p++) t[p] = dpbusd(t[p], wv[p][j], xb);
+                }
+                UNROLL for (int p = 0; p < P; p++) acc[s * P + p] =
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[p]), d[p], acc[s * P + p]);
             }
         }
     }
-    UNROLL for (int s = 0; s < S; s++) out[s] = acc[s];
+    UNROLL for (int i = 0; i < S * P; i++) out[i] = acc[i];
 }
 
-typedef void (*xtile_fn)(const uint8_t *, size_t, const int8_t *, size_t, const float *, size_t,
-                         const pf_t *, __m512 *);
-#define DEF_XTILE(S)                                                                               \
-    static void int4x_tile_##S(const uint8_t *panel, size_t ng, const int8_t *x, size_t xs,        \
-                               const float *gsum, size_t gstride, const pf_t *pf, __m512 *out) {   \
-        int4x_tile(S, panel, ng, x, xs, gsum, gstride, pf, out);                                   \
+typedef void (*xtile_fn)(const uint8_t *, size_t, size_t, const int8_t *, size_t, const float *,
+                         size_t, const pf_t *, __m512 *);
+#define DEF_XTILE(P, S)                                                                            \
+    static void int4x_tile_##P##_##S(const uint8_t *panel, size_t pb, size_t ng, const int8_t *x,  \
+                                     size_t xs, const float *gsum, size_t gstride, const pf_t *pf, \
+                                     __m512 *out) {                                                \
+        int4x_tile(P, S, panel, pb, ng, x, xs, gsum, gstride, pf, out);                            \
     }
-DEF_XTILE(1)
-DEF_XTILE(2)
-DEF_XTILE(3)
-DEF_XTILE(4)
-DEF_XTILE(5)
-DEF_XTILE(6)
-DEF_XTILE(7)
-DEF_XTILE(8)
-DEF_XTILE(9)
-DEF_XTILE(10)
-DEF_XTILE(11)
-DEF_XTILE(12)
-DEF_XTILE(13)
-DEF_XTILE(14)
-DEF_XTILE(15)
-DEF_XTILE(16)
-static const xtile_fn int4x_tile_table[TS_INT4X] = {
-    int4x_tile_1,  int4x_tile_2,  int4x_tile_3,  int4x_tile_4,  int4x_tile_5,  int4x_tile_6,
-    int4x_tile_7,  int4x_tile_8,  int4x_tile_9,  int4x_tile_10, int4x_tile_11, int4x_tile_12,
-    int4x_tile_13, int4x_tile_14, int4x_tile_15, int4x_tile_16};
+DEF_XTILE(1, 1)
+DEF_XTILE(1, 2)
+DEF_XTILE(1, 3)
+DEF_XTILE(1, 4)
+DEF_XTILE(2, 1)
+DEF_XTILE(2, 2)
+DEF_XTILE(2, 3)
+DEF_XTILE(2, 4)
+static const xtile_fn int4x_tile_table[2][TS_INT4X] = {
+    {int4x_tile_1_1, int4x_tile_1_2, int4x_tile_1_3, int4x_tile_1_4},
+    {int4x_tile_2_1, int4x_tile_2_2, int4x_tile_2_3, int4x_tile_2_4}};
 
-/* Panels of [r0, r1) in order, each through balanced token blocks of <= TS_INT4X tokens; while
- * a panel computes, its token blocks prefetch the panel at least KERN_PF_BYTES ahead, one
+/* Panel pairs of [r0, r1) in order, each through balanced token blocks of <= TS_INT4X tokens;
+ * while a pair computes, its token blocks prefetch the pair at least KERN_PF_BYTES ahead, one
  * slice each (as the row-major tiles). */
 static void matmul_int4x(const void *w, size_t in, const kern_act_t *act, float *y, size_t ldy,
                          size_t r0, size_t r1) {
@@ -641,23 +642,35 @@ static void matmul_int4x(const void *w, size_t in, const kern_act_t *act, float 
     const size_t ng = (in + QTYPE_INT4_GROUP - 1) / QTYPE_INT4_GROUP;
     const size_t pb = nb * KERN_INT4X_BLOCK_BYTES, gstride = act->stride / QTYPE_INT4_GROUP;
     const size_t nblk = (n + TS_INT4X - 1) / TS_INT4X, base = n / nblk, extra = n % nblk;
-    const size_t ahead = kern_pf_ahead(pb), slice = pb / nblk;
-    const size_t len = (KERN_INT4X_BLOCK_BYTES + nblk - 1) / nblk;
-    for (size_t r = r0; r < r1; r += KERN_INT4X_ROWS) {
+    size_t ahead[2], slice[2], len[2];
+    for (int i = 0; i < 2; i++) {
+        ahead[i] = kern_pf_ahead((size_t)(i + 1) * pb);
+        slice[i] = (size_t)(i + 1) * pb / nblk;
+        len[i] = ((size_t)(i + 1) * KERN_INT4X_BLOCK_BYTES + nblk - 1) / nblk;
+    }
+    for (size_t r = r0; r < r1;) {
+        const int P = r1 - r > KERN_INT4X_ROWS ? 2 : 1;
         const uint8_t *panel = (const uint8_t *)w + r / KERN_INT4X_ROWS * pb;
-        const __mmask16 m =
-            r1 - r >= KERN_INT4X_ROWS ? (__mmask16)0xffff : (__mmask16)((1u << (r1 - r)) - 1);
         for (size_t s0 = 0, k = 0; s0 < n; k++) {
             const size_t S = base + (k < extra);
-            const pf_t pf = {panel + ahead + k * slice, len};
-            __m512 acc[TS_INT4X];
-            int4x_tile_table[S - 1](panel, ng, act->q + s0 * act->stride, act->stride,
-                                    act->gsum + s0 * gstride, gstride, &pf, acc);
-            for (size_t s = 0; s < S; s++)
-                _mm512_mask_storeu_ps(y + (s0 + s) * ldy + r, m,
-                                      _mm512_mul_ps(acc[s], _mm512_set1_ps(act->scale[s0 + s])));
+            const pf_t pf = {panel + ahead[P - 1] + k * slice[P - 1], len[P - 1]};
+            __m512 acc[TS_INT4X * 2];
+            int4x_tile_table[P - 1][S - 1](panel, pb, ng, act->q + s0 * act->stride, act->stride,
+                                           act->gsum + s0 * gstride, gstride, &pf, acc);
+            for (size_t s = 0; s < S; s++) {
+                const __m512 sx = _mm512_set1_ps(act->scale[s0 + s]);
+                for (int p = 0; p < P; p++) {
+                    const size_t rp = r + (size_t)p * KERN_INT4X_ROWS;
+                    const __mmask16 m = r1 - rp >= KERN_INT4X_ROWS
+                                            ? (__mmask16)0xffff
+                                            : (__mmask16)((1u << (r1 - rp)) - 1);
+                    _mm512_mask_storeu_ps(y + (s0 + s) * ldy + rp, m,
+                                          _mm512_mul_ps(acc[s * (size_t)P + (size_t)p], sx));
+                }
+            }
             s0 += S;
         }
+        r += (size_t)P * KERN_INT4X_ROWS;
     }
 }
 
