@@ -540,9 +540,12 @@ static void diffusion_rows(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t 
     add_rows(x, x, br, n, C);
 }
 
-/* Sequences per chunk when the diffusion stage splits the batch instead of each product: the
- * ternary kernel's register tile serves up to 6 sequences per unpacked weight. */
-#define DIFF_TILE 6
+/* Most sequences per chunk when the diffusion stage splits the batch instead of each product.
+ * The ternary kernel blocks a chunk's sequences itself (6 per register tile), so each tile's
+ * weights come from L3 once per chunk and from L1 for its other token blocks; chunks of 6
+ * sequences re-read the stage's 12.5 MB (quillan-512m) from L3 per 6 and ran 15-20% slower at
+ * batch 8-32. */
+#define DIFF_TILE 32
 
 typedef struct {
     eng_fwd_t *f;
