@@ -187,19 +187,20 @@ INLINE void store_sums_epi32(const int R, const int S, const __m512i *acc, int a
 
 /* A product's tiling, computed once so that no division runs per tile: balanced token blocks
  * (n >= 1 tokens in ceil(n / smax) blocks whose sizes differ by <= 1, the first `extra` ones
- * longer) and the prefetch slices of a full (TR-row) and a one-row tile. */
+ * longer) and the prefetch slices of a full tile (`full` rows of rb bytes, `unit` bytes of each
+ * consumed per step) and of a one-row tile. Rows are matrix rows, or 16-row INT4 panels. */
 typedef struct {
     size_t nblk, base, extra;
-    size_t ahead[2], stride[2], len[2]; /* [R == TR] */
+    size_t ahead[2], stride[2], len[2]; /* [tile is full] */
 } tiling_t;
 
-INLINE tiling_t tiling_of(size_t n, size_t smax, size_t rb, size_t unit) {
+INLINE tiling_t tiling_of(size_t n, size_t smax, size_t rb, size_t unit, size_t full) {
     tiling_t t;
     t.nblk = (n + smax - 1) / smax;
     t.base = n / t.nblk;
     t.extra = n % t.nblk;
     for (int i = 0; i < 2; i++) {
-        const size_t R = i ? TR : 1, tile = R * rb;
+        const size_t R = i ? full : 1, tile = R * rb;
         t.ahead[i] = kern_pf_ahead(tile);
         t.stride[i] = tile / t.nblk;
         t.len[i] = (R * unit + t.nblk - 1) / t.nblk;
@@ -215,6 +216,15 @@ INLINE size_t tiling_len(const tiling_t *t, size_t k) {
 INLINE pf_t tiling_pf(const tiling_t *t, const uint8_t *wr, int full, size_t k) {
     const pf_t pf = {wr + t->ahead[full] + k * t->stride[full], t->len[full]};
     return pf;
+}
+
+/* y[s * ldy + i] = lane 4 s + i of v for tokens s < ns and rows i < 4: a full tile's sums
+ * after a 16-register transpose (lane 4 s + r), one 128-bit store per token. */
+INLINE void store_token_rows(float *y, size_t ldy, __m512 v, int ns) {
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    UNROLL for (int s = 0; s < ns; s++) _mm_storeu_ps(
+        y + (size_t)s * ldy, _mm512_castps512_ps128(_mm512_permutexvar_ps(
+                                 _mm512_add_epi32(lanes, _mm512_set1_epi32(4 * s)), v)));
 }
 
 /* Where a single-scale tile's results go: y[s * ldy + i] = ((float)(isum - offset * xsum[s]) *
@@ -250,7 +260,6 @@ INLINE void single_scale_store(const int R, const int S, const __m512i *acc, int
         _mm_setr_ps(kern_load_f32(o->sw), kern_load_f32(o->sw + o->rb),
                     kern_load_f32(o->sw + 2 * o->rb), kern_load_f32(o->sw + 3 * o->rb)));
     const __m512i per_token = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
     UNROLL for (int s0 = 0; s0 < S; s0 += 4) {
         const int ns = S - s0 < 4 ? S - s0 : 4;
         __m512i v[16];
@@ -263,11 +272,8 @@ INLINE void single_scale_store(const int R, const int S, const __m512i *acc, int
             per_token, _mm512_castps128_ps512(_mm_maskz_loadu_ps(m, o->xscale + s0)));
         const __m512i d =
             _mm512_sub_epi32(sum16_epi32(v), _mm512_mullo_epi32(xs, _mm512_set1_epi32(o->offset)));
-        const __m512 yv = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), sw), xsc);
-        UNROLL for (int s = 0; s < ns; s++)
-            _mm_storeu_ps(o->y + (size_t)(s0 + s) * o->ldy,
-                          _mm512_castps512_ps128(_mm512_permutexvar_ps(
-                              _mm512_add_epi32(lanes, _mm512_set1_epi32(4 * s)), yv)));
+        store_token_rows(o->y + (size_t)s0 * o->ldy, o->ldy,
+                         _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), sw), xsc), ns);
     }
 }
 
@@ -401,7 +407,7 @@ static void matmul_single_scale(const itile_fn table[2][TS], qtype_t type, int o
     const size_t cb = nb * t->block_bytes, n = act->n;
     if (n == 0)
         return;
-    const tiling_t tl = tiling_of(n, TS, rb, 64);
+    const tiling_t tl = tiling_of(n, TS, rb, 64, TR);
     const uint8_t *wbase = w;
     for (size_t r = r0; r < r1;) {
         const int R = r1 - r >= TR ? TR : 1;
@@ -511,7 +517,7 @@ static void matmul_int4(const void *w, size_t in, const kern_act_t *act, float *
     const size_t gstride = act->stride / QTYPE_INT4_GROUP, n = act->n;
     if (n == 0)
         return;
-    const tiling_t tl = tiling_of(n, TS_INT4, rb, 72);
+    const tiling_t tl = tiling_of(n, TS_INT4, rb, 72, TR);
     const uint8_t *wbase = w;
     float part[TR * TS_INT4];
     for (size_t r = r0; r < r1;) {
@@ -641,19 +647,13 @@ static void matmul_int4x(const void *w, size_t in, const kern_act_t *act, float 
     const size_t nb = (in + QTYPE_INT4_BLOCK - 1) / QTYPE_INT4_BLOCK;
     const size_t ng = (in + QTYPE_INT4_GROUP - 1) / QTYPE_INT4_GROUP;
     const size_t pb = nb * KERN_INT4X_BLOCK_BYTES, gstride = act->stride / QTYPE_INT4_GROUP;
-    const size_t nblk = (n + TS_INT4X - 1) / TS_INT4X, base = n / nblk, extra = n % nblk;
-    size_t ahead[2], slice[2], len[2];
-    for (int i = 0; i < 2; i++) {
-        ahead[i] = kern_pf_ahead((size_t)(i + 1) * pb);
-        slice[i] = (size_t)(i + 1) * pb / nblk;
-        len[i] = ((size_t)(i + 1) * KERN_INT4X_BLOCK_BYTES + nblk - 1) / nblk;
-    }
+    const tiling_t tl = tiling_of(n, TS_INT4X, pb, KERN_INT4X_BLOCK_BYTES, 2);
     for (size_t r = r0; r < r1;) {
         const int P = r1 - r > KERN_INT4X_ROWS ? 2 : 1;
         const uint8_t *panel = (const uint8_t *)w + r / KERN_INT4X_ROWS * pb;
         for (size_t s0 = 0, k = 0; s0 < n; k++) {
-            const size_t S = base + (k < extra);
-            const pf_t pf = {panel + ahead[P - 1] + k * slice[P - 1], len[P - 1]};
+            const size_t S = tiling_len(&tl, k);
+            const pf_t pf = tiling_pf(&tl, panel, P == 2, k);
             __m512 acc[TS_INT4X * 2];
             int4x_tile_table[P - 1][S - 1](panel, pb, ng, act->q + s0 * act->stride, act->stride,
                                            act->gsum + s0 * gstride, gstride, &pf, acc);
@@ -684,17 +684,12 @@ INLINE void float_store(const int R, const int S, const __m512 *acc, float *y, s
                 y[s * ldy + i] = part[i * TS + s];
         return;
     }
-    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
     UNROLL for (int s0 = 0; s0 < S; s0 += 4) {
         const int ns = S - s0 < 4 ? S - s0 : 4;
         __m512 v[16];
         UNROLL for (int j = 0; j < 16; j++) v[j] =
             j % 4 < ns ? acc[(j / 4) * TS + s0 + j % 4] : _mm512_setzero_ps();
-        const __m512 sums = sum16_ps(v);
-        UNROLL for (int s = 0; s < ns; s++)
-            _mm_storeu_ps(y + (size_t)(s0 + s) * ldy,
-                          _mm512_castps512_ps128(_mm512_permutexvar_ps(
-                              _mm512_add_epi32(lanes, _mm512_set1_epi32(4 * s)), sums)));
+        store_token_rows(y + (size_t)s0 * ldy, ldy, sum16_ps(v), ns);
     }
 }
 
@@ -847,7 +842,7 @@ static void matmul_float(const fltile_fn table[2][TS], size_t smax, qtype_t type
     const size_t rb = qtype_row_bytes(type, in);
     if (n == 0)
         return;
-    const tiling_t tl = tiling_of(n, smax, rb, type == QTYPE_INT4 ? 72 : 64);
+    const tiling_t tl = tiling_of(n, smax, rb, type == QTYPE_INT4 ? 72 : 64, TR);
     const uint8_t *wbase = w;
     for (size_t r = r0; r < r1;) {
         const int R = r1 - r >= TR ? TR : 1;
