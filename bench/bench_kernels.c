@@ -275,11 +275,37 @@ static const format_t FORMATS[] = {
 };
 #define NFORMATS Q_ARRAY_LEN(FORMATS)
 
+/* A level's product on a row-interleaved copy (int4x, ternx), for batches n >= 2. */
+typedef struct {
+    const char *tag; /* appended to the format's name */
+    size_t rows;     /* rows per panel: threads split rows at multiples of it */
+    size_t (*bytes)(size_t out, size_t in);
+    void (*pack)(void *dst, const void *w, size_t out, size_t in);
+    kern_matmul_q_fn matmul;
+} ilv_t;
+
+/* The interleaved product of format f on this level, or NULL. */
+static const ilv_t *ilv_of(const kern_ops_t *ops, const format_t *f, ilv_t *buf) {
+    if (f->fact)
+        return NULL;
+    if (f->type == QTYPE_INT4 && ops->matmul_int4x) {
+        *buf =
+            (ilv_t){" x16", KERN_INT4X_ROWS, kern_int4x_bytes, kern_int4x_pack, ops->matmul_int4x};
+        return buf;
+    }
+    if (f->type == QTYPE_TERNARY && ops->matmul_ternx) {
+        *buf =
+            (ilv_t){" x4", KERN_TERNX_ROWS, kern_ternx_bytes, kern_ternx_pack, ops->matmul_ternx};
+        return buf;
+    }
+    return NULL;
+}
+
 typedef struct {
     const kern_ops_t *ops;
     qtype_t type;
     int fact;
-    int int4x; /* w is a kern_int4x_pack copy: matmul_int4x, rows split at panel bounds */
+    const ilv_t *ilv; /* w is its interleaved copy; NULL: row-major */
     const uint8_t *w;
     size_t in, out;
     const kern_act_t *act;
@@ -291,9 +317,9 @@ typedef struct {
 static void mm_run(void *ctx, int tid, int nt) {
     mm_job_t *j = ctx;
     size_t r0, r1;
-    kern_split_rows(j->out, tid, nt, j->int4x ? KERN_INT4X_ROWS : 4, &r0, &r1);
-    if (j->int4x)
-        j->ops->matmul_int4x(j->w, j->in, j->act, j->y, j->out, r0, r1);
+    kern_split_rows(j->out, tid, nt, j->ilv ? j->ilv->rows : 4, &r0, &r1);
+    if (j->ilv)
+        j->ilv->matmul(j->w, j->in, j->act, j->y, j->out, r0, r1);
     else if (j->fact)
         j->ops->matmul_f[j->type](j->w, j->in, j->x, j->in, j->n, j->y, j->out, r0, r1);
     else
@@ -304,18 +330,18 @@ typedef struct {
     double us, gbps, gmacs, wall_us;
 } result_t;
 
-/* Bytes of one out x in matrix of format f, row-major or (int4x) interleaved. */
-static size_t matrix_bytes(const format_t *f, int int4x, size_t out, size_t in) {
-    return int4x ? kern_int4x_bytes(out, in) : out * qtype_row_bytes(f->type, in);
+/* Bytes of one out x in matrix of format f, row-major or interleaved. */
+static size_t matrix_bytes(const format_t *f, const ilv_t *ilv, size_t out, size_t in) {
+    return ilv ? ilv->bytes(out, in) : out * qtype_row_bytes(f->type, in);
 }
 
 /* Best time per product over `rounds` passes through `copies` distinct copies. */
 static result_t bench_product(kern_pool_t *pool, const kern_ops_t *ops, const format_t *f,
-                              int int4x, const uint8_t *mats, size_t copies, size_t out, size_t in,
-                              const kern_act_t *act, const float *x, size_t n, float *y,
+                              const ilv_t *ilv, const uint8_t *mats, size_t copies, size_t out,
+                              size_t in, const kern_act_t *act, const float *x, size_t n, float *y,
                               int rounds) {
-    const size_t mb = matrix_bytes(f, int4x, out, in);
-    mm_job_t job = {ops, f->type, f->fact, int4x, mats, in, out, act, x, n, y};
+    const size_t mb = matrix_bytes(f, ilv, out, in);
+    mm_job_t job = {ops, f->type, f->fact, ilv, mats, in, out, act, x, n, y};
     kern_pool_run(pool, mm_run, &job); /* warm-up: page tables, code */
     double t[MAX_ROUNDS] = {0}, wall[MAX_ROUNDS] = {0};
     for (int r = 0; r < rounds; r++) {
@@ -355,11 +381,12 @@ static uint8_t *make_copies(qtype_t type, size_t out, size_t in, size_t min_byte
     return m;
 }
 
-/* The interleaved copies of `copies` INT4 out x in matrices m (all alike: packs one). */
-static uint8_t *int4x_copies(const uint8_t *m, size_t out, size_t in, size_t copies) {
-    const size_t xb = kern_int4x_bytes(out, in);
+/* The interleaved copies of `copies` out x in matrices m (all alike: packs one). */
+static uint8_t *ilv_copies(const ilv_t *ilv, const uint8_t *m, size_t out, size_t in,
+                           size_t copies) {
+    const size_t xb = ilv->bytes(out, in);
     uint8_t *x = xalloc(copies * xb);
-    kern_int4x_pack(x, m, out, in);
+    ilv->pack(x, m, out, in);
     for (size_t c = 1; c < copies; c++)
         memcpy(x + c * xb, x, xb);
     return x;
@@ -532,17 +559,19 @@ int main(int argc, char **argv) {
         }
         char lines[NFORMATS * MAX_BATCHES][256];
         result_t res[NFORMATS][MAX_BATCHES];
-        int ilv[NFORMATS][MAX_BATCHES]; /* ran matmul_int4x */
+        const ilv_t *ilv[NFORMATS][MAX_BATCHES]; /* ran an interleaved product */
+        ilv_t ilvs[NFORMATS];
         for (size_t k = 0; k < NFORMATS; k++) {
             if (!use[k])
                 continue;
             size_t copies;
             uint8_t *mats = make_copies(FORMATS[k].type, 4096, 4096, mib << 20, &copies),
                     *xmats = NULL;
-            if (FORMATS[k].type == QTYPE_INT4 && !FORMATS[k].fact && ops->matmul_int4x)
-                xmats = int4x_copies(mats, 4096, 4096, copies);
+            const ilv_t *il = ilv_of(ops, &FORMATS[k], &ilvs[k]);
+            if (il)
+                xmats = ilv_copies(il, mats, 4096, 4096, copies);
             for (int b = 0; b < nbatch; b++) {
-                ilv[k][b] = xmats && batches[b] >= 2;
+                ilv[k][b] = batches[b] >= 2 ? il : NULL;
                 ops->quantize_act(&act, x, in_max, batches[b]);
                 res[k][b] =
                     bench_product(pool, ops, &FORMATS[k], ilv[k][b], ilv[k][b] ? xmats : mats,
@@ -566,8 +595,9 @@ int main(int argc, char **argv) {
                     roof = peak;
                 snprintf(lines[nl++], sizeof lines[0],
                          "| %s%s | %.4f | %zu | %.1f | %.1f | %.2f | %.0f | %.0f | %.2f | %.1f |",
-                         FORMATS[k].name, ilv[k][b] ? " x16" : "", bpw, batches[b], e->us, e->gbps,
-                         e->gbps / bw, e->gmacs, 2 * e->gmacs, e->gmacs * 1e9 / roof, e->wall_us);
+                         FORMATS[k].name, ilv[k][b] ? ilv[k][b]->tag : "", bpw, batches[b], e->us,
+                         e->gbps, e->gbps / bw, e->gmacs, 2 * e->gmacs, e->gmacs * 1e9 / roof,
+                         e->wall_us);
             }
         }
         for (int i = 0; i < nl; i++)
@@ -575,9 +605,9 @@ int main(int argc, char **argv) {
         printf(
             "\nDRAM read after: %.1f GB/s; ratios use the mean %.1f GB/s. Roofline = "
             "min(peak, DRAM x n / bytes per weight), peak = the VNNI (int8 activations) or "
-            "FMA (FP32 activations) probe. int4 x16: matmul_int4x on the 16-row interleaved copy "
-            "(kern_int4x_pack), what this level runs at n >= 2; plain int4 rows are the "
-            "row-major matmul_q.\n\n",
+            "FMA (FP32 activations) probe. int4 x16 / ternary x4: matmul_int4x / matmul_ternx on "
+            "the 16- / 4-row interleaved copy (kern_int4x_pack / kern_ternx_pack), what this "
+            "level runs at n >= 2; plain rows are the row-major matmul_q.\n\n",
             bw1, bw);
 
         if (shapes) {
@@ -601,8 +631,8 @@ int main(int argc, char **argv) {
                 float *y2 = xalloc(nmax * sh->out * sizeof *y2);
                 for (int b = 0; b < nbatch; b++) {
                     ops->quantize_act(&a2, x, in_max, batches[b]);
-                    result_t e = bench_product(pool, ops, f, 0, mats, copies, sh->out, sh->in, &a2,
-                                               x, batches[b], y2, rounds);
+                    result_t e = bench_product(pool, ops, f, NULL, mats, copies, sh->out, sh->in,
+                                               &a2, x, batches[b], y2, rounds);
                     const double bpw = (double)qtype_row_bytes(f->type, sh->in) / (double)sh->in;
                     double roof = bw * 1e9 * (double)batches[b] / bpw;
                     const double peak = f->fact ? fma : vnni;

@@ -86,6 +86,28 @@ size_t kern_int4x_bytes(size_t out, size_t in);
  * (the products read 64-byte aligned panels faster). The same on every level. */
 void kern_int4x_pack(void *dst, const void *w, size_t out, size_t in);
 
+/* Row-interleaved ternary ("ternx"), prepared once per weight matrix for batched products:
+ * one 64-byte load holds 64 consecutive weights of each of KERN_TERNX_ROWS = 4 rows, so each
+ * row's codes unpack with one `and` shared by every token of a tile (the row-major layout needs
+ * a shift and an `and` per 64 weights and row) and a tile reads one contiguous stream.
+ *
+ * With nc = 4 ceil(in / 256) chunks of 64 columns, panel p (rows 4 p .. 4 p + 3) is
+ * pb = nc * 64 + 16 bytes at p * pb: byte 64 c + j holds, in bits 2 r and 2 r + 1, the stored
+ * code (w + 1, 0..2, as in qtypes.h) of column 64 c + j of row 4 p + r; then the 4 rows' scales
+ * s_w, float32, row 4 p + r at nc * 64 + 4 r. Rows past `out` and columns past `in` have code
+ * 1 (weight 0); rows past `out` have scale 0. Same codes and scales as the row-major matrix,
+ * and the same bytes: 2 bits per weight plus 4 per row. (Panels are 16 bytes off 64-byte
+ * alignment: one weight load per 12-24 vpdpbusd can afford the split lines.) */
+#define KERN_TERNX_ROWS 4
+
+/* Bytes of the interleaved copy of an out x in ternary matrix (out, in >= 1); SIZE_MAX when
+ * that overflows. */
+size_t kern_ternx_bytes(size_t out, size_t in);
+/* Writes the interleaved copy of the `out` row-major ternary rows w (qtype_row_bytes(
+ * QTYPE_TERNARY, in) bytes each, 1 <= in <= KERN_MAX_IN) into dst[kern_ternx_bytes(out, in)];
+ * any alignment (the products read 64-byte aligned panels faster). The same on every level. */
+void kern_ternx_pack(void *dst, const void *w, size_t out, size_t in);
+
 /* Allocates room for `cap` rows of width `in` (1 <= in <= KERN_MAX_IN, cap >= 1); -1 with
  * err on a bad size or no memory. */
 int kern_act_init(kern_act_t *act, size_t cap, size_t in, qerr_t *err);
@@ -121,6 +143,12 @@ typedef struct {
      * row-major INT4 product already runs at 0.75-0.8 of its own roofline): callers use
      * matmul_q[QTYPE_INT4] on the row-major matrix there. */
     kern_matmul_q_fn matmul_int4x;
+    /* Ternary x int8 product on the interleaved copy w of kern_ternx_pack: y[s * ldy + r]
+     * bit-identical to matmul_q[QTYPE_TERNARY] on the row-major matrix, for rows r in [r0, r1)
+     * with r0 a multiple of KERN_TERNX_ROWS and r1 <= out (a panel cut by r1 is computed whole,
+     * stored up to r1). For batches of >= 2 tokens. NULL on AVX2 (its row-major ternary
+     * product is already at its own compute roof): callers use matmul_q[QTYPE_TERNARY] there. */
+    kern_matmul_q_fn matmul_ternx;
     /* FP16 conversions of n values, round to nearest even: bit-identical to fp16.h. */
     void (*f16_from_f32)(uint16_t *dst, const float *src, size_t n);
     void (*f16_to_f32)(float *dst, const uint16_t *src, size_t n);

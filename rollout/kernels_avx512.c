@@ -322,6 +322,98 @@ INLINE void tern_tile_s1(const int R, const uint8_t *w, size_t rb, size_t nb, co
     single_scale_store(R, 1, tot, 1, o);
 }
 
+/* ---- ternary x int8, row-interleaved (kernels.h: kern_ternx_pack) ----
+ * One 64-byte load per chunk holds 64 columns of the panel's 4 rows, row r in bit field r.
+ * Masked in place, field r is code << 2r (<= 32 for r <= 2): one `and` per row and chunk
+ * unpacks it for all S tokens, and row r's accumulator sums 4^r times its products, divided
+ * back exactly at the end. Row 3 needs no `and`: the whole byte (<= 170) goes to a fourth
+ * accumulator, from which rows 0-2 are subtracted. Per chunk: 1 weight load, 3 `and`, S
+ * activation loads, 4 S vpdpbusd. Registers at S = 6: 24 accumulators, the byte, 3 unpacked
+ * rows, 3 masks and an activation. */
+INLINE void ternx_tile(const int S, const uint8_t *panel, size_t nc, const int8_t *x, size_t xs,
+                       const pf_t *pf, int rows, const qout_t *o) {
+    __m512i acc[TR][TS];
+    UNROLL for (int r = 0; r < TR; r++) UNROLL for (int s = 0; s < S; s++) acc[r][s] =
+        _mm512_setzero_si512();
+    const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c),
+                  m2 = _mm512_set1_epi8(0x30);
+    for (size_t c = 0; c < nc; c++) {
+        if (c % 4 == 0)
+            prefetch_step(pf, c / 4);
+        const __m512i raw = _mm512_loadu_si512((const void *)(panel + 64 * c));
+        const __m512i w0 = _mm512_and_si512(raw, m0), w1 = _mm512_and_si512(raw, m1),
+                      w2 = _mm512_and_si512(raw, m2);
+        UNROLL for (int s = 0; s < S; s++) {
+            const __m512i xv = _mm512_load_si512((const void *)(x + s * xs + 64 * c));
+            acc[0][s] = dpbusd(acc[0][s], w0, xv);
+            acc[1][s] = dpbusd(acc[1][s], w1, xv);
+            acc[2][s] = dpbusd(acc[2][s], w2, xv);
+            acc[3][s] = dpbusd(acc[3][s], raw, xv);
+        }
+    }
+    UNROLL for (int s = 0; s < S; s++) {
+        const __m512i low = _mm512_add_epi32(_mm512_add_epi32(acc[0][s], acc[1][s]), acc[2][s]);
+        acc[3][s] = _mm512_srai_epi32(_mm512_sub_epi32(acc[3][s], low), 6);
+        acc[1][s] = _mm512_srai_epi32(acc[1][s], 2);
+        acc[2][s] = _mm512_srai_epi32(acc[2][s], 4);
+    }
+    if (rows == TR) {
+        single_scale_store(TR, S, (const __m512i *)acc, TS, o);
+        return;
+    }
+    /* A panel cut by r1: the whole panel into a buffer, its first `rows` rows out. */
+    float part[TS * TR];
+    qout_t op = *o;
+    op.y = part;
+    op.ldy = TR;
+    single_scale_store(TR, S, (const __m512i *)acc, TS, &op);
+    for (int s = 0; s < S; s++)
+        memcpy(o->y + (size_t)s * o->ldy, part + s * TR, (size_t)rows * sizeof(float));
+}
+
+typedef void (*ttile_fn)(const uint8_t *, size_t, const int8_t *, size_t, const pf_t *, int,
+                         const qout_t *);
+#define DEF_TTILE(S)                                                                               \
+    static void ternx_tile_##S(const uint8_t *panel, size_t nc, const int8_t *x, size_t xs,        \
+                               const pf_t *pf, int rows, const qout_t *o) {                        \
+        ternx_tile(S, panel, nc, x, xs, pf, rows, o);                                              \
+    }
+DEF_TTILE(1)
+DEF_TTILE(2)
+DEF_TTILE(3)
+DEF_TTILE(4)
+DEF_TTILE(5)
+DEF_TTILE(6)
+static const ttile_fn ternx_tile_table[TS] = {ternx_tile_1, ternx_tile_2, ternx_tile_3,
+                                              ternx_tile_4, ternx_tile_5, ternx_tile_6};
+
+/* Panels of [r0, r1) in order, each through balanced token blocks of <= TS tokens; while a
+ * panel computes, its token blocks prefetch the panel at least KERN_PF_BYTES ahead, one slice
+ * each per 4 chunks (as the row-major tiles per 256-weight block). */
+static void matmul_ternx(const void *w, size_t in, const kern_act_t *act, float *y, size_t ldy,
+                         size_t r0, size_t r1) {
+    Q_ASSERT(in == act->in && in <= KERN_MAX_IN && r0 % KERN_TERNX_ROWS == 0);
+    const size_t n = act->n;
+    if (n == 0 || r0 >= r1)
+        return;
+    const size_t nc = 4 * ((in + QTYPE_TERNARY_BLOCK - 1) / QTYPE_TERNARY_BLOCK);
+    const size_t pb = nc * 64 + KERN_TERNX_ROWS * sizeof(float);
+    const tiling_t tl = tiling_of(n, TS, pb, 256, 1);
+    for (size_t r = r0; r < r1; r += KERN_TERNX_ROWS) {
+        const uint8_t *panel = (const uint8_t *)w + r / KERN_TERNX_ROWS * pb;
+        const int rows = r1 - r >= KERN_TERNX_ROWS ? KERN_TERNX_ROWS : (int)(r1 - r);
+        for (size_t s0 = 0, k = 0; s0 < n; k++) {
+            const size_t S = tiling_len(&tl, k);
+            const pf_t pf = tiling_pf(&tl, panel, 1, k);
+            const qout_t o = {y + s0 * ldy + r, ldy, panel + nc * 64, 4, 1, act->sum + s0,
+                              act->scale + s0};
+            ternx_tile_table[S - 1](panel, nc, act->q + s0 * act->stride, act->stride, &pf, rows,
+                                    &o);
+            s0 += S;
+        }
+    }
+}
+
 INLINE void tern_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t nb,
                       const int8_t *x, size_t xs, const pf_t *pf, const qout_t *o) {
     if (S == 1) {
@@ -912,6 +1004,7 @@ const kern_ops_t kern_ops_avx512 = {
                  [QTYPE_INT4] = matmul_int4_f,
                  [QTYPE_INT8] = matmul_int8_f},
     .matmul_int4x = matmul_int4x,
+    .matmul_ternx = matmul_ternx,
     .f16_from_f32 = f16_from_f32,
     .f16_to_f32 = f16_to_f32,
     .bits_xor = kern_ref_bits_xor,

@@ -180,6 +180,63 @@ static void matmul_int4x(const void *w, size_t in, const kern_act_t *act, float 
     }
 }
 
+/* ---- ternary, row-interleaved (kernels.h: kern_ternx_pack) ---- */
+
+static size_t ternx_chunks(size_t in) {
+    return 4 * (in / QTYPE_TERNARY_BLOCK + (in % QTYPE_TERNARY_BLOCK != 0));
+}
+
+size_t kern_ternx_bytes(size_t out, size_t in) {
+    const size_t panels = out / KERN_TERNX_ROWS + (out % KERN_TERNX_ROWS != 0);
+    const size_t pb = ternx_chunks(in) * 64 + KERN_TERNX_ROWS * sizeof(float);
+    if (panels > SIZE_MAX / pb)
+        return SIZE_MAX;
+    return panels * pb;
+}
+
+void kern_ternx_pack(void *dst, const void *w, size_t out, size_t in) {
+    Q_ASSERT(out >= 1 && in >= 1 && in <= KERN_MAX_IN);
+    const size_t rb = qtype_row_bytes(QTYPE_TERNARY, in), nc = ternx_chunks(in);
+    const size_t pb = nc * 64 + KERN_TERNX_ROWS * sizeof(float);
+    const size_t panels = (out + KERN_TERNX_ROWS - 1) / KERN_TERNX_ROWS;
+    uint8_t *d = dst;
+    /* Code 1 (weight 0) in every field and scale 0: what rows past `out` keep. */
+    for (size_t p = 0; p < panels; p++) {
+        memset(d + p * pb, 0x55, nc * 64);
+        memset(d + p * pb + nc * 64, 0, KERN_TERNX_ROWS * sizeof(float));
+    }
+    for (size_t r = 0; r < out; r++) {
+        const uint8_t *row = (const uint8_t *)w + r * rb;
+        uint8_t *panel = d + r / KERN_TERNX_ROWS * pb;
+        const unsigned shift = 2 * (r % KERN_TERNX_ROWS);
+        for (size_t i = 0; i < in; i++) {
+            const unsigned code = (unsigned)(ternary_code(row, i) + 1);
+            panel[i] = (uint8_t)((panel[i] & ~(3u << shift)) | code << shift);
+        }
+        memcpy(panel + nc * 64 + 4 * (r % KERN_TERNX_ROWS),
+               row + kern_codes_bytes(QTYPE_TERNARY, in), 4);
+    }
+}
+
+/* matmul_ternary on the interleaved copy: the same integer sums, so the same floats. */
+static void matmul_ternx(const void *w, size_t in, const kern_act_t *act, float *y, size_t ldy,
+                         size_t r0, size_t r1) {
+    Q_ASSERT(r0 % KERN_TERNX_ROWS == 0);
+    const size_t nc = ternx_chunks(in), pb = nc * 64 + KERN_TERNX_ROWS * sizeof(float);
+    for (size_t r = r0; r < r1; r++) {
+        const uint8_t *panel = (const uint8_t *)w + r / KERN_TERNX_ROWS * pb;
+        const unsigned shift = 2 * (r % KERN_TERNX_ROWS);
+        const float sw = kern_load_f32(panel + nc * 64 + 4 * (r % KERN_TERNX_ROWS));
+        for (size_t s = 0; s < act->n; s++) {
+            const int8_t *q = act->q + s * act->stride;
+            int32_t isum = 0;
+            for (size_t i = 0; i < in; i++)
+                isum += ((int)(panel[i] >> shift & 3) - 1) * q[i];
+            y[s * ldy + r] = (float)isum * sw * act->scale[s];
+        }
+    }
+}
+
 /* Weight i of a packed row of width `in`, exactly as dequantize_row_ref gives it: the stored
  * float, the FP16 value, or scale * code (one float multiply). */
 static float weight_at(qtype_t t, const uint8_t *row, size_t in, size_t i) {
@@ -268,6 +325,7 @@ const kern_ops_t kern_ops_ref = {
                  [QTYPE_INT4] = matmul_int4_f,
                  [QTYPE_INT8] = matmul_int8_f},
     .matmul_int4x = matmul_int4x,
+    .matmul_ternx = matmul_ternx,
     .f16_from_f32 = fp16_from_float_n,
     .f16_to_f32 = fp16_to_float_n,
     .bits_xor = kern_ref_bits_xor,

@@ -469,6 +469,117 @@ Test(int4x, every_batch_size) {
     check_int4x(48, 2100, 32, 990);
 }
 
+/* ---- ternary, row-interleaved (kern_ternx_pack, matmul_ternx) ---- */
+
+/* Stored code of weight i of row r in the interleaved copy, from kernels.h's layout text. */
+static unsigned ternx_code(const uint8_t *x, size_t in, size_t r, size_t i) {
+    const size_t nc = 4 * ((in + 255) / 256), pb = nc * 64 + 16;
+    return x[r / 4 * pb + i] >> (2 * (r % 4)) & 3;
+}
+
+static float ternx_scale(const uint8_t *x, size_t in, size_t r) {
+    const size_t nc = 4 * ((in + 255) / 256), pb = nc * 64 + 16;
+    float v;
+    memcpy(&v, x + r / 4 * pb + nc * 64 + 4 * (r % 4), 4);
+    return v;
+}
+
+static uint8_t *ternx_copy(const uint8_t *w, size_t out, size_t in) {
+    uint8_t *x = xmalloc(kern_ternx_bytes(out, in));
+    kern_ternx_pack(x, w, out, in);
+    return x;
+}
+
+/* Every weight's code and every row's scale sit where the layout says; padding rows and
+ * columns hold code 1 (weight 0), padding rows scale 0; the copy does not depend on dst. */
+Test(ternx, pack_places_every_code_and_scale) {
+    const size_t outs[] = {1, 3, 4, 5, 13};
+    const size_t ins[] = {1, 63, 100, 256, 257, 700};
+    for (size_t ko = 0; ko < Q_ARRAY_LEN(outs); ko++)
+        for (size_t ki = 0; ki < Q_ARRAY_LEN(ins); ki++) {
+            const size_t out = outs[ko], in = ins[ki], rb = qtype_row_bytes(QTYPE_TERNARY, in);
+            const size_t nb = (in + 255) / 256, panels = (out + 3) / 4;
+            const size_t bytes = kern_ternx_bytes(out, in);
+            cr_assert_eq(bytes, panels * 4 * rb, "out=%zu in=%zu", out, in);
+            uint8_t *w = pack_matrix(QTYPE_TERNARY, out, in, 70 + ko * 7 + ki);
+            uint8_t *x = xmalloc(bytes), *x2 = xmalloc(bytes);
+            memset(x, 0xA5, bytes);
+            memset(x2, 0x00, bytes);
+            kern_ternx_pack(x, w, out, in);
+            kern_ternx_pack(x2, w, out, in);
+            cr_assert_eq(memcmp(x, x2, bytes), 0, "out=%zu in=%zu: copy depends on dst", out, in);
+            for (size_t r = 0; r < panels * 4; r++) {
+                for (size_t i = 0; i < nb * 256; i++) {
+                    unsigned want = 1;
+                    if (r < out && i < in)
+                        want = w[r * rb + i / 256 * 64 + i % 64] >> (2 * (i % 256 / 64)) & 3;
+                    cr_assert_eq(ternx_code(x, in, r, i), want, "out=%zu in=%zu r=%zu i=%zu", out,
+                                 in, r, i);
+                }
+                const float want = r < out ? qtype_row_scale(QTYPE_TERNARY, w + r * rb, in) : 0.0f;
+                cr_assert_eq(ternx_scale(x, in, r), want, "out=%zu in=%zu r=%zu", out, in, r);
+            }
+            free(w);
+            free(x);
+            free(x2);
+        }
+    cr_assert_eq(kern_ternx_bytes(4096, 4096), 4096 * qtype_row_bytes(QTYPE_TERNARY, 4096));
+    cr_assert_eq(kern_ternx_bytes(SIZE_MAX / 8, 4096), SIZE_MAX);
+}
+
+/* matmul_ternx on the copy against the reference row-major product, bit for bit on every
+ * level; whole range and sub-ranges (a panel start to a row inside a panel). */
+static void check_ternx(size_t out, size_t in, size_t n, uint64_t seed) {
+    const kern_ops_t *ref = kern_ops_for(CPU_ISA_REF);
+    uint8_t *w = pack_matrix(QTYPE_TERNARY, out, in, seed);
+    uint8_t *wx = ternx_copy(w, out, in);
+    float *x = xmalloc(n * in * sizeof *x), *xdeq = xmalloc(n * in * sizeof *x);
+    kern_act_t a;
+    random_act(&a, x, xdeq, n, in, seed + 1);
+    float *yr = sentinel_out(out, n);
+    ref->matmul_q[QTYPE_TERNARY](w, in, &a, yr, out + GUARD, 0, out);
+    size_t ranges[4][2] = {{0, out}, {4, out}, {0, 4}, {4, out - 1}};
+    for (int lvl = 0; lvl < CPU_ISA_COUNT; lvl++) {
+        const kern_ops_t *ops = kern_ops_for((cpu_isa_t)lvl);
+        if (!ops)
+            continue;
+        if (!ops->matmul_ternx) {
+            cr_assert_str_eq(ops->name, "avx2", "%s lacks matmul_ternx", ops->name);
+            continue;
+        }
+        char what[64];
+        snprintf(what, sizeof what, "%s ternx out=%zu n=%zu", ops->name, out, n);
+        for (int k = 0; k < (out > 5 ? 4 : out > 4 ? 3 : 1); k++) {
+            float *y = sentinel_out(out, n);
+            ops->matmul_ternx(wx, in, &a, y, out + GUARD, ranges[k][0], ranges[k][1]);
+            check_outputs(what, QTYPE_TERNARY, w, in, xdeq, y, yr, out, n, ranges[k][0],
+                          ranges[k][1], CMP_EXACT);
+            free(y);
+        }
+    }
+    free(yr);
+    kern_act_free(&a);
+    free(x);
+    free(xdeq);
+    free(wx);
+    free(w);
+}
+
+Test(ternx, levels_match_row_major_product) {
+    const size_t outs[] = {1, 3, 4, 5, 9, 13};
+    for (size_t kw = 0; kw < Q_ARRAY_LEN(WIDTHS); kw++)
+        for (size_t ko = 0; ko < Q_ARRAY_LEN(outs); ko++)
+            check_ternx(outs[ko], WIDTHS[kw], BATCH[(kw + ko) % Q_ARRAY_LEN(BATCH)],
+                        400 + kw * 11 + ko);
+}
+
+/* Every batch size 1..33: every tile width and the balanced split into token blocks. */
+Test(ternx, every_batch_size) {
+    for (size_t n = 1; n <= 33; n++)
+        check_ternx(11, 300, n, 950 + n);
+    check_ternx(24, 4100, 32, 995);
+}
+
 static void run_float(qtype_t t) {
     const kern_ops_t *ref = kern_ops_for(CPU_ISA_REF);
     for (size_t kw = 0; kw < Q_ARRAY_LEN(WIDTHS); kw++)
