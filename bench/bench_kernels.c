@@ -8,10 +8,11 @@
  *
  * Formats: ternary, int4 and int8 multiply int8 activations (matmul_q); f16, f32 and the
  * int4-f32 / int8-f32 variants (the engine's experts, micro agents and head_int8) multiply
- * FP32 activations (matmul_f). At batches n >= 2, int4 runs matmul_int4x on a row-interleaved copy
- * of its matrices (kern_int4x_pack, packed once before timing; the copies are what streams
- * from DRAM; rows "int4 x16") where the level has one (AVX-512); at n = 1 it keeps the row-major
- * matmul_q, which is bandwidth-bound and reads the same bytes with less work. --isa (or
+ * FP32 activations (matmul_f). Where the level has them (AVX-512), ternary runs matmul_ternx at
+ * every n and int4 runs matmul_int4x at n >= 2, on row-interleaved copies of their matrices
+ * (kern_ternx_pack / kern_int4x_pack, packed once before timing; the copies are what streams
+ * from DRAM; rows "ternary x4", "int4 x16"); at n = 1 int4 keeps the row-major matmul_q, which
+ * is bandwidth-bound and reads the same bytes with less work. --isa (or
  * QUILLAN_ISA) picks a lower kernel level, e.g. the AVX2 path on an AVX-512 machine; its roofline
  * then uses that level's own peaks (256-bit FMA, and vpmaddubsw + vpmaddwd + vpaddd for int8, since
  * AVX2 has no VNNI).
@@ -109,28 +110,33 @@ static void *xalloc(size_t n) {
 typedef struct {
     const uint64_t *buf;
     size_t words;
+    int streams; /* sub-streams each thread reads side by side */
+    size_t pf;   /* software prefetch distance in bytes (0: none) */
     uint64_t sink[KERN_POOL_MAX];
 } probe_job_t;
 
-/* Reads the thread's share with the widest loads available (a scalar loop tops out below the
- * memory system's rate), 4 cache lines per iteration into independent accumulators, and the
- * same software prefetch distance as the kernels (KERN_PF_BYTES): without it the kernels read
- * faster than the probe (1.1-1.2 of it), so the probe was not the memory's limit. */
+/* Reads the thread's share as `streams` contiguous parts side by side, 256 bytes of each per
+ * step, with the widest loads available (a scalar loop tops out below the memory system's
+ * rate) into independent accumulators, prefetching each part `pf` bytes ahead. */
 #if defined(__x86_64__)
 __attribute__((target("avx2"))) static void probe_read(void *ctx, int tid, int nt) {
     probe_job_t *j = ctx;
     size_t w0, w1;
-    kern_split_rows(j->words, tid, nt, 32, &w0, &w1);
+    kern_split_rows(j->words, tid, nt, 32 * (size_t)j->streams, &w0, &w1);
+    const size_t part = (w1 - w0) / (size_t)j->streams;
     __m256i a[8];
     for (int k = 0; k < 8; k++)
         a[k] = _mm256_setzero_si256();
-    for (size_t i = w0; i + 32 <= w1; i += 32) {
-        for (int k = 0; k < 4; k++)
-            _mm_prefetch((const char *)(j->buf + i + 8 * k) + KERN_PF_BYTES, _MM_HINT_T0);
+    for (size_t i = 0; i + 32 <= part; i += 32)
+        for (int s = 0; s < j->streams; s++) {
+            const uint64_t *p = j->buf + w0 + (size_t)s * part + i;
+            if (j->pf)
+                for (int k = 0; k < 4; k++)
+                    _mm_prefetch((const char *)(p + 8 * k) + j->pf, _MM_HINT_T0);
 #pragma GCC unroll 8
-        for (int k = 0; k < 8; k++)
-            a[k] = _mm256_add_epi64(a[k], _mm256_load_si256((const __m256i *)(j->buf + i + 4 * k)));
-    }
+            for (int k = 0; k < 8; k++)
+                a[k] = _mm256_add_epi64(a[k], _mm256_load_si256((const __m256i *)(p + 4 * k)));
+        }
     for (int k = 1; k < 8; k++)
         a[0] = _mm256_add_epi64(a[0], a[k]);
     j->sink[tid] = (uint64_t)_mm256_extract_epi64(a[0], 0);
@@ -148,16 +154,28 @@ static void probe_read(void *ctx, int tid, int nt) {
 }
 #endif
 
-/* Streaming read of a 1 GiB buffer on every thread of the pool: GB/s, best of rounds. */
+/* Streaming read of a 1 GiB buffer on every thread of the pool: GB/s, best of rounds and of
+ * the read patterns below. One plain stream per thread is not the memory's limit here: 2-4
+ * side-by-side streams with prefetch read up to ~1.2x faster on one thread (and the kernels,
+ * with work between their loads, faster still), so the probe keeps the best pattern found. */
 static double probe_dram(kern_pool_t *pool, const uint64_t *buf, size_t bytes, int rounds) {
-    probe_job_t job = {.buf = buf, .words = bytes / 8};
-    double t[MAX_ROUNDS] = {0};
-    for (int r = 0; r < rounds; r++) {
-        timed_t tj = {.fn = probe_read, .ctx = &job};
-        kern_pool_run(pool, timed_run, &tj);
-        t[r] = timed_max(&tj, kern_pool_size(pool));
-    }
-    return (double)bytes / best(t, rounds) / 1e9;
+    static const int streams[] = {1, 2, 4};
+    static const size_t pfs[] = {0, 4096, KERN_PF_BYTES};
+    double bw = 0.0;
+    for (size_t si = 0; si < Q_ARRAY_LEN(streams); si++)
+        for (size_t pi = 0; pi < Q_ARRAY_LEN(pfs); pi++) {
+            probe_job_t job = {
+                .buf = buf, .words = bytes / 8, .streams = streams[si], .pf = pfs[pi]};
+            double t[MAX_ROUNDS] = {0};
+            for (int r = 0; r < rounds; r++) {
+                timed_t tj = {.fn = probe_read, .ctx = &job};
+                kern_pool_run(pool, timed_run, &tj);
+                t[r] = timed_max(&tj, kern_pool_size(pool));
+            }
+            const double g = (double)bytes / best(t, rounds) / 1e9;
+            bw = g > bw ? g : bw;
+        }
+    return bw;
 }
 
 #define PEAK_ITERS 20000000L
@@ -275,9 +293,10 @@ static const format_t FORMATS[] = {
 };
 #define NFORMATS Q_ARRAY_LEN(FORMATS)
 
-/* A level's product on a row-interleaved copy (int4x, ternx), for batches n >= 2. */
+/* A level's product on a row-interleaved copy (int4x, ternx), run for batches n >= min_n. */
 typedef struct {
     const char *tag; /* appended to the format's name */
+    size_t min_n;    /* int4x: 2 (at n = 1 the row-major product reads the same bytes faster) */
     size_t rows;     /* rows per panel: threads split rows at multiples of it */
     size_t (*bytes)(size_t out, size_t in);
     void (*pack)(void *dst, const void *w, size_t out, size_t in);
@@ -289,13 +308,13 @@ static const ilv_t *ilv_of(const kern_ops_t *ops, const format_t *f, ilv_t *buf)
     if (f->fact)
         return NULL;
     if (f->type == QTYPE_INT4 && ops->matmul_int4x) {
-        *buf =
-            (ilv_t){" x16", KERN_INT4X_ROWS, kern_int4x_bytes, kern_int4x_pack, ops->matmul_int4x};
+        *buf = (ilv_t){" x16",           2, KERN_INT4X_ROWS, kern_int4x_bytes, kern_int4x_pack,
+                       ops->matmul_int4x};
         return buf;
     }
     if (f->type == QTYPE_TERNARY && ops->matmul_ternx) {
-        *buf =
-            (ilv_t){" x4", KERN_TERNX_ROWS, kern_ternx_bytes, kern_ternx_pack, ops->matmul_ternx};
+        *buf = (ilv_t){
+            " x4", 1, KERN_TERNX_ROWS, kern_ternx_bytes, kern_ternx_pack, ops->matmul_ternx};
         return buf;
     }
     return NULL;
@@ -571,7 +590,7 @@ int main(int argc, char **argv) {
             if (il)
                 xmats = ilv_copies(il, mats, 4096, 4096, copies);
             for (int b = 0; b < nbatch; b++) {
-                ilv[k][b] = batches[b] >= 2 ? il : NULL;
+                ilv[k][b] = il && batches[b] >= il->min_n ? il : NULL;
                 ops->quantize_act(&act, x, in_max, batches[b]);
                 res[k][b] =
                     bench_product(pool, ops, &FORMATS[k], ilv[k][b], ilv[k][b] ? xmats : mats,
@@ -623,6 +642,9 @@ int main(int argc, char **argv) {
                     continue;
                 size_t copies;
                 uint8_t *mats = make_copies(f->type, sh->out, sh->in, mib << 20, &copies);
+                ilv_t ibuf;
+                const ilv_t *il = ilv_of(ops, f, &ibuf);
+                uint8_t *xmats = il ? ilv_copies(il, mats, sh->out, sh->in, copies) : NULL;
                 kern_act_t a2;
                 if (kern_act_init(&a2, nmax, sh->in, &err) != 0) {
                     fprintf(stderr, "bench_kernels: %s\n", err.msg);
@@ -631,20 +653,23 @@ int main(int argc, char **argv) {
                 float *y2 = xalloc(nmax * sh->out * sizeof *y2);
                 for (int b = 0; b < nbatch; b++) {
                     ops->quantize_act(&a2, x, in_max, batches[b]);
-                    result_t e = bench_product(pool, ops, f, NULL, mats, copies, sh->out, sh->in,
-                                               &a2, x, batches[b], y2, rounds);
-                    const double bpw = (double)qtype_row_bytes(f->type, sh->in) / (double)sh->in;
+                    const ilv_t *ib = il && batches[b] >= il->min_n ? il : NULL;
+                    result_t e = bench_product(pool, ops, f, ib, ib ? xmats : mats, copies, sh->out,
+                                               sh->in, &a2, x, batches[b], y2, rounds);
+                    const double bpw =
+                        (double)matrix_bytes(f, ib, sh->out, sh->in) / (double)(sh->out * sh->in);
                     double roof = bw * 1e9 * (double)batches[b] / bpw;
                     const double peak = f->fact ? fma : vnni;
                     if (peak < roof)
                         roof = peak;
-                    printf("| %s | %s | %zu | %.1f | %.1f | %.2f | %.0f | %.2f |\n", sh->name,
-                           f->name, batches[b], e.us, e.gbps, e.gbps / bw, e.gmacs,
-                           e.gmacs * 1e9 / roof);
+                    printf("| %s | %s%s | %zu | %.1f | %.1f | %.2f | %.0f | %.2f |\n", sh->name,
+                           f->name, ib ? ib->tag : "", batches[b], e.us, e.gbps, e.gbps / bw,
+                           e.gmacs, e.gmacs * 1e9 / roof);
                 }
                 free(y2);
                 kern_act_free(&a2);
                 free(mats);
+                free(xmats);
             }
             printf("\n");
         }

@@ -146,7 +146,8 @@ typedef struct {
     /* Ternary x int8 product on the interleaved copy w of kern_ternx_pack: y[s * ldy + r]
      * bit-identical to matmul_q[QTYPE_TERNARY] on the row-major matrix, for rows r in [r0, r1)
      * with r0 a multiple of KERN_TERNX_ROWS and r1 <= out (a panel cut by r1 is computed whole,
-     * stored up to r1). For batches of >= 2 tokens. NULL on AVX2 (its row-major ternary
+     * stored up to r1). For every batch size: at one token too it streams faster than the
+     * row-major tiles (one stream per tile instead of 4). NULL on AVX2 (its row-major ternary
      * product is already at its own compute roof): callers use matmul_q[QTYPE_TERNARY] there. */
     kern_matmul_q_fn matmul_ternx;
     /* FP16 conversions of n values, round to nearest even: bit-identical to fp16.h. */
