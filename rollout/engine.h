@@ -30,6 +30,9 @@ typedef struct {
     const unsigned char *w;
     qtype_t qt;
     size_t rows, cols, row_bytes;
+    /* TERNARY where the kernels have matmul_ternx: the kern_ternx_pack copy of w that the
+     * products read (bit-identical results, faster tiles); NULL otherwise. */
+    const unsigned char *wx;
 } eng_mat_t;
 
 /* One layer's weights. Mini j's matrices are views into the stacked tensors. */
@@ -71,7 +74,8 @@ struct quillan_policy {
     eng_mat_t head; /* F32 or INT8 [V, C] */
     eng_layer_t *layers;
     eng_diff_t diff;
-    size_t weight_bytes;
+    unsigned char *ternx; /* the diffusion matrices' interleaved copies (eng_mat_t.wx), owned */
+    size_t weight_bytes;  /* of the policy's tensors, without the copies */
     /* Snapshot bytes handed over by quillan_policy_load_bytes, released after q. */
     void (*release)(void *ctx, const void *data, size_t len);
     void *release_ctx;

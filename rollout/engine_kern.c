@@ -72,7 +72,10 @@ void eng_matmul_rows(const kern_ops_t *ops, const eng_prod_t *pr, size_t r0, siz
         return;
     if (W->qt == QTYPE_TERNARY) {
         Q_ASSERT(pr->act && pr->act->n == pr->n && pr->act->in == W->cols);
-        ops->matmul_q[QTYPE_TERNARY](W->w, W->cols, pr->act, pr->y, pr->ldy, r0, r1);
+        if (W->wx && ops->matmul_ternx && r0 % KERN_TERNX_ROWS == 0)
+            ops->matmul_ternx(W->wx, W->cols, pr->act, pr->y, pr->ldy, r0, r1);
+        else
+            ops->matmul_q[QTYPE_TERNARY](W->w, W->cols, pr->act, pr->y, pr->ldy, r0, r1);
     } else {
         Q_ASSERT(pr->x && pr->ldx >= W->cols);
         ops->matmul_f[W->qt](W->w, W->cols, pr->x, pr->ldx, pr->n, pr->y, pr->ldy, r0, r1);

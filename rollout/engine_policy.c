@@ -32,7 +32,7 @@ static const float *vec(const qpolicy_tensor_t *t) {
 
 /* The whole tensor as a matrix [rows, cols]. */
 static eng_mat_t mat(const qpolicy_tensor_t *t) {
-    return (eng_mat_t){t->data, t->qtype, t->rows, t->cols, t->row_bytes};
+    return (eng_mat_t){t->data, t->qtype, t->rows, t->cols, t->row_bytes, NULL};
 }
 
 static void policy_free(quillan_policy_t *p) {
@@ -56,6 +56,7 @@ static void policy_free(quillan_policy_t *p) {
     free(p->diff.up_norm);
     free(p->diff.down_norm);
     free(p->diff.time_emb);
+    free(p->ternx);
     tokenizer_destroy(&p->tok);
     qpolicy_destroy(&p->q);
     if (p->release)
@@ -173,6 +174,52 @@ static int map_diffusion(quillan_policy_t *p) {
     return 0;
 }
 
+/* The diffusion stage's ternary matrices, for pack_ternx. */
+static int ternary_mats(quillan_policy_t *p, eng_mat_t **out) {
+    eng_diff_t *D = &p->diff;
+    int n = 0;
+    eng_mat_t *fixed[] = {&D->in_z, &D->in_c, &D->time, &D->out, &D->dec};
+    for (size_t i = 0; i < Q_ARRAY_LEN(fixed); i++)
+        out[n++] = fixed[i];
+    for (int b = 0; b < p->dd.NB; b++) {
+        out[n++] = &D->up[b];
+        out[n++] = &D->down[b];
+    }
+    return n;
+}
+
+/* Where the level has matmul_ternx, one 64-byte aligned buffer with the interleaved copy of
+ * every ternary matrix (kernels.h: a tile reads one stream and unpacks with one `and` per row;
+ * 2-4x the row-major tiles' rate on the diffusion shapes), the copies' offsets 64-byte aligned. */
+static int pack_ternx(quillan_policy_t *p, qerr_t *err) {
+    if (kern_init(err) < 0)
+        return -1;
+    if (!kern_ops()->matmul_ternx)
+        return 0;
+    eng_mat_t **mats = malloc((5 + 2 * (size_t)p->dd.NB) * sizeof *mats);
+    if (!mats)
+        return qerr_set(err, QERR_NOMEM, "policy: out of memory");
+    const int n = ternary_mats(p, mats);
+    size_t total = 0;
+    for (int i = 0; i < n; i++)
+        total += (kern_ternx_bytes(mats[i]->rows, mats[i]->cols) + 63) / 64 * 64;
+    p->ternx = aligned_alloc(64, total ? total : 64);
+    if (!p->ternx) {
+        free(mats);
+        return qerr_set(err, QERR_NOMEM, "policy: out of memory for %zu bytes of ternary copies",
+                        total);
+    }
+    size_t off = 0;
+    for (int i = 0; i < n; i++) {
+        Q_ASSERT(mats[i]->qt == QTYPE_TERNARY);
+        kern_ternx_pack(p->ternx + off, mats[i]->w, mats[i]->rows, mats[i]->cols);
+        mats[i]->wx = p->ternx + off;
+        off += (kern_ternx_bytes(mats[i]->rows, mats[i]->cols) + 63) / 64 * 64;
+    }
+    free(mats);
+    return 0;
+}
+
 static void load_tokenizer(quillan_policy_t *p) {
     const model_tokenizer_config_t *t = &p->cfg.tokenizer;
     qerr_t *err = &p->tok_err;
@@ -215,7 +262,7 @@ quillan_policy_t *eng_policy_new(qpolicy_t *q, qerr_t *err) {
         qerr_set(err, QERR_NOMEM, "policy: out of memory");
         return NULL;
     }
-    if (time_embeddings(p, err) < 0) {
+    if (pack_ternx(p, err) < 0 || time_embeddings(p, err) < 0) {
         p->q = NULL;
         policy_free(p);
         return NULL;
