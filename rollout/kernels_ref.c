@@ -199,22 +199,42 @@ void kern_ternx_pack(void *dst, const void *w, size_t out, size_t in) {
     const size_t rb = qtype_row_bytes(QTYPE_TERNARY, in), nc = ternx_chunks(in);
     const size_t pb = nc * 64 + KERN_TERNX_ROWS * sizeof(float);
     const size_t panels = (out + KERN_TERNX_ROWS - 1) / KERN_TERNX_ROWS;
-    uint8_t *d = dst;
-    /* Code 1 (weight 0) in every field and scale 0: what rows past `out` keep. */
     for (size_t p = 0; p < panels; p++) {
-        memset(d + p * pb, 0x55, nc * 64);
-        memset(d + p * pb + nc * 64, 0, KERN_TERNX_ROWS * sizeof(float));
-    }
-    for (size_t r = 0; r < out; r++) {
-        const uint8_t *row = (const uint8_t *)w + r * rb;
-        uint8_t *panel = d + r / KERN_TERNX_ROWS * pb;
-        const unsigned shift = 2 * (r % KERN_TERNX_ROWS);
-        for (size_t i = 0; i < in; i++) {
-            const unsigned code = (unsigned)(ternary_code(row, i) + 1);
-            panel[i] = (uint8_t)((panel[i] & ~(3u << shift)) | code << shift);
+        uint8_t *panel = (uint8_t *)dst + p * pb;
+        const size_t rows = out - KERN_TERNX_ROWS * p < KERN_TERNX_ROWS ? out - KERN_TERNX_ROWS * p
+                                                                        : KERN_TERNX_ROWS;
+        const uint8_t *row[KERN_TERNX_ROWS];
+        for (size_t r = 0; r < KERN_TERNX_ROWS; r++)
+            row[r] = (const uint8_t *)w + (KERN_TERNX_ROWS * p + (r < rows ? r : 0)) * rb;
+        /* Chunk c is field c % 4 of each row's block c / 4 (qtypes.h); rows past `out` and
+         * columns past `in` get code 1. */
+        for (size_t c = 0; c < nc; c++) {
+            const unsigned f = 2 * (c % 4);
+            const size_t valid = 64 * c >= in ? 0 : in - 64 * c < 64 ? in - 64 * c : 64;
+            if (rows == KERN_TERNX_ROWS && valid == 64) { /* all but edge panels and chunks */
+                const uint8_t *s0 = row[0] + c / 4 * 64, *s1 = row[1] + c / 4 * 64,
+                              *s2 = row[2] + c / 4 * 64, *s3 = row[3] + c / 4 * 64;
+                for (size_t j = 0; j < 64; j++)
+                    panel[64 * c + j] = (uint8_t)((s0[j] >> f & 3) | (s1[j] >> f & 3) << 2 |
+                                                  (s2[j] >> f & 3) << 4 | (s3[j] >> f & 3) << 6);
+                continue;
+            }
+            for (size_t j = 0; j < 64; j++) {
+                unsigned byte = 0;
+                for (size_t r = 0; r < KERN_TERNX_ROWS; r++) {
+                    const unsigned code =
+                        r < rows && j < valid ? row[r][c / 4 * 64 + j] >> f & 3 : 1;
+                    byte |= code << (2 * r);
+                }
+                panel[64 * c + j] = (uint8_t)byte;
+            }
         }
-        memcpy(panel + nc * 64 + 4 * (r % KERN_TERNX_ROWS),
-               row + kern_codes_bytes(QTYPE_TERNARY, in), 4);
+        for (size_t r = 0; r < KERN_TERNX_ROWS; r++) {
+            const float zero = 0.0f;
+            memcpy(panel + nc * 64 + 4 * r,
+                   r < rows ? row[r] + kern_codes_bytes(QTYPE_TERNARY, in) : (const void *)&zero,
+                   4);
+        }
     }
 }
 
