@@ -332,33 +332,43 @@ INLINE void tern_tile_s1(const int R, const uint8_t *w, size_t rb, size_t nb, co
  * rows, 3 masks and an activation. */
 INLINE void ternx_tile(const int S, const uint8_t *panel, size_t nc, const int8_t *x, size_t xs,
                        const pf_t *pf, int rows, const qout_t *o) {
-    __m512i acc[TR][TS];
-    UNROLL for (int r = 0; r < TR; r++) UNROLL for (int s = 0; s < S; s++) acc[r][s] =
-        _mm512_setzero_si512();
+    /* Few tokens give few independent vpdpbusd chains per chunk: A sets of accumulators take
+     * turns by chunk (nc is a multiple of 4), so the loop is not bound by their latency. */
+    const int A = S == 1 ? 4 : S == 2 ? 2 : 1;
+    __m512i acc[4][TR][TS];
+    UNROLL for (int a = 0; a < A; a++) UNROLL for (int r = 0; r < TR; r++)
+        UNROLL for (int s = 0; s < S; s++) acc[a][r][s] = _mm512_setzero_si512();
     const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c),
                   m2 = _mm512_set1_epi8(0x30);
-    for (size_t c = 0; c < nc; c++) {
-        if (c % 4 == 0)
-            prefetch_step(pf, c / 4);
-        const __m512i raw = _mm512_loadu_si512((const void *)(panel + 64 * c));
-        const __m512i w0 = _mm512_and_si512(raw, m0), w1 = _mm512_and_si512(raw, m1),
-                      w2 = _mm512_and_si512(raw, m2);
-        UNROLL for (int s = 0; s < S; s++) {
-            const __m512i xv = _mm512_load_si512((const void *)(x + s * xs + 64 * c));
-            acc[0][s] = dpbusd(acc[0][s], w0, xv);
-            acc[1][s] = dpbusd(acc[1][s], w1, xv);
-            acc[2][s] = dpbusd(acc[2][s], w2, xv);
-            acc[3][s] = dpbusd(acc[3][s], raw, xv);
+    for (size_t c0 = 0; c0 < nc; c0 += A) {
+        UNROLL for (int a = 0; a < A; a++) {
+            const size_t c = c0 + (size_t)a;
+            if (c % 4 == 0)
+                prefetch_step(pf, c / 4);
+            const __m512i raw = _mm512_loadu_si512((const void *)(panel + 64 * c));
+            const __m512i w0 = _mm512_and_si512(raw, m0), w1 = _mm512_and_si512(raw, m1),
+                          w2 = _mm512_and_si512(raw, m2);
+            UNROLL for (int s = 0; s < S; s++) {
+                const __m512i xv = _mm512_load_si512((const void *)(x + s * xs + 64 * c));
+                acc[a][0][s] = dpbusd(acc[a][0][s], w0, xv);
+                acc[a][1][s] = dpbusd(acc[a][1][s], w1, xv);
+                acc[a][2][s] = dpbusd(acc[a][2][s], w2, xv);
+                acc[a][3][s] = dpbusd(acc[a][3][s], raw, xv);
+            }
         }
     }
+    UNROLL for (int a = 1; a < A; a++) UNROLL for (int r = 0; r < TR; r++)
+        UNROLL for (int s = 0; s < S; s++) acc[0][r][s] =
+            _mm512_add_epi32(acc[0][r][s], acc[a][r][s]);
     UNROLL for (int s = 0; s < S; s++) {
-        const __m512i low = _mm512_add_epi32(_mm512_add_epi32(acc[0][s], acc[1][s]), acc[2][s]);
-        acc[3][s] = _mm512_srai_epi32(_mm512_sub_epi32(acc[3][s], low), 6);
-        acc[1][s] = _mm512_srai_epi32(acc[1][s], 2);
-        acc[2][s] = _mm512_srai_epi32(acc[2][s], 4);
+        const __m512i low =
+            _mm512_add_epi32(_mm512_add_epi32(acc[0][0][s], acc[0][1][s]), acc[0][2][s]);
+        acc[0][3][s] = _mm512_srai_epi32(_mm512_sub_epi32(acc[0][3][s], low), 6);
+        acc[0][1][s] = _mm512_srai_epi32(acc[0][1][s], 2);
+        acc[0][2][s] = _mm512_srai_epi32(acc[0][2][s], 4);
     }
     if (rows == TR) {
-        single_scale_store(TR, S, (const __m512i *)acc, TS, o);
+        single_scale_store(TR, S, (const __m512i *)acc[0], TS, o);
         return;
     }
     /* A panel cut by r1: the whole panel into a buffer, its first `rows` rows out. */
@@ -366,7 +376,7 @@ INLINE void ternx_tile(const int S, const uint8_t *panel, size_t nc, const int8_
     qout_t op = *o;
     op.y = part;
     op.ldy = TR;
-    single_scale_store(TR, S, (const __m512i *)acc, TS, &op);
+    single_scale_store(TR, S, (const __m512i *)acc[0], TS, &op);
     for (int s = 0; s < S; s++)
         memcpy(o->y + (size_t)s * o->ldy, part + s * TR, (size_t)rows * sizeof(float));
 }
