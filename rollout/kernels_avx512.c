@@ -244,6 +244,29 @@ typedef struct {
  * (per tile of 1024-weight rows the scalar version cost about half as much as the products). */
 INLINE void single_scale_store(const int R, const int S, const __m512i *acc, int astride,
                                const qout_t *o) {
+    if (R == TR && S == 1) {
+        /* One token: 4 registers reduce in ~13 operations (the 16-register transpose costs
+         * ~45, as much as the loop of a 1024-weight panel at this batch). Lane i of the last
+         * 128 bits is the sum of acc[i * astride]. */
+        const __m512i a0 = acc[0], a1 = acc[astride], a2 = acc[2 * astride], a3 = acc[3 * astride];
+        const __m512i t0 =
+            _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
+        const __m512i t1 =
+            _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
+        const __m512i u =
+            _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+        const __m256i v =
+            _mm256_add_epi32(_mm512_castsi512_si256(u), _mm512_extracti64x4_epi64(u, 1));
+        const __m128i sum =
+            _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        const __m128 sw =
+            _mm_setr_ps(kern_load_f32(o->sw), kern_load_f32(o->sw + o->rb),
+                        kern_load_f32(o->sw + 2 * o->rb), kern_load_f32(o->sw + 3 * o->rb));
+        const __m128i d = _mm_sub_epi32(sum, _mm_set1_epi32(o->offset * o->xsum[0]));
+        _mm_storeu_ps(o->y,
+                      _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(d), sw), _mm_set1_ps(o->xscale[0])));
+        return;
+    }
     if (R != TR) {
         int32_t isum[TR * TS];
         store_sums_epi32(R, S, acc, astride, isum);
@@ -381,12 +404,38 @@ INLINE void ternx_tile(const int S, const uint8_t *panel, size_t nc, const int8_
         memcpy(o->y + (size_t)s * o->ldy, part + s * TR, (size_t)rows * sizeof(float));
 }
 
+/* np consecutive panels (pb bytes apart) for one token block of every token (n <= TS), rows
+ * r0 + 4 i of y: one call for the whole range, so a short row's panel costs no call and no
+ * set-up (at in = 256 and one token the call cost as much as the panel's loop). */
+INLINE void ternx_panels(const int S, const uint8_t *panel, size_t pb, size_t np, size_t nc,
+                         const int8_t *x, size_t xs, const pf_t *pf0, int last_rows,
+                         const qout_t *o0) {
+    pf_t pf = *pf0;
+    qout_t o = *o0;
+    for (size_t p = 0; p < np; p++) {
+        o.sw = panel + nc * 64;
+        ternx_tile(S, panel, nc, x, xs, &pf, p + 1 == np ? last_rows : TR, &o);
+        panel += pb;
+        pf.p += pb;
+        o.y += TR;
+    }
+}
+
+/* One panel x one token block (several blocks: each panel goes through all of them while its
+ * weights are in L1). */
 typedef void (*ttile_fn)(const uint8_t *, size_t, const int8_t *, size_t, const pf_t *, int,
                          const qout_t *);
+typedef void (*tpanels_fn)(const uint8_t *, size_t, size_t, size_t, const int8_t *, size_t,
+                           const pf_t *, int, const qout_t *);
 #define DEF_TTILE(S)                                                                               \
     static void ternx_tile_##S(const uint8_t *panel, size_t nc, const int8_t *x, size_t xs,        \
                                const pf_t *pf, int rows, const qout_t *o) {                        \
         ternx_tile(S, panel, nc, x, xs, pf, rows, o);                                              \
+    }                                                                                              \
+    static void ternx_panels_##S(const uint8_t *panel, size_t pb, size_t np, size_t nc,            \
+                                 const int8_t *x, size_t xs, const pf_t *pf, int last_rows,        \
+                                 const qout_t *o) {                                                \
+        ternx_panels(S, panel, pb, np, nc, x, xs, pf, last_rows, o);                               \
     }
 DEF_TTILE(1)
 DEF_TTILE(2)
@@ -396,6 +445,8 @@ DEF_TTILE(5)
 DEF_TTILE(6)
 static const ttile_fn ternx_tile_table[TS] = {ternx_tile_1, ternx_tile_2, ternx_tile_3,
                                               ternx_tile_4, ternx_tile_5, ternx_tile_6};
+static const tpanels_fn ternx_panels_table[TS] = {ternx_panels_1, ternx_panels_2, ternx_panels_3,
+                                                  ternx_panels_4, ternx_panels_5, ternx_panels_6};
 
 /* Panels of [r0, r1) in order, each through balanced token blocks of <= TS tokens; while a
  * panel computes, its token blocks prefetch the panel at least KERN_PF_BYTES ahead, one slice
@@ -408,17 +459,30 @@ static void matmul_ternx(const void *w, size_t in, const kern_act_t *act, float 
         return;
     const size_t nc = 4 * ((in + QTYPE_TERNARY_BLOCK - 1) / QTYPE_TERNARY_BLOCK);
     const size_t pb = nc * 64 + KERN_TERNX_ROWS * sizeof(float);
+    const size_t np = (r1 - r0 + KERN_TERNX_ROWS - 1) / KERN_TERNX_ROWS;
+    const int last_rows = (int)(r1 - r0 - (np - 1) * KERN_TERNX_ROWS);
     const tiling_t tl = tiling_of(n, TS, pb, 256, 1);
-    for (size_t r = r0; r < r1; r += KERN_TERNX_ROWS) {
-        const uint8_t *panel = (const uint8_t *)w + r / KERN_TERNX_ROWS * pb;
-        const int rows = r1 - r >= KERN_TERNX_ROWS ? KERN_TERNX_ROWS : (int)(r1 - r);
+    const uint8_t *first = (const uint8_t *)w + r0 / KERN_TERNX_ROWS * pb;
+    if (tl.nblk == 1) {
+        const pf_t pf = tiling_pf(&tl, first, 1, 0);
+        const qout_t o = {y + r0, ldy, NULL, 4, 1, act->sum, act->scale};
+        ternx_panels_table[n - 1](first, pb, np, nc, act->q, act->stride, &pf, last_rows, &o);
+        return;
+    }
+    for (size_t p = 0; p < np; p++) {
+        const uint8_t *panel = first + p * pb;
         for (size_t s0 = 0, k = 0; s0 < n; k++) {
             const size_t S = tiling_len(&tl, k);
             const pf_t pf = tiling_pf(&tl, panel, 1, k);
-            const qout_t o = {y + s0 * ldy + r, ldy, panel + nc * 64, 4, 1, act->sum + s0,
+            const qout_t o = {y + s0 * ldy + r0 + KERN_TERNX_ROWS * p,
+                              ldy,
+                              panel + nc * 64,
+                              4,
+                              1,
+                              act->sum + s0,
                               act->scale + s0};
-            ternx_tile_table[S - 1](panel, nc, act->q + s0 * act->stride, act->stride, &pf, rows,
-                                    &o);
+            ternx_tile_table[S - 1](panel, nc, act->q + s0 * act->stride, act->stride, &pf,
+                                    p + 1 == np ? last_rows : TR, &o);
             s0 += S;
         }
     }
