@@ -154,14 +154,20 @@ static void probe_read(void *ctx, int tid, int nt) {
 }
 #endif
 
-/* Streaming read of a 1 GiB buffer on every thread of the pool: GB/s, best of rounds and of
- * the read patterns below. One plain stream per thread is not the memory's limit here: 2-4
- * side-by-side streams with prefetch read up to ~1.2x faster on one thread (and the kernels,
- * with work between their loads, faster still), so the probe keeps the best pattern found. */
-static double probe_dram(kern_pool_t *pool, const uint64_t *buf, size_t bytes, int rounds) {
+/* Streaming read of a 1 GiB buffer on every thread of the pool, GB/s, best of rounds: `best`
+ * over the read patterns below, `plain` for one stream per thread prefetched KERN_PF_BYTES
+ * ahead (ANCHORS.md's kind of probe, the base of llama.cpp's fractions there). One plain
+ * stream is not the memory's limit here: 2-4 side-by-side streams read up to ~1.2x faster on
+ * one thread (and the kernels, with work between their loads, faster still), so rooflines use
+ * the best pattern found. */
+typedef struct {
+    double best, plain;
+} dram_t;
+
+static dram_t probe_dram(kern_pool_t *pool, const uint64_t *buf, size_t bytes, int rounds) {
     static const int streams[] = {1, 2, 4};
     static const size_t pfs[] = {0, 4096, KERN_PF_BYTES};
-    double bw = 0.0;
+    dram_t bw = {0.0, 0.0};
     for (size_t si = 0; si < Q_ARRAY_LEN(streams); si++)
         for (size_t pi = 0; pi < Q_ARRAY_LEN(pfs); pi++) {
             probe_job_t job = {
@@ -173,7 +179,9 @@ static double probe_dram(kern_pool_t *pool, const uint64_t *buf, size_t bytes, i
                 t[r] = timed_max(&tj, kern_pool_size(pool));
             }
             const double g = (double)bytes / best(t, rounds) / 1e9;
-            bw = g > bw ? g : bw;
+            bw.best = g > bw.best ? g : bw.best;
+            if (streams[si] == 1 && pfs[pi] == KERN_PF_BYTES)
+                bw.plain = g;
         }
     return bw;
 }
@@ -547,7 +555,7 @@ int main(int argc, char **argv) {
             fprintf(stderr, "bench_kernels: %s\n", err.msg);
             return 1;
         }
-        double bw0 = probe_dram(pool, probe_buf, probe_bytes, rounds);
+        const dram_t bw0 = probe_dram(pool, probe_buf, probe_bytes, rounds);
         double vnni = NAN, fma = NAN;
 #ifdef HAVE_PEAK_PROBES
         if (have512 && strcmp(ops->name, "avx2") != 0) {
@@ -558,14 +566,15 @@ int main(int argc, char **argv) {
             fma = probe_peak(pool, peak_fma256, 8.0);
         }
 #endif
-        printf("## %d thread%s\n\nprobes: DRAM read %.1f GB/s (before), int8 %s %.0f GMAC/s, "
-               "fp32 FMA %s %.0f GFMA/s\n\n",
-               nt, nt > 1 ? "s" : "", bw0,
+        printf("## %d thread%s\n\nprobes: DRAM read %.1f GB/s (before; one plain stream %.1f), "
+               "int8 %s %.0f GMAC/s, fp32 FMA %s %.0f GFMA/s\n\n",
+               nt, nt > 1 ? "s" : "", bw0.best, bw0.plain,
                strcmp(ops->name, "avx2") == 0 ? "vpmaddubsw 256-bit" : "VNNI 512-bit", vnni / 1e9,
                strcmp(ops->name, "avx2") == 0 ? "256-bit" : "512-bit", fma / 1e9);
-        printf("| format | B/weight | n | us/product | GB/s | / DRAM | GMAC/s | GFLOP/s | "
-               "/ roofline | wall us |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | "
-               "--- |\n");
+        printf(
+            "| format | B/weight | n | us/product | GB/s | / DRAM | / 1-stream | GMAC/s | "
+            "GFLOP/s | / roofline | wall us |\n| --- | --- | --- | --- | --- | --- | --- | --- | "
+            "--- | --- | --- |\n");
         float *x = xalloc(nmax * in_max * sizeof *x), *y = xalloc(nmax * 65536 * sizeof *y);
         rng_stream_t r;
         rng_stream_init(&r, 1, 2, 3);
@@ -599,7 +608,8 @@ int main(int argc, char **argv) {
             free(mats);
             free(xmats);
         }
-        double bw1 = probe_dram(pool, probe_buf, probe_bytes, rounds), bw = 0.5 * (bw0 + bw1);
+        const dram_t bw1 = probe_dram(pool, probe_buf, probe_bytes, rounds);
+        const double bw = 0.5 * (bw0.best + bw1.best), bwp = 0.5 * (bw0.plain + bw1.plain);
         int nl = 0;
         for (size_t k = 0; k < NFORMATS; k++) {
             if (!use[k])
@@ -613,21 +623,25 @@ int main(int argc, char **argv) {
                 if (peak < roof)
                     roof = peak;
                 snprintf(lines[nl++], sizeof lines[0],
-                         "| %s%s | %.4f | %zu | %.1f | %.1f | %.2f | %.0f | %.0f | %.2f | %.1f |",
+                         "| %s%s | %.4f | %zu | %.1f | %.1f | %.2f | %.2f | %.0f | %.0f | %.2f | "
+                         "%.1f |",
                          FORMATS[k].name, ilv[k][b] ? ilv[k][b]->tag : "", bpw, batches[b], e->us,
-                         e->gbps, e->gbps / bw, e->gmacs, 2 * e->gmacs, e->gmacs * 1e9 / roof,
-                         e->wall_us);
+                         e->gbps, e->gbps / bw, e->gbps / bwp, e->gmacs, 2 * e->gmacs,
+                         e->gmacs * 1e9 / roof, e->wall_us);
             }
         }
         for (int i = 0; i < nl; i++)
             printf("%s\n", lines[i]);
         printf(
-            "\nDRAM read after: %.1f GB/s; ratios use the mean %.1f GB/s. Roofline = "
+            "\nDRAM read after: %.1f GB/s (one plain stream %.1f); ratios use the means %.1f "
+            "(/ DRAM) and %.1f GB/s (/ 1-stream, the probe of ANCHORS.md's llama.cpp fractions). "
+            "Roofline = "
             "min(peak, DRAM x n / bytes per weight), peak = the VNNI (int8 activations) or "
             "FMA (FP32 activations) probe. int4 x16 / ternary x4: matmul_int4x / matmul_ternx on "
             "the 16- / 4-row interleaved copy (kern_int4x_pack / kern_ternx_pack), what this "
-            "level runs at n >= 2; plain rows are the row-major matmul_q.\n\n",
-            bw1, bw);
+            "level runs (ternary at every n, int4 at n >= 2); plain rows are the row-major "
+            "matmul_q.\n\n",
+            bw1.best, bw1.plain, bw, bwp);
 
         if (shapes) {
             printf("### quillan-512m shapes, %d thread%s\n\n| matrix | format | n | us/product | "
