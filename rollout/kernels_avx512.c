@@ -584,31 +584,28 @@ INLINE void int4x_tile(const int P, const int S, const uint8_t *panel, size_t pb
             const size_t gg = g0 + g, off = gg / 4 * KERN_INT4X_BLOCK_BYTES;
             if (gg % 4 == 0)
                 prefetch_step(pf, gg / 4);
-            __m512i wv[2][8];
-            __m512 d[2];
-            UNROLL for (int p = 0; p < P; p++) {
-                const uint8_t *codes = panel + p * pb + off + gg % 4 * 256;
-                UNROLL for (int l = 0; l < 4; l++) {
-                    const __m512i raw = _mm512_loadu_si512((const void *)(codes + 64 * l));
-                    wv[p][l] = _mm512_and_si512(raw, m4);
-                    wv[p][l + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+            const uint8_t *codes = panel + off + gg % 4 * 256;
+            __m512i t[TS_INT4X][2];
+            UNROLL for (int s = 0; s < S; s++) UNROLL for (int p = 0; p < P; p++) t[s][p] =
+                _mm512_set1_epi32(bias[s * INT4X_CHUNK + g]);
+            UNROLL for (int h = 0; h < 2; h++) {
+                __m512i wv[2][4];
+                UNROLL for (int p = 0; p < P; p++) UNROLL for (int l = 0; l < 4; l++) {
+                    const __m512i raw = _mm512_loadu_si512((const void *)(codes + p * pb + 64 * l));
+                    wv[p][l] = _mm512_and_si512(h ? _mm512_srli_epi16(raw, 4) : raw, m4);
                 }
-                d[p] = _mm512_cvtph_ps(_mm256_loadu_si256(
-                    (const __m256i *)(panel + p * pb + off + 1024 + 32 * (gg % 4))));
-            }
-            UNROLL for (int s = 0; s < S; s++) {
-                const int8_t *xg = x + s * xs + gg * QTYPE_INT4_GROUP;
-                __m512i t[2];
-                UNROLL for (int p = 0; p < P; p++) t[p] =
-                    _mm512_set1_epi32(bias[s * INT4X_CHUNK + g]);
-                UNROLL for (int j = 0; j < 8; j++) {
+                UNROLL for (int l = 0; l < 4; l++) UNROLL for (int s = 0; s < S; s++) {
                     int32_t xd;
-                    memcpy(&xd, xg + 4 * j, 4);
+                    memcpy(&xd, x + s * xs + gg * QTYPE_INT4_GROUP + 16 * h + 4 * l, 4);
                     const __m512i xb = _mm512_set1_epi32(xd);
-                    UNROLL for (int p = 0; p < P; p++) t[p] = dpbusd(t[p], wv[p][j], xb);
+                    UNROLL for (int p = 0; p < P; p++) t[s][p] = dpbusd(t[s][p], wv[p][l], xb);
                 }
-                UNROLL for (int p = 0; p < P; p++) acc[s * P + p] =
-                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[p]), d[p], acc[s * P + p]);
+            }
+            UNROLL for (int p = 0; p < P; p++) {
+                const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(
+                    (const __m256i *)(panel + p * pb + off + 1024 + 32 * (gg % 4))));
+                UNROLL for (int s = 0; s < S; s++) acc[s * P + p] =
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[s][p]), d, acc[s * P + p]);
             }
         }
     }
