@@ -560,6 +560,18 @@ static void matmul_int4(const void *w, size_t in, const kern_act_t *act, float *
 #define TS_INT4X 4     /* tokens per tile */
 #define INT4X_CHUNK 32 /* groups whose -8 * gsum a tile converts to int32 at once */
 
+/* Prefetches the lines that start in part e of `parts` equal parts of step `step` of pf (the
+ * slice prefetch_step would issue at once): a few lines between the vpdpbusd of each half
+ * group instead of 18 (batch 8) at the start of a block. DRAM-streamed 4096 x 4096, one
+ * thread: 200 -> 260 GMAC/s at batch 8, 280 -> 320 at 32 (per group: 255, 310; cache-hot
+ * unchanged). */
+INLINE void prefetch_part(const pf_t *pf, size_t step, size_t e, size_t parts) {
+    const uintptr_t base = (uintptr_t)pf->p + step * pf->len;
+    const uintptr_t end = base + (e + 1) * pf->len / parts;
+    for (uintptr_t q = (base + e * pf->len / parts + 63) & ~(uintptr_t)63; q < end; q += 64)
+        _mm_prefetch((const char *)q, KERN_PF_HINT);
+}
+
 /* acc[s * P + p] (s < S, p < P) = sum over the ng groups of d_g (panel p's 16 rows) * int32 sum
  * of group g for token s (activation rows x + s * xs, group sums gsum + s * gstride); panel p
  * at panel + p * pb. */
@@ -582,13 +594,12 @@ INLINE void int4x_tile(const int P, const int S, const uint8_t *panel, size_t pb
         }
         for (size_t g = 0; g < gn; g++) {
             const size_t gg = g0 + g, off = gg / 4 * KERN_INT4X_BLOCK_BYTES;
-            if (gg % 4 == 0)
-                prefetch_step(pf, gg / 4);
             const uint8_t *codes = panel + off + gg % 4 * 256;
             __m512i t[TS_INT4X][2];
             UNROLL for (int s = 0; s < S; s++) UNROLL for (int p = 0; p < P; p++) t[s][p] =
                 _mm512_set1_epi32(bias[s * INT4X_CHUNK + g]);
             UNROLL for (int h = 0; h < 2; h++) {
+                prefetch_part(pf, gg / 4, gg % 4 * 2 + (size_t)h, 8);
                 __m512i wv[2][4];
                 UNROLL for (int p = 0; p < P; p++) UNROLL for (int l = 0; l < 4; l++) {
                     const __m512i raw = _mm512_loadu_si512((const void *)(codes + p * pb + 64 * l));
