@@ -544,18 +544,24 @@ static void matmul_int4(const void *w, size_t in, const kern_act_t *act, float *
 
 /* ---- INT4 x int8, row-interleaved (kernels.h: kern_int4x_pack) ----
  * A tile is P = 2 adjacent 16-row panels (1 for a last odd panel) x S <= TS_INT4X tokens. Per
- * group of 32 weights, each panel's 4 loads of 64 bytes unpack (and / shift + and) into 8
- * registers of 16 rows x 4 consecutive weights, shared by the S tokens. Per token, each of the
- * 8 activation dwords is broadcast once (one load) and feeds one vpdpbusd per panel; 8 of them
- * complete the group's exact int32 sums of 16 rows, then one conversion and one FMA with the
- * 16 rows' group scales (one vcvtph2ps per group and panel). Each int32 sum starts at -8 * (the
- * group's activation sum), which removes the +8 of the stored nibbles exactly.
+ * half group (16 weights), each panel's 4 loads of 64 bytes unpack (and, or shift + and) into 4
+ * registers of 16 rows x 4 consecutive weights, shared by the S tokens. Each of a token's 4
+ * activation dwords of the half is broadcast once (one load) and feeds one vpdpbusd per panel,
+ * token after token, so the S x P int32 sums of the group are independent chains stepped in
+ * turn (one token's 8-step chain after another left the vpdpbusd latency exposed: ~6% slower
+ * cache-hot). The two halves complete the group's exact int32 sums of 16 rows, then one
+ * conversion and one FMA with the 16 rows' group scales (one vcvtph2ps per group and panel).
+ * Each int32 sum starts at -8 * (the group's activation sum), which removes the +8 of the
+ * stored nibbles exactly. The FMAs share the vpdpbusd's ports (cache-hot, the tile without
+ * them ran ~9% faster; the conversions cost nothing measurable), and one per 8 vpdpbusd is
+ * inherent to a scale per 32 weights.
  * Why two panels: loads, not vector operations, bound these tiles (a vpdpbusd with a broadcast
- * memory operand alone runs at ~0.88 of the register form here). One panel x 16 tokens, a
- * broadcast per vpdpbusd, reached ~0.5 of the VNNI rate (16 activation rows 4 KiB apart also
- * share L1 sets); two panels share each broadcast: ~0.8 with the weights in L2. Registers: 16
- * weights, 2 scales, 2 S float accumulators, the broadcast and 2 int32 sums: S = 4 fills the
- * 32 zmm. */
+ * memory operand alone runs at ~0.88 of the register form here; in this tile, embedded
+ * broadcasts instead of one broadcast per two vpdpbusd were ~10% slower). One panel x 16
+ * tokens, a broadcast per vpdpbusd, reached ~0.5 of the VNNI rate (16 activation rows 4 KiB
+ * apart also share L1 sets); two panels share each broadcast: ~0.84 with the weights in L2.
+ * Registers: 8 weights, 2 S int32 sums, 2 S float accumulators, the broadcast and the nibble
+ * mask; the scales load after the weights are dead. */
 
 #define TS_INT4X 4     /* tokens per tile */
 #define INT4X_CHUNK 32 /* groups whose -8 * gsum a tile converts to int32 at once */
