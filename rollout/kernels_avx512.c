@@ -422,8 +422,10 @@ static void matmul_ternary(const void *w, size_t in, const kern_act_t *act, floa
  * 3 rows x n tokens (24 accumulators) replaces two blocks of 4 x 4, so each weight is loaded
  * once and one prefetch slice streams per tile; the block's activations (8 x in bytes, 32 KiB
  * at in = 4096) stay in L1 across tiles. 4096 x 4096 from DRAM, 2 threads: n = 8 went from
- * 0.60-0.63 to 0.78-0.85 of the bandwidth roofline. With more tokens, two or more 3 x 8 blocks
- * read their activations from L2 and ran slower than 4 x 6 (n = 16: 0.42 vs 0.54). */
+ * 250-278 to 354-389 GMAC/s (0.60-0.72 -> 0.76-0.89 of the bandwidth roofline, by that run's
+ * DRAM probe). With more tokens, two or more 3 x 8 blocks read their activations from L2 and
+ * ran slower than 4 x 6 (n = 16: 0.42 vs 0.54); so did 6 x 4 tiles at n = 32 (0.52 vs 0.60),
+ * although they ran faster with the weights in L2. */
 
 #define TS_INT8 8   /* tokens per tile, 3-row tiles */
 #define TR_INT8_8 3 /* rows per tile at n = 7, 8 */
