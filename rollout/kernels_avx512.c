@@ -1,12 +1,12 @@
 /* AVX-512 (F/BW/VL/DQ + VNNI) kernels. Compiled with their own flags; only reached through
  * kern_ops_for / kern_ops after cpu_features.c confirmed the CPU and OS support them.
  *
- * Register tiling: a tile is TR weight rows x S activation rows (S <= 6; 4 for INT4) held in
- * zmm accumulators, so each unpacked weight register serves S tokens and each activation
- * register TR rows. Tiles walk the rows of [r0, r1) in order; the activation blocks of a
- * whole batch (<= 32 x in bytes) stay in L1/L2 while the weights stream from memory once.
- * While a tile computes, it prefetches the rows of the tile at least KERN_PF_BYTES ahead
- * (kernels_impl.h), at the rate it consumes its own. */
+ * Register tiling: a tile is TR weight rows x S activation rows (S <= 6; 4 for INT4; INT8 at
+ * n = 7, 8: 3 rows x n) held in zmm accumulators, so each unpacked weight register serves S
+ * tokens and each activation register TR rows. Tiles walk the rows of [r0, r1) in order; the
+ * activation blocks of a whole batch (<= 32 x in bytes) stay in L1/L2 while the weights stream from
+ * memory once. While a tile computes, it prefetches the rows of the tile at least KERN_PF_BYTES
+ * ahead (kernels_impl.h), at the rate it consumes its own. */
 #include "kernels_impl.h"
 
 #include <immintrin.h>
@@ -239,6 +239,21 @@ typedef struct {
     const float *xscale;
 } qout_t;
 
+/* Lane 4 s + i = ((float)(sum of v[4 i + s] - offset * xsum[s0 + s]) * sw lane i) *
+ * xscale[s0 + s] for tokens s < ns (v[4 i + s] zero for s >= ns): 4 rows x ns tokens of sums in
+ * one transpose, scaled in vectors. */
+INLINE __m512 scaled_sums(const __m512i *v, __m512 sw, int s0, int ns, const qout_t *o) {
+    const __m512i per_token = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __mmask8 m = (__mmask8)((1u << ns) - 1);
+    const __m512i xs = _mm512_permutexvar_epi32(
+        per_token, _mm512_castsi128_si512(_mm_maskz_loadu_epi32(m, o->xsum + s0)));
+    const __m512 xsc = _mm512_permutexvar_ps(
+        per_token, _mm512_castps128_ps512(_mm_maskz_loadu_ps(m, o->xscale + s0)));
+    const __m512i d =
+        _mm512_sub_epi32(sum16_epi32(v), _mm512_mullo_epi32(xs, _mm512_set1_epi32(o->offset)));
+    return _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), sw), xsc);
+}
+
 /* Stores the R x S sums of acc[r * astride + s]. A full tile reduces 4 tokens x 4 rows per
  * transpose, lane 4 s + r, so each token's 4 rows are one 128-bit store after vector scaling
  * (per tile of 1024-weight rows the scalar version cost about half as much as the products). */
@@ -282,21 +297,12 @@ INLINE void single_scale_store(const int R, const int S, const __m512i *acc, int
     const __m512 sw = _mm512_broadcast_f32x4(
         _mm_setr_ps(kern_load_f32(o->sw), kern_load_f32(o->sw + o->rb),
                     kern_load_f32(o->sw + 2 * o->rb), kern_load_f32(o->sw + 3 * o->rb)));
-    const __m512i per_token = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     UNROLL for (int s0 = 0; s0 < S; s0 += 4) {
         const int ns = S - s0 < 4 ? S - s0 : 4;
         __m512i v[16];
         UNROLL for (int j = 0; j < 16; j++) v[j] =
             j % 4 < ns ? acc[(j / 4) * astride + s0 + j % 4] : _mm512_setzero_si512();
-        const __mmask8 m = (__mmask8)((1u << ns) - 1);
-        const __m512i xs = _mm512_permutexvar_epi32(
-            per_token, _mm512_castsi128_si512(_mm_maskz_loadu_epi32(m, o->xsum + s0)));
-        const __m512 xsc = _mm512_permutexvar_ps(
-            per_token, _mm512_castps128_ps512(_mm_maskz_loadu_ps(m, o->xscale + s0)));
-        const __m512i d =
-            _mm512_sub_epi32(sum16_epi32(v), _mm512_mullo_epi32(xs, _mm512_set1_epi32(o->offset)));
-        store_token_rows(o->y + (size_t)s0 * o->ldy, o->ldy,
-                         _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), sw), xsc), ns);
+        store_token_rows(o->y + (size_t)s0 * o->ldy, o->ldy, scaled_sums(v, sw, s0, ns, o), ns);
     }
 }
 
@@ -512,27 +518,6 @@ INLINE void tern_tile(const int R, const int S, const uint8_t *w, size_t rb, siz
     single_scale_store(R, S, (const __m512i *)acc, TS, o);
 }
 
-#define INT8_TILE_BODY                                                                             \
-    for (size_t b = 0; b < nb; b++) {                                                              \
-        prefetch_step(pf, b);                                                                      \
-        __m512i wv[TR];                                                                            \
-        UNROLL for (int r = 0; r < R; r++) wv[r] =                                                 \
-            _mm512_loadu_si512((const void *)(w + r * rb + b * 64));                               \
-        UNROLL for (int s = 0; s < S; s++) {                                                       \
-            const __m512i xv = _mm512_load_si512((const void *)(x + s * xs + b * 64));             \
-            UNROLL for (int r = 0; r < R; r++) acc[r][s] = dpbusd(acc[r][s], wv[r], xv);           \
-        }                                                                                          \
-    }
-
-INLINE void int8_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t nb,
-                      const int8_t *x, size_t xs, const pf_t *pf, const qout_t *o) {
-    __m512i acc[TR][TS];
-    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) acc[r][s] =
-        _mm512_setzero_si512();
-    INT8_TILE_BODY
-    single_scale_store(R, S, (const __m512i *)acc, TS, o);
-}
-
 typedef void (*itile_fn)(const uint8_t *, size_t, size_t, const int8_t *, size_t, const pf_t *,
                          const qout_t *);
 
@@ -560,30 +545,32 @@ typedef void (*itile_fn)(const uint8_t *, size_t, size_t, const int8_t *, size_t
         {name##_4_1, name##_4_2, name##_4_3, name##_4_4, name##_4_5, name##_4_6}};
 
 DEF_TILES(tern_tile)
-DEF_TILES(int8_tile)
 
 /* Shared driver of the single-scale types: y = ((float)(isum - offset * sum_x) * s_w) * s_x,
- * with isum the tile's sum of stored (offset) codes times activation codes. */
-static void matmul_single_scale(const itile_fn table[2][TS], qtype_t type, int offset,
-                                const void *w, size_t in, const kern_act_t *act, float *y,
-                                size_t ldy, size_t r0, size_t r1) {
+ * with isum the tile's sum of stored (offset) codes times activation codes. Full tiles are FR
+ * rows x up to smax tokens (full[S - 1]); the last < FR rows of the range go one by one
+ * (one_row[S - 1]). */
+static void matmul_single_scale(const itile_fn *full, const itile_fn *one_row, int FR, size_t smax,
+                                qtype_t type, int offset, const void *w, size_t in,
+                                const kern_act_t *act, float *y, size_t ldy, size_t r0, size_t r1) {
     Q_ASSERT(in == act->in && in <= KERN_MAX_IN);
     const qtype_traits_t *t = qtype_traits(type);
     const size_t rb = qtype_row_bytes(type, in), nb = (in + t->block - 1) / t->block;
     const size_t cb = nb * t->block_bytes, n = act->n;
     if (n == 0)
         return;
-    const tiling_t tl = tiling_of(n, TS, rb, 64, TR);
+    const tiling_t tl = tiling_of(n, smax, rb, 64, (size_t)FR);
     const uint8_t *wbase = w;
     for (size_t r = r0; r < r1;) {
-        const int R = r1 - r >= TR ? TR : 1;
+        const int R = r1 - r >= (size_t)FR ? FR : 1;
         const uint8_t *wr = wbase + r * rb;
         for (size_t s0 = 0, k = 0; s0 < n; k++) {
             const size_t S = tiling_len(&tl, k);
-            const pf_t pf = tiling_pf(&tl, wr, R == TR, k);
+            const pf_t pf = tiling_pf(&tl, wr, R == FR, k);
             const qout_t o = {y + s0 * ldy + r, ldy,           wr + cb,        rb,
                               offset,           act->sum + s0, act->scale + s0};
-            table[R == TR][S - 1](wr, rb, nb, act->q + s0 * act->stride, act->stride, &pf, &o);
+            (R == FR ? full : one_row)[S - 1](wr, rb, nb, act->q + s0 * act->stride, act->stride,
+                                              &pf, &o);
             s0 += S;
         }
         r += (size_t)R;
@@ -592,12 +579,96 @@ static void matmul_single_scale(const itile_fn table[2][TS], qtype_t type, int o
 
 static void matmul_ternary(const void *w, size_t in, const kern_act_t *act, float *y, size_t ldy,
                            size_t r0, size_t r1) {
-    matmul_single_scale(tern_tile_table, QTYPE_TERNARY, 1, w, in, act, y, ldy, r0, r1);
+    matmul_single_scale(tern_tile_table[1], tern_tile_table[0], TR, TS, QTYPE_TERNARY, 1, w, in,
+                        act, y, ldy, r0, r1);
 }
+
+/* ---- INT8 x int8 ----
+ * Tiles of 4 rows x <= TS tokens as the ternary ones, except at n = 7 and 8: there one block of
+ * 3 rows x n tokens (24 accumulators) replaces two blocks of 4 x 4, so each weight is loaded
+ * once and one prefetch slice streams per tile; the block's activations (8 x in bytes, 32 KiB
+ * at in = 4096) stay in L1 across tiles. 4096 x 4096 from DRAM, 2 threads: n = 8 went from
+ * 250-278 to 354-389 GMAC/s (0.60-0.72 -> 0.76-0.89 of the bandwidth roofline, by that run's
+ * DRAM probe). With more tokens, two or more 3 x 8 blocks read their activations from L2 and
+ * ran slower than 4 x 6 (n = 16: 0.42 vs 0.54); so did 6 x 4 tiles at n = 32 (0.52 vs 0.60),
+ * although they ran faster with the weights in L2. */
+
+#define TS_INT8 8   /* tokens per tile, 3-row tiles */
+#define TR_INT8_8 3 /* rows per tile at n = 7, 8 */
+
+INLINE void int8_tile(const int R, const int S, const uint8_t *w, size_t rb, size_t nb,
+                      const int8_t *x, size_t xs, const pf_t *pf, const qout_t *o) {
+    __m512i acc[TR][TS_INT8];
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) acc[r][s] =
+        _mm512_setzero_si512();
+    for (size_t b = 0; b < nb; b++) {
+        prefetch_step(pf, b);
+        __m512i wv[TR];
+        UNROLL for (int r = 0; r < R; r++) wv[r] =
+            _mm512_loadu_si512((const void *)(w + r * rb + b * 64));
+        UNROLL for (int s = 0; s < S; s++) {
+            const __m512i xv = _mm512_load_si512((const void *)(x + s * xs + b * 64));
+            UNROLL for (int r = 0; r < R; r++) acc[r][s] = dpbusd(acc[r][s], wv[r], xv);
+        }
+    }
+    if (R == TR) {
+        single_scale_store(R, S, (const __m512i *)acc, TS_INT8, o);
+        return;
+    }
+    /* R < 4 rows: the full tile's transposes with the missing rows zero, masked stores. */
+    float swr[TR] = {0};
+    UNROLL for (int i = 0; i < R; i++) swr[i] = kern_load_f32(o->sw + i * o->rb);
+    const __m512 sw = _mm512_broadcast_f32x4(_mm_loadu_ps(swr));
+    const __mmask8 rows = (__mmask8)((1u << R) - 1);
+    UNROLL for (int s0 = 0; s0 < S; s0 += 4) {
+        const int ns = S - s0 < 4 ? S - s0 : 4;
+        __m512i v[16];
+        UNROLL for (int j = 0; j < 16; j++) v[j] =
+            j / 4 < R && j % 4 < ns ? acc[j / 4][s0 + j % 4] : _mm512_setzero_si512();
+        const __m512 t = scaled_sums(v, sw, s0, ns, o);
+        UNROLL for (int s = 0; s < ns; s++) _mm_mask_storeu_ps(
+            o->y + (size_t)(s0 + s) * o->ldy, rows,
+            _mm512_castps512_ps128(_mm512_permutexvar_ps(
+                _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+                                 _mm512_set1_epi32(4 * s)),
+                t)));
+    }
+}
+
+#define DEF_I8TILE(R, S)                                                                           \
+    static void int8_tile_##R##_##S(const uint8_t *w, size_t rb, size_t nb, const int8_t *x,       \
+                                    size_t xs, const pf_t *pf, const qout_t *o) {                  \
+        int8_tile(R, S, w, rb, nb, x, xs, pf, o);                                                  \
+    }
+DEF_I8TILE(4, 1)
+DEF_I8TILE(4, 2)
+DEF_I8TILE(4, 3)
+DEF_I8TILE(4, 4)
+DEF_I8TILE(4, 5)
+DEF_I8TILE(4, 6)
+DEF_I8TILE(3, 7)
+DEF_I8TILE(3, 8)
+DEF_I8TILE(1, 1)
+DEF_I8TILE(1, 2)
+DEF_I8TILE(1, 3)
+DEF_I8TILE(1, 4)
+DEF_I8TILE(1, 5)
+DEF_I8TILE(1, 6)
+DEF_I8TILE(1, 7)
+DEF_I8TILE(1, 8)
+/* [full tile][S - 1]: full tiles are 4 x S (S <= TS) or 3 x S (S = 7, 8). */
+static const itile_fn int8_tile_table[2][TS_INT8] = {
+    {int8_tile_1_1, int8_tile_1_2, int8_tile_1_3, int8_tile_1_4, int8_tile_1_5, int8_tile_1_6,
+     int8_tile_1_7, int8_tile_1_8},
+    {int8_tile_4_1, int8_tile_4_2, int8_tile_4_3, int8_tile_4_4, int8_tile_4_5, int8_tile_4_6,
+     int8_tile_3_7, int8_tile_3_8}};
 
 static void matmul_int8(const void *w, size_t in, const kern_act_t *act, float *y, size_t ldy,
                         size_t r0, size_t r1) {
-    matmul_single_scale(int8_tile_table, QTYPE_INT8, QTYPE_INT8_OFFSET, w, in, act, y, ldy, r0, r1);
+    const int one_block = act->n > TS && act->n <= TS_INT8;
+    matmul_single_scale(int8_tile_table[1], int8_tile_table[0], one_block ? TR_INT8_8 : TR,
+                        one_block ? TS_INT8 : TS, QTYPE_INT8, QTYPE_INT8_OFFSET, w, in, act, y, ldy,
+                        r0, r1);
 }
 
 /* ---- INT4 x int8 ----

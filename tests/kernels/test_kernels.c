@@ -22,7 +22,7 @@
 static const size_t WIDTHS[] = {1,   7,   31,  32,  33,  64,   100,  128,
                                 255, 256, 257, 511, 700, 1024, 1500, 4100};
 static const size_t OUTS[] = {1, 3, 4, 5, 9, 13};
-static const size_t BATCH[] = {1, 2, 5, 6, 7, 13, 33};
+static const size_t BATCH[] = {1, 2, 5, 6, 7, 8, 13, 32, 33};
 
 static void init_once(void) {
     qerr_t err;
