@@ -366,13 +366,6 @@ static uint16_t int4x_scale(const uint8_t *x, size_t in, size_t r, size_t g) {
     return h;
 }
 
-static uint8_t *int4x_copy(const uint8_t *w, size_t out, size_t in) {
-    const size_t bytes = kern_int4x_bytes(out, in);
-    uint8_t *x = xmalloc(bytes);
-    kern_int4x_pack(x, w, out, in);
-    return x;
-}
-
 /* Every weight's nibble and every group's scale of the row-major rows sit where the layout
  * says; padding rows hold code 0 with scale 0; the copy does not depend on what dst held. */
 Test(int4x, pack_places_every_code_and_scale) {
@@ -415,34 +408,61 @@ Test(int4x, pack_places_every_code_and_scale) {
     cr_assert_eq(kern_int4x_bytes(SIZE_MAX / 8, 4096), SIZE_MAX);
 }
 
-/* matmul_int4x on the copy against the reference row-major product: the reference level bit
- * for bit, SIMD levels within the INT4 tolerance; whole range and sub-ranges (a panel start to
- * a row inside a panel). Levels without the product are the documented ones. */
-static void check_int4x(size_t out, size_t in, size_t n, uint64_t seed) {
+/* An interleaved product: its layout's functions and how a SIMD level's results compare. */
+typedef struct {
+    const char *name;
+    qtype_t type;
+    size_t rows; /* panel rows */
+    size_t (*bytes)(size_t out, size_t in);
+    void (*pack)(void *dst, const void *w, size_t out, size_t in);
+    kern_matmul_q_fn (*fn)(const kern_ops_t *ops);
+    int simd_cmp; /* CMP_EXACT or CMP_REL_TOL */
+} ilv_case_t;
+
+static kern_matmul_q_fn int4x_fn(const kern_ops_t *ops) {
+    return ops->matmul_int4x;
+}
+
+static kern_matmul_q_fn ternx_fn(const kern_ops_t *ops) {
+    return ops->matmul_ternx;
+}
+
+static const ilv_case_t INT4X = {"int4x",         QTYPE_INT4, KERN_INT4X_ROWS, kern_int4x_bytes,
+                                 kern_int4x_pack, int4x_fn,   CMP_REL_TOL};
+static const ilv_case_t TERNX = {"ternx",         QTYPE_TERNARY, KERN_TERNX_ROWS, kern_ternx_bytes,
+                                 kern_ternx_pack, ternx_fn,      CMP_EXACT};
+
+/* The product on the copy against the reference row-major product: the reference level bit
+ * for bit, SIMD levels as c->simd_cmp; whole range and sub-ranges (a panel start to a row
+ * inside a panel). Levels without the product are the documented ones (AVX2). */
+static void check_ilv(const ilv_case_t *c, size_t out, size_t in, size_t n, uint64_t seed) {
     const kern_ops_t *ref = kern_ops_for(CPU_ISA_REF);
-    uint8_t *w = pack_matrix(QTYPE_INT4, out, in, seed);
-    uint8_t *wx = int4x_copy(w, out, in);
+    uint8_t *w = pack_matrix(c->type, out, in, seed);
+    uint8_t *wx = xmalloc(c->bytes(out, in));
+    c->pack(wx, w, out, in);
     float *x = xmalloc(n * in * sizeof *x), *xdeq = xmalloc(n * in * sizeof *x);
     kern_act_t a;
     random_act(&a, x, xdeq, n, in, seed + 1);
     float *yr = sentinel_out(out, n);
-    ref->matmul_q[QTYPE_INT4](w, in, &a, yr, out + GUARD, 0, out);
-    size_t ranges[4][2] = {{0, out}, {16, out}, {0, 16}, {16, out - 1}};
+    ref->matmul_q[c->type](w, in, &a, yr, out + GUARD, 0, out);
+    const size_t p = c->rows;
+    size_t ranges[4][2] = {{0, out}, {p, out}, {0, p}, {p, out - 1}};
     for (int lvl = 0; lvl < CPU_ISA_COUNT; lvl++) {
         const kern_ops_t *ops = kern_ops_for((cpu_isa_t)lvl);
         if (!ops)
             continue;
-        if (!ops->matmul_int4x) {
-            cr_assert_str_eq(ops->name, "avx2", "%s lacks matmul_int4x", ops->name);
+        const kern_matmul_q_fn fn = c->fn(ops);
+        if (!fn) {
+            cr_assert_str_eq(ops->name, "avx2", "%s lacks matmul_%s", ops->name, c->name);
             continue;
         }
         char what[64];
-        snprintf(what, sizeof what, "%s int4x out=%zu n=%zu", ops->name, out, n);
-        for (int k = 0; k < (out > 17 ? 4 : out > 16 ? 3 : 1); k++) {
+        snprintf(what, sizeof what, "%s %s out=%zu n=%zu", ops->name, c->name, out, n);
+        for (int k = 0; k < (out > p + 1 ? 4 : out > p ? 3 : 1); k++) {
             float *y = sentinel_out(out, n);
-            ops->matmul_int4x(wx, in, &a, y, out + GUARD, ranges[k][0], ranges[k][1]);
-            check_outputs(what, QTYPE_INT4, w, in, xdeq, y, yr, out, n, ranges[k][0], ranges[k][1],
-                          lvl == CPU_ISA_REF ? CMP_EXACT : CMP_REL_TOL);
+            fn(wx, in, &a, y, out + GUARD, ranges[k][0], ranges[k][1]);
+            check_outputs(what, c->type, w, in, xdeq, y, yr, out, n, ranges[k][0], ranges[k][1],
+                          lvl == CPU_ISA_REF ? CMP_EXACT : c->simd_cmp);
             free(y);
         }
     }
@@ -458,15 +478,15 @@ Test(int4x, levels_match_row_major_product) {
     const size_t outs[] = {1, 13, 16, 17, 40};
     for (size_t kw = 0; kw < Q_ARRAY_LEN(WIDTHS); kw++)
         for (size_t ko = 0; ko < Q_ARRAY_LEN(outs); ko++)
-            check_int4x(outs[ko], WIDTHS[kw], BATCH[(kw + ko) % Q_ARRAY_LEN(BATCH)],
-                        300 + kw * 11 + ko);
+            check_ilv(&INT4X, outs[ko], WIDTHS[kw], BATCH[(kw + ko) % Q_ARRAY_LEN(BATCH)],
+                      300 + kw * 11 + ko);
 }
 
 /* Every batch size 1..33: every tile width and the balanced split into token blocks. */
 Test(int4x, every_batch_size) {
     for (size_t n = 1; n <= 33; n++)
-        check_int4x(35, 300, n, 900 + n);
-    check_int4x(48, 2100, 32, 990);
+        check_ilv(&INT4X, 35, 300, n, 900 + n);
+    check_ilv(&INT4X, 48, 2100, 32, 990);
 }
 
 /* ---- ternary, row-interleaved (kern_ternx_pack, matmul_ternx) ---- */
@@ -482,12 +502,6 @@ static float ternx_scale(const uint8_t *x, size_t in, size_t r) {
     float v;
     memcpy(&v, x + r / 4 * pb + nc * 64 + 4 * (r % 4), 4);
     return v;
-}
-
-static uint8_t *ternx_copy(const uint8_t *w, size_t out, size_t in) {
-    uint8_t *x = xmalloc(kern_ternx_bytes(out, in));
-    kern_ternx_pack(x, w, out, in);
-    return x;
 }
 
 /* Every weight's code and every row's scale sit where the layout says; padding rows and
@@ -527,57 +541,19 @@ Test(ternx, pack_places_every_code_and_scale) {
     cr_assert_eq(kern_ternx_bytes(SIZE_MAX / 8, 4096), SIZE_MAX);
 }
 
-/* matmul_ternx on the copy against the reference row-major product, bit for bit on every
- * level; whole range and sub-ranges (a panel start to a row inside a panel). */
-static void check_ternx(size_t out, size_t in, size_t n, uint64_t seed) {
-    const kern_ops_t *ref = kern_ops_for(CPU_ISA_REF);
-    uint8_t *w = pack_matrix(QTYPE_TERNARY, out, in, seed);
-    uint8_t *wx = ternx_copy(w, out, in);
-    float *x = xmalloc(n * in * sizeof *x), *xdeq = xmalloc(n * in * sizeof *x);
-    kern_act_t a;
-    random_act(&a, x, xdeq, n, in, seed + 1);
-    float *yr = sentinel_out(out, n);
-    ref->matmul_q[QTYPE_TERNARY](w, in, &a, yr, out + GUARD, 0, out);
-    size_t ranges[4][2] = {{0, out}, {4, out}, {0, 4}, {4, out - 1}};
-    for (int lvl = 0; lvl < CPU_ISA_COUNT; lvl++) {
-        const kern_ops_t *ops = kern_ops_for((cpu_isa_t)lvl);
-        if (!ops)
-            continue;
-        if (!ops->matmul_ternx) {
-            cr_assert_str_eq(ops->name, "avx2", "%s lacks matmul_ternx", ops->name);
-            continue;
-        }
-        char what[64];
-        snprintf(what, sizeof what, "%s ternx out=%zu n=%zu", ops->name, out, n);
-        for (int k = 0; k < (out > 5 ? 4 : out > 4 ? 3 : 1); k++) {
-            float *y = sentinel_out(out, n);
-            ops->matmul_ternx(wx, in, &a, y, out + GUARD, ranges[k][0], ranges[k][1]);
-            check_outputs(what, QTYPE_TERNARY, w, in, xdeq, y, yr, out, n, ranges[k][0],
-                          ranges[k][1], CMP_EXACT);
-            free(y);
-        }
-    }
-    free(yr);
-    kern_act_free(&a);
-    free(x);
-    free(xdeq);
-    free(wx);
-    free(w);
-}
-
 Test(ternx, levels_match_row_major_product) {
     const size_t outs[] = {1, 3, 4, 5, 9, 13};
     for (size_t kw = 0; kw < Q_ARRAY_LEN(WIDTHS); kw++)
         for (size_t ko = 0; ko < Q_ARRAY_LEN(outs); ko++)
-            check_ternx(outs[ko], WIDTHS[kw], BATCH[(kw + ko) % Q_ARRAY_LEN(BATCH)],
-                        400 + kw * 11 + ko);
+            check_ilv(&TERNX, outs[ko], WIDTHS[kw], BATCH[(kw + ko) % Q_ARRAY_LEN(BATCH)],
+                      400 + kw * 11 + ko);
 }
 
 /* Every batch size 1..33: every tile width and the balanced split into token blocks. */
 Test(ternx, every_batch_size) {
     for (size_t n = 1; n <= 33; n++)
-        check_ternx(11, 300, n, 950 + n);
-    check_ternx(24, 4100, 32, 995);
+        check_ilv(&TERNX, 11, 300, n, 950 + n);
+    check_ilv(&TERNX, 24, 4100, 32, 995);
 }
 
 static void run_float(qtype_t t) {
