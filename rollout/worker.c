@@ -54,10 +54,12 @@ typedef struct {
     job_t *head, *tail;
 } job_queue_t;
 
-/* A sent group kept until its Ack (resent on ACK_STATUS_UNSPECIFIED). */
+/* A sent group kept until its Ack. resend: no Ack came in time (ACK_STATUS_UNSPECIFIED), so
+ * sent_resend sends it again after the poll. */
 typedef struct {
     uint64_t lease_id;
     Quillan__TrajectoryGroup *g;
+    bool resend;
 } sent_t;
 
 struct rollout_worker {
@@ -669,6 +671,9 @@ static void on_restart(void *ctx) {
     }
     pthread_cond_signal(&w->gen_cv);
     pthread_mutex_unlock(&w->mu);
+    /* Groups the old learner never acknowledged go with the leases, not to the new learner:
+     * its checkpoint says which units were accepted and re-leases the others, and a group may
+     * carry a version that the new incarnation publishes again with other weights. */
     sent_clear(w);
     log_warn("rollout.restart", "the learner restarted: leases dropped, fetching its weights");
 }
@@ -683,9 +688,11 @@ static void on_ack(void *ctx, uint64_t lease_id, Quillan__AckStatus status) {
     if (i < 0)
         return;
     if (status == QUILLAN__ACK_STATUS__ACK_STATUS_UNSPECIFIED) {
-        qerr_t err = {0};
-        if (group_send(w, w->sent[i].g, &err) != 0)
-            log_warn("rollout.send_failed", "%s", err.msg);
+        /* Not sent from here: the client reports its overdue groups in one pass over the ones
+         * it waits for, and a group sent now joins that list again. On a learner restart the
+         * pass covers every group, so it reported and resent the same group without end
+         * while the new learner answered each copy DUPLICATE (or UNKNOWN_LEASE): a livelock. */
+        w->sent[i].resend = true;
         return;
     }
     if (status != QUILLAN__ACK_STATUS__ACK_STATUS_ACCEPTED)
@@ -695,6 +702,18 @@ static void on_ack(void *ctx, uint64_t lease_id, Quillan__AckStatus status) {
                  : status == QUILLAN__ACK_STATUS__ACK_STATUS_UNKNOWN_LEASE ? "unknown lease"
                                                                            : "rejected");
     sent_remove(w, (size_t)i);
+}
+
+/* Sends again every group whose Ack did not come in time. */
+static void sent_resend(rollout_worker_t *w) {
+    for (size_t i = 0; i < w->n_sent; i++) {
+        if (!w->sent[i].resend)
+            continue;
+        w->sent[i].resend = false;
+        qerr_t err = {0};
+        if (group_send(w, w->sent[i].g, &err) != 0)
+            log_warn("rollout.send_failed", "%s", err.msg);
+    }
 }
 
 /* Sends or gives up every finished job of the current learner. */
@@ -753,7 +772,7 @@ static void out_drain(rollout_worker_t *w) {
             f[nf++] = (log_field_t){"reward_mean", j->reward_sum / (double)j->n_rewarded};
         f[nf++] = (log_field_t){"reward_failures", (double)st.reward_failures};
         log_emit(LOG_INFO, "rollout.group", f, nf, NULL);
-        w->sent[w->n_sent++] = (sent_t){j->rq->lease_id, j->out};
+        w->sent[w->n_sent++] = (sent_t){j->rq->lease_id, j->out, false};
         j->out = NULL;
         job_free(j);
     }
@@ -913,6 +932,7 @@ int rollout_worker_run(rollout_worker_t *w, qerr_t *err) {
             rc = -1;
             break;
         }
+        sent_resend(w);
         out_drain(w);
     }
     pthread_mutex_lock(&w->mu);

@@ -18,8 +18,10 @@
  *       answers with an error is retried REWARD_ERROR_ATTEMPTS times, then the lease is given up
  *       (the learner re-leases it after its time-out).
  * On a learner restart (new incarnation) every lease is dropped, groups in progress are thrown
- * away when they finish, and the next batch waits for a fresh full snapshot of the restarted
- * learner (its versions may repeat numbers of the old incarnation with other bytes).
+ * away when they finish, groups sent and not yet acknowledged are forgotten (the restarted
+ * learner re-leases every unit its checkpoint does not hold as accepted), and the next batch
+ * waits for a fresh full snapshot of the restarted learner (its versions may repeat numbers of
+ * the old incarnation with other bytes).
  *
  * Sampling: each lease's own SamplingParams; sample s of prompt p draws its token at position
  * t from rng_sample_uniform(sampling.seed, prompt id, s, t) (MODEL.md), so a re-leased prompt

@@ -4,7 +4,7 @@
 # and python3-protobuf; the wire classes come from protoc, see reward/CMakeLists.txt). Each case
 # exits 77 (skipped, visibly) when its inputs are missing: gpt2 without ../shared/data/gpt2.
 if(QUILLAN_PY_GEN_DIR AND TARGET quillan-learner AND TARGET quillan-rollout)
-    foreach(case loop gpt2 kill_worker reward_restart malformed learner_restart lr0 config)
+    foreach(case loop gpt2 kill_worker reward_restart malformed learner_restart learner_crash lr0 config)
         add_test(NAME e2e.rl_${case}
                  COMMAND /usr/bin/python3 ${CMAKE_CURRENT_LIST_DIR}/rl_e2e.py ${case}
                          --build ${CMAKE_BINARY_DIR} --src ${CMAKE_SOURCE_DIR}

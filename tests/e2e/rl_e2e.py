@@ -13,8 +13,9 @@ socket on the log hub are what the assertions read. Cases:
                   full snapshot, checkpoints, learner.step and rollout.group through the hub
   gpt2            the same few steps with the GPT-2 BPE tokenizer and the full 50257 vocabulary
                   (configs/test-gpt2.yaml); exit 77 (skipped) without ../shared/data/gpt2
-  kill_worker     SIGKILL a worker holding leases: its leases are re-leased, the run finishes,
-                  every accepted unit is accepted once (checkpointed lease table)
+  kill_worker     SIGKILL a worker holding a lease (its group unscored: the reward service is
+                  down): its leases are re-leased, the run finishes, every accepted unit is
+                  accepted once (checkpointed lease table)
   reward_restart  SIGKILL the reward service and start it again: workers retry, no group gets
                   a reward the service did not give
   malformed       random bytes, another protocol version, tokens >= vocab, a wrong group size,
@@ -22,6 +23,11 @@ socket on the log hub are what the assertions read. Cases:
                   and reward sockets: each refused and counted, every process stays up
   learner_restart SIGTERM the learner and start it again with --resume auto: same step and
                   version, the same worker processes carry on
+  learner_crash   SIGKILL the learner while a worker holds a scored group it has not sent (the
+                  reward service is down), send that group to the dead learner, then start the
+                  learner again from its last periodic checkpoint: the worker forgets the
+                  unacknowledged group and both workers work for the new learner (it once
+                  resent such a group to the new learner without end: a livelock)
   lr0             learner.lr 0: every published snapshot has the same tensor bytes as v1
                   (pulled over the weights socket, BLAKE2b checked), ratios stay at 1 and
                   mismatch/kl at its floor
@@ -50,6 +56,7 @@ import warnings
 SKIP = 77
 DISPATCH_V = WEIGHTS_V = REWARD_V = LOG_V = 1  # QUILLAN_*_PROTOCOL_VERSION (proto/wire_codec.h)
 G = 4  # group size of every case
+LIVENESS_S = 5.0  # network.heartbeat_ivl_s x heartbeat_liveness of configs/tiny.yaml
 
 
 class Fail(Exception):
@@ -356,6 +363,48 @@ def check_mismatch(c, log="learner"):
     check(not alerts, "learner alerts: %s" % alerts)
 
 
+def check_copies_bounded(c, log):
+    """A worker resends a group only when its Ack is a liveness interval overdue, and forgets
+    it when it notices a restarted learner (rollout/worker.h). So the new learner (`log`) gets
+    a group that a worker sent before noticing it at most 1 + (time from the first send to the
+    notice) / liveness times; a resend loop (the old livelock) sends it without end."""
+    drops = {}
+    for r in events(c.path(log + ".log"), "dispatch.group_dropped"):
+        wid = r["text"].split(" from ")[1].split(" ")[0]
+        key = (wid, int(field(r, "lease")))
+        drops[key] = drops.get(key, 0) + 1
+    for (wid, lease), n in sorted(drops.items()):
+        recs = read_records(c.path(wid + ".log"))
+        sent = [r["time"] for r in recs if r.get("event") == "rollout.group" and
+                int(field(r, "lease_id")) == lease]
+        seen = [r["time"] for r in recs if r.get("event") == "rollout.restart"]
+        if sent and seen and sent[0] < seen[0]:
+            most = 1 + int((seen[0] - sent[0]) // LIVENESS_S)
+            check(n <= most, "%s dropped %d copies of %s's group of lease %d, sent %.1f s before "
+                  "%s noticed the restart (at most %d)" % (log, n, wid, lease, seen[0] - sent[0],
+                                                            wid, most))
+    return sum(drops.values())
+
+
+def groups_after_restart(c, wid):
+    """Groups worker wid sent after it noticed the new learner."""
+    recs = read_records(c.path(wid + ".log"))
+    at = [i for i, r in enumerate(recs) if r.get("event") == "rollout.restart"]
+    return at and [r for r in recs[at[0]:] if r.get("event") == "rollout.group"]
+
+
+def check_workers_carry_on(c, learner2, workers):
+    """The same worker processes carry on after a learner restart: they notice the new
+    incarnation, re-register, fetch its weights and return groups to it, and no group reaches
+    the new learner more often than resends allow. Returns the groups the new learner dropped."""
+    c.wait("both workers working for the new learner",
+           lambda: all(groups_after_restart(c, w.name) for w in workers) and
+           len(events(learner2.log, "learner.step")) >= 2, 150)
+    for p in workers:
+        check(p.alive(), "%s is not running" % p.name)
+    return check_copies_bounded(c, learner2.name)
+
+
 def read_safetensors(path):
     with open(path, "rb") as f:
         data = f.read()
@@ -528,17 +577,24 @@ def stop_learner_after(c, learner, more):
 
 def case_kill_worker(c):
     # a dead worker is noticed after heartbeat_liveness silent heartbeats; its leases go back
-    c.sets += ["network.heartbeat_liveness=3"]
-    reward = c.reward()
+    c.sets += ["network.heartbeat_liveness=3", "reward.timeout_s=2", "reward.retries=1",
+               "reward.backoff_min_s=0.2", "reward.backoff_max_s=0.5"]
+    reward = c.reward("reward1")
     learner = c.learner()  # runs until stopped
     c.wait("learner up", lambda: events(learner.log, "learner.start"), 120)
     w1, w2 = c.worker("w1"), c.worker("w2")
     c.wait("w1 busy", lambda: len(c.groups("w1")) >= 2, 120)
-    w1.signal(signal.SIGKILL)  # holding up to `credits` leases mid-generation
+    # Workers outpace this learner and often wait with no lease: w1 is killed while it surely
+    # holds one, a group it cannot score with the reward service down.
+    reward.signal(signal.SIGKILL)
+    reward.wait(10)
+    c.wait("w1 holding a lease", lambda: events(w1.log, "rollout.reward_failed"), 90)
+    w1.signal(signal.SIGKILL)
     w1.wait(10)
+    reward2 = c.reward("reward2")
     c.wait("w1 declared dead", lambda: events(learner.log, "dispatch.worker_dead"), 60)
     steps = stop_learner_after(c, learner, 3)
-    stop_clean(c, [w2, reward])
+    stop_clean(c, [w2, reward2])
     dead = events(learner.log, "dispatch.worker_dead")
     say("dead: " + dead[0]["text"])
     hd, ones, meta = lease_state(latest_checkpoint(c))
@@ -806,18 +862,7 @@ def case_learner_restart(c):
           "resumed at step %s version %s, stopped at %d / %d" %
           (field(st, "step"), field(st, "policy/version"), s_stop, v_stop))
 
-    def back(w):
-        """Groups worker w sent after it noticed the new learner."""
-        recs = read_records(c.path(w + ".log"))
-        at = [i for i, r in enumerate(recs) if r.get("event") == "rollout.restart"]
-        return at and [r for r in recs[at[0]:] if r.get("event") == "rollout.group"]
-    # the same worker processes carry on: they notice the new incarnation, re-register, fetch
-    # its weights and return groups to it
-    c.wait("both workers working for the new learner",
-           lambda: back("w1") and back("w2") and
-           len(events(learner2.log, "learner.step")) >= 2, 150)
-    for w, p in (("w1", w1), ("w2", w2)):
-        check(p.alive(), "%s is not running" % w)
+    check_workers_carry_on(c, learner2, (w1, w2))
     stop_clean(c, [learner2])
     s2 = check_versions_advance(c, "learner2", s_stop + 1)
     joined = {r["text"] for r in events(learner2.log, "dispatch.worker_new")}
@@ -826,7 +871,49 @@ def case_learner_restart(c):
     say("stopped at step %d version %d; resumed there; went on to step %s version %s with the "
         "same workers (%d and %d groups after the restart)" %
         (s_stop, v_stop, field(s2[-1], "step"), field(s2[-1], "policy/version"),
-         len(back("w1")), len(back("w2"))))
+         len(groups_after_restart(c, "w1")), len(groups_after_restart(c, "w2"))))
+
+
+def case_learner_crash(c):
+    c.sets += ["reward.timeout_s=2", "reward.retries=1", "reward.backoff_min_s=0.2",
+               "reward.backoff_max_s=0.5"]
+    reward = c.reward("reward1")
+    learner = c.learner()  # a checkpoint every 2 steps (Cluster)
+    c.wait("learner up", lambda: events(learner.log, "learner.start"), 120)
+    w1, w2 = c.worker("w1"), c.worker("w2")
+    c.wait("step 3", lambda: len(c.steps()) >= 3, 240)
+    # with the reward service down, a worker keeps its generated group until it can score it
+    reward.signal(signal.SIGKILL)
+    reward.wait(10)
+    held = c.wait("a worker holding a group it cannot score",
+                  lambda: [w for w in ("w1", "w2") if events(c.path(w + ".log"),
+                                                             "rollout.reward_failed")], 90)
+    learner.signal(signal.SIGKILL)
+    learner.wait(10)
+    s_kill = len(c.steps())
+    sent = {w: len(c.groups(w)) for w in held}
+    reward2 = c.reward("reward2")
+    # scored now and sent to the dead learner: it waits for an Ack that never comes
+    late = c.wait("a group sent to the dead learner",
+                  lambda: [w for w in held if len(c.groups(w)) > sent[w]], 90)
+    learner2 = c.learner(resume="auto", log="learner2")
+    c.wait("learner resumed", lambda: events(learner2.log, "learner.start"), 120)
+    st = events(learner2.log, "learner.start")[0]
+    s_resume = int(field(st, "step"))
+    check(st["text"].startswith("resumed") and 2 <= s_resume <= s_kill,
+          "learner2 started at step %d: %s (killed after step %d)" % (s_resume, st["text"],
+                                                                       s_kill))
+    dropped = check_workers_carry_on(c, learner2, (w1, w2))
+    stop_clean(c, [learner2])
+    check_versions_advance(c, "learner2", s_resume + 1)
+    hd, ones, _ = lease_state(latest_checkpoint(c))
+    check(hd["accepted"] == ones, "accepted %d units but %d accepted bits: a unit was accepted "
+          "twice" % (hd["accepted"], ones))
+    stop_clean(c, [w1, w2, reward2])
+    say("killed after step %d with %s's group unacknowledged; resumed at step %d; %d and %d "
+        "groups after the restart; the new learner dropped %d groups" %
+        (s_kill, late[0], s_resume, len(groups_after_restart(c, "w1")),
+         len(groups_after_restart(c, "w2")), dropped))
 
 
 def pull_snapshot(pb, ep, version, have=0):
