@@ -169,18 +169,19 @@ static int pending_find(const dispatch_client_t *c, uint64_t lease_id) {
     return -1;
 }
 
-/* Reports every group still waiting for an Ack as UNSPECIFIED (all of them, or the overdue). */
+/* Reports every group still waiting for an Ack as UNSPECIFIED (all of them, or the overdue).
+ * Walks backwards over the entries present at the start: a group on_ack sends again is
+ * appended behind the walk (pending_remove moves only visited entries), so one pass never
+ * reports it twice, whatever the callback does. */
 static void pending_expire(dispatch_client_t *c, double now, bool all) {
-    for (size_t i = 0; i < c->n_pending;) {
-        if (all || now - c->pending[i].sent_s > liveness_s(c)) {
-            uint64_t lease = c->pending[i].lease_id;
-            pending_remove(c, i);
-            c->stats.acks[0]++;
-            if (c->o.cb.on_ack)
-                c->o.cb.on_ack(c->o.cb.ctx, lease, QUILLAN__ACK_STATUS__ACK_STATUS_UNSPECIFIED);
-        } else {
-            i++;
-        }
+    for (size_t i = c->n_pending; i-- > 0;) {
+        if (i >= c->n_pending || !(all || now - c->pending[i].sent_s > liveness_s(c)))
+            continue;
+        uint64_t lease = c->pending[i].lease_id;
+        pending_remove(c, i);
+        c->stats.acks[0]++;
+        if (c->o.cb.on_ack)
+            c->o.cb.on_ack(c->o.cb.ctx, lease, QUILLAN__ACK_STATUS__ACK_STATUS_UNSPECIFIED);
     }
 }
 
