@@ -320,6 +320,11 @@ static const ilv_t *ilv_of(const kern_ops_t *ops, const format_t *f, ilv_t *buf)
                        ops->matmul_int4x};
         return buf;
     }
+    if (f->type == QTYPE_INT8 && ops->matmul_int8x) {
+        *buf = (ilv_t){" x16",           2, KERN_INT8X_ROWS, kern_int8x_bytes, kern_int8x_pack,
+                       ops->matmul_int8x};
+        return buf;
+    }
     if (f->type == QTYPE_TERNARY && ops->matmul_ternx) {
         *buf = (ilv_t){
             " x4", 1, KERN_TERNX_ROWS, kern_ternx_bytes, kern_ternx_pack, ops->matmul_ternx};

@@ -108,6 +108,28 @@ size_t kern_ternx_bytes(size_t out, size_t in);
  * any alignment (the products read 64-byte aligned panels faster). The same on every level. */
 void kern_ternx_pack(void *dst, const void *w, size_t out, size_t in);
 
+/* Row-interleaved INT8 ("int8x"), prepared once per weight matrix for batched products: one
+ * 64-byte register holds 4 consecutive weights of each of KERN_INT8X_ROWS = 16 rows, so one
+ * vpdpbusd against a broadcast activation dword feeds 16 rows and the int32 lanes are the
+ * rows' sums: no horizontal sums at the end, and 16 rows share each activation byte read
+ * (the row-major tiles read 64 activation bytes per 4 rows).
+ *
+ * With nq = 64 ceil(in / 256) quads of 4 columns, panel p (rows 16 p .. 16 p + 15) is
+ * pb = nq * 64 + 64 bytes at p * pb: byte 64 q + 4 i + t holds the stored byte (code + 128, as
+ * in qtypes.h) of column 4 q + t of row 16 p + i; then the 16 rows' scales s_w, float32, row
+ * 16 p + i at nq * 64 + 4 i. Rows past `out` and columns past `in` hold 128 (weight 0); rows
+ * past `out` have scale 0. Same codes and scales as the row-major matrix, which has
+ * 64 ceil(in / 64) + 4 bytes per row. */
+#define KERN_INT8X_ROWS 16
+
+/* Bytes of the interleaved copy of an out x in INT8 matrix (out, in >= 1); SIZE_MAX when that
+ * overflows. */
+size_t kern_int8x_bytes(size_t out, size_t in);
+/* Writes the interleaved copy of the `out` row-major INT8 rows w (qtype_row_bytes(QTYPE_INT8,
+ * in) bytes each, 1 <= in <= KERN_MAX_IN) into dst[kern_int8x_bytes(out, in)]; any alignment
+ * (the products read 64-byte aligned panels faster). The same on every level. */
+void kern_int8x_pack(void *dst, const void *w, size_t out, size_t in);
+
 /* Allocates room for `cap` rows of width `in` (1 <= in <= KERN_MAX_IN, cap >= 1); -1 with
  * err on a bad size or no memory. */
 int kern_act_init(kern_act_t *act, size_t cap, size_t in, qerr_t *err);
@@ -150,6 +172,12 @@ typedef struct {
      * row-major tiles (one stream per tile instead of 4). NULL on AVX2 (its row-major ternary
      * product is already at its own compute roof): callers use matmul_q[QTYPE_TERNARY] there. */
     kern_matmul_q_fn matmul_ternx;
+    /* INT8 x int8 product on the interleaved copy w of kern_int8x_pack: y[s * ldy + r]
+     * bit-identical to matmul_q[QTYPE_INT8] on the row-major matrix, for rows r in [r0, r1)
+     * with r0 a multiple of KERN_INT8X_ROWS and r1 <= out (a panel cut by r1 is computed whole,
+     * stored up to r1). For batches of >= 2 tokens. NULL on AVX2: callers use
+     * matmul_q[QTYPE_INT8] on the row-major matrix there. */
+    kern_matmul_q_fn matmul_int8x;
     /* FP16 conversions of n values, round to nearest even: bit-identical to fp16.h. */
     void (*f16_from_f32)(uint16_t *dst, const float *src, size_t n);
     void (*f16_to_f32)(float *dst, const uint16_t *src, size_t n);

@@ -565,6 +565,7 @@ const kern_ops_t kern_ops_avx2 = {
                  [QTYPE_INT8] = matmul_int8_f},
     .matmul_int4x = NULL, /* kernels.h: matmul_q[QTYPE_INT4] on the row-major rows instead */
     .matmul_ternx = NULL, /* kernels.h: matmul_q[QTYPE_TERNARY] on the row-major rows instead */
+    .matmul_int8x = NULL, /* kernels.h: matmul_q[QTYPE_INT8] on the row-major rows instead */
     .f16_from_f32 = f16_from_f32,
     .f16_to_f32 = f16_to_f32,
     .bits_xor = kern_ref_bits_xor,

@@ -925,6 +925,135 @@ static void matmul_int4x(const void *w, size_t in, const kern_act_t *act, float 
     }
 }
 
+/* ---- INT8 x int8, row-interleaved (kernels.h: kern_int8x_pack) ----
+ * A tile is P = 2 adjacent 16-row panels (1 for a last odd panel) x S <= TS_INT8X tokens of
+ * int32 accumulators whose lanes are the panels' rows. Per quad of 4 columns: one 64-byte load
+ * per panel and, per token, one broadcast activation dword feeding one vpdpbusd per panel.
+ * The columns run in chunks of INT8X_KC quads (512 columns, 8 KiB per panel): every token
+ * block passes over the pair's chunk before the next chunk, the other blocks' accumulators
+ * waiting in a buffer, so the chunk comes from memory once (prefetched during the previous
+ * chunk, a slice per block) and stays in L1 for the others. Stored bytes are
+ * code + 128: 128 * (activation sum) comes off once per row and token at the end. */
+#define TS_INT8X 8     /* tokens per tile */
+#define INT8X_KC 128   /* quads per column chunk */
+#define INT8X_GROUP 64 /* tokens whose accumulators one pass over the rows keeps */
+
+/* Quads [q0, q1) of the pair at panel (panels pb bytes apart) for S tokens at x (rows xs
+ * apart): acc[s * 2 + p] += the int32 sums, starting from zero when `fresh`. Every `every`
+ * quads it prefetches the next line of panel p's slice starting at pf[p]. */
+INLINE void int8x_tile(const int P, const int S, const uint8_t *panel, size_t pb, size_t q0,
+                       size_t q1, const int8_t *x, size_t xs, __m512i *io, int fresh,
+                       const uint8_t *const *pf, size_t every) {
+    __m512i acc[TS_INT8X][2];
+    UNROLL for (int s = 0; s < S; s++) UNROLL for (int p = 0; p < P; p++) acc[s][p] =
+        fresh ? _mm512_setzero_si512() : io[s * 2 + p];
+    size_t wait = 1, line = 0; /* no division per quad: it cost as much as the quad */
+    _Pragma("GCC unroll 4") for (size_t q = q0; q < q1; q++) {
+        if (--wait == 0) {
+            wait = every;
+            UNROLL for (int p = 0; p < P; p++)
+                _mm_prefetch((const char *)pf[p] + 64 * line, KERN_PF_HINT);
+            line++;
+        }
+        __m512i wv[2];
+        UNROLL for (int p = 0; p < P; p++) wv[p] =
+            _mm512_loadu_si512((const void *)(panel + p * pb + 64 * q));
+        UNROLL for (int s = 0; s < S; s++) {
+            int32_t xd;
+            memcpy(&xd, x + s * xs + 4 * q, 4);
+            const __m512i xb = _mm512_set1_epi32(xd);
+            UNROLL for (int p = 0; p < P; p++) acc[s][p] = dpbusd(acc[s][p], wv[p], xb);
+        }
+    }
+    UNROLL for (int s = 0; s < S; s++) UNROLL for (int p = 0; p < P; p++) io[s * 2 + p] = acc[s][p];
+}
+
+typedef void (*x8tile_fn)(const uint8_t *, size_t, size_t, size_t, const int8_t *, size_t,
+                          __m512i *, int, const uint8_t *const *, size_t);
+#define DEF_X8TILE(P, S)                                                                           \
+    static void int8x_tile_##P##_##S(const uint8_t *panel, size_t pb, size_t q0, size_t q1,        \
+                                     const int8_t *x, size_t xs, __m512i *io, int fresh,           \
+                                     const uint8_t *const *pf, size_t every) {                     \
+        int8x_tile(P, S, panel, pb, q0, q1, x, xs, io, fresh, pf, every);                          \
+    }
+#define DEF_X8TILES(P)                                                                             \
+    DEF_X8TILE(P, 1)                                                                               \
+    DEF_X8TILE(P, 2)                                                                               \
+    DEF_X8TILE(P, 3)                                                                               \
+    DEF_X8TILE(P, 4)                                                                               \
+    DEF_X8TILE(P, 5)                                                                               \
+    DEF_X8TILE(P, 6)                                                                               \
+    DEF_X8TILE(P, 7)                                                                               \
+    DEF_X8TILE(P, 8)
+DEF_X8TILES(1)
+DEF_X8TILES(2)
+static const x8tile_fn int8x_tile_table[2][TS_INT8X] = {
+    {int8x_tile_1_1, int8x_tile_1_2, int8x_tile_1_3, int8x_tile_1_4, int8x_tile_1_5, int8x_tile_1_6,
+     int8x_tile_1_7, int8x_tile_1_8},
+    {int8x_tile_2_1, int8x_tile_2_2, int8x_tile_2_3, int8x_tile_2_4, int8x_tile_2_5, int8x_tile_2_6,
+     int8x_tile_2_7, int8x_tile_2_8}};
+
+/* Panel pairs of [r0, r1) in order, for groups of <= INT8X_GROUP tokens in balanced blocks of
+ * <= TS_INT8X; per pair, column chunks in order, each through every block. */
+static void matmul_int8x(const void *w, size_t in, const kern_act_t *act, float *y, size_t ldy,
+                         size_t r0, size_t r1) {
+    Q_ASSERT(in == act->in && in <= KERN_MAX_IN && r0 % KERN_INT8X_ROWS == 0);
+    const size_t n = act->n;
+    if (n == 0 || r0 >= r1)
+        return;
+    const size_t nq = 64 * ((in + 255) / 256), pb = nq * 64 + KERN_INT8X_ROWS * sizeof(float);
+    __m512i acc[INT8X_GROUP / TS_INT8X][TS_INT8X * 2];
+    for (size_t g0 = 0; g0 < n; g0 += INT8X_GROUP) {
+        const size_t gn = n - g0 < INT8X_GROUP ? n - g0 : INT8X_GROUP;
+        const tiling_t tl = tiling_of(gn, TS_INT8X, pb, 64, 2);
+        for (size_t r = r0; r < r1;) {
+            const int P = r1 - r > KERN_INT8X_ROWS ? 2 : 1;
+            const uint8_t *panel = (const uint8_t *)w + r / KERN_INT8X_ROWS * pb;
+            for (size_t q0 = 0; q0 < nq; q0 += INT8X_KC) {
+                const size_t q1 = nq - q0 < INT8X_KC ? nq : q0 + INT8X_KC;
+                /* The next chunk, or the next pair's first (prefetch never faults): block k of
+                 * nblk fetches slice k of its lines, one every nblk quads, so the memory
+                 * streams through every block instead of only the first. */
+                const size_t slice = (q1 - q0 + tl.nblk - 1) / tl.nblk;
+                for (size_t s0 = 0, k = 0; s0 < gn; k++) {
+                    const size_t S = tiling_len(&tl, k);
+                    const uint8_t *pf[2];
+                    for (int p = 0; p < 2; p++)
+                        pf[p] =
+                            (q1 < nq ? panel + p * pb + 64 * q1 : panel + (size_t)(P + p) * pb) +
+                            64 * k * slice;
+                    int8x_tile_table[P - 1][S - 1](panel, pb, q0, q1,
+                                                   act->q + (g0 + s0) * act->stride, act->stride,
+                                                   acc[k], q0 == 0, pf, tl.nblk);
+                    s0 += S;
+                }
+            }
+            for (size_t s0 = 0, k = 0; s0 < gn; k++) {
+                const size_t S = tiling_len(&tl, k);
+                for (size_t s = 0; s < S; s++) {
+                    const size_t t = g0 + s0 + s;
+                    const __m512i off = _mm512_set1_epi32(QTYPE_INT8_OFFSET * act->sum[t]);
+                    const __m512 sx = _mm512_set1_ps(act->scale[t]);
+                    for (int p = 0; p < P; p++) {
+                        const size_t rp = r + (size_t)p * KERN_INT8X_ROWS;
+                        const __mmask16 m = r1 - rp >= KERN_INT8X_ROWS
+                                                ? (__mmask16)0xffff
+                                                : (__mmask16)((1u << (r1 - rp)) - 1);
+                        const __m512 sw =
+                            _mm512_loadu_ps((const float *)(panel + (size_t)p * pb + nq * 64));
+                        const __m512 v =
+                            _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[k][s * 2 + (size_t)p], off));
+                        _mm512_mask_storeu_ps(y + t * ldy + rp, m,
+                                              _mm512_mul_ps(_mm512_mul_ps(v, sw), sx));
+                    }
+                }
+                s0 += S;
+            }
+            r += (size_t)P * KERN_INT8X_ROWS;
+        }
+    }
+}
+
 /* y[s * ldy + r] = sum of the lanes of acc[r * TS + s]; a full tile as single_scale_store. */
 INLINE void float_store(const int R, const int S, const __m512 *acc, float *y, size_t ldy) {
     if (R != TR) {
@@ -1164,6 +1293,7 @@ const kern_ops_t kern_ops_avx512 = {
                  [QTYPE_INT8] = matmul_int8_f},
     .matmul_int4x = matmul_int4x,
     .matmul_ternx = matmul_ternx,
+    .matmul_int8x = matmul_int8x,
     .f16_from_f32 = f16_from_f32,
     .f16_to_f32 = f16_to_f32,
     .bits_xor = kern_ref_bits_xor,

@@ -257,6 +257,57 @@ static void matmul_ternx(const void *w, size_t in, const kern_act_t *act, float 
     }
 }
 
+/* ---- INT8, row-interleaved (kernels.h: kern_int8x_pack) ---- */
+
+static size_t int8x_quads(size_t in) {
+    return 64 * (in / 256 + (in % 256 != 0));
+}
+
+size_t kern_int8x_bytes(size_t out, size_t in) {
+    const size_t panels = out / KERN_INT8X_ROWS + (out % KERN_INT8X_ROWS != 0);
+    const size_t pb = int8x_quads(in) * 64 + KERN_INT8X_ROWS * sizeof(float);
+    if (panels > SIZE_MAX / pb)
+        return SIZE_MAX;
+    return panels * pb;
+}
+
+void kern_int8x_pack(void *dst, const void *w, size_t out, size_t in) {
+    Q_ASSERT(out >= 1 && in >= 1 && in <= KERN_MAX_IN);
+    const size_t rb = qtype_row_bytes(QTYPE_INT8, in), nq = int8x_quads(in);
+    const size_t pb = nq * 64 + KERN_INT8X_ROWS * sizeof(float);
+    const size_t panels = (out + KERN_INT8X_ROWS - 1) / KERN_INT8X_ROWS;
+    for (size_t p = 0; p < panels; p++) {
+        uint8_t *panel = (uint8_t *)dst + p * pb;
+        memset(panel, QTYPE_INT8_OFFSET, nq * 64);
+        memset(panel + nq * 64, 0, KERN_INT8X_ROWS * sizeof(float));
+        for (size_t i = 0; i < KERN_INT8X_ROWS && KERN_INT8X_ROWS * p + i < out; i++) {
+            const uint8_t *row = (const uint8_t *)w + (KERN_INT8X_ROWS * p + i) * rb;
+            for (size_t k = 0; k < in; k++)
+                panel[64 * (k / 4) + 4 * i + k % 4] = row[k];
+            memcpy(panel + nq * 64 + 4 * i, row + kern_codes_bytes(QTYPE_INT8, in), 4);
+        }
+    }
+}
+
+/* matmul_int8 on the interleaved copy: the same integer sums, so the same floats. */
+static void matmul_int8x(const void *w, size_t in, const kern_act_t *act, float *y, size_t ldy,
+                         size_t r0, size_t r1) {
+    Q_ASSERT(r0 % KERN_INT8X_ROWS == 0);
+    const size_t nq = int8x_quads(in), pb = nq * 64 + KERN_INT8X_ROWS * sizeof(float);
+    for (size_t r = r0; r < r1; r++) {
+        const uint8_t *panel = (const uint8_t *)w + r / KERN_INT8X_ROWS * pb;
+        const size_t i = r % KERN_INT8X_ROWS;
+        const float sw = kern_load_f32(panel + nq * 64 + 4 * i);
+        for (size_t s = 0; s < act->n; s++) {
+            const int8_t *q = act->q + s * act->stride;
+            int32_t isum = 0;
+            for (size_t k = 0; k < in; k++)
+                isum += ((int)panel[64 * (k / 4) + 4 * i + k % 4] - QTYPE_INT8_OFFSET) * q[k];
+            y[s * ldy + r] = (float)isum * sw * act->scale[s];
+        }
+    }
+}
+
 /* Weight i of a packed row of width `in`, exactly as dequantize_row_ref gives it: the stored
  * float, the FP16 value, or scale * code (one float multiply). */
 static float weight_at(qtype_t t, const uint8_t *row, size_t in, size_t i) {
@@ -346,6 +397,7 @@ const kern_ops_t kern_ops_ref = {
                  [QTYPE_INT8] = matmul_int8_f},
     .matmul_int4x = matmul_int4x,
     .matmul_ternx = matmul_ternx,
+    .matmul_int8x = matmul_int8x,
     .f16_from_f32 = fp16_from_float_n,
     .f16_to_f32 = fp16_to_float_n,
     .bits_xor = kern_ref_bits_xor,

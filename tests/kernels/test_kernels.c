@@ -429,6 +429,12 @@ static kern_matmul_q_fn ternx_fn(const kern_ops_t *ops) {
 
 static const ilv_case_t INT4X = {"int4x",         QTYPE_INT4, KERN_INT4X_ROWS, kern_int4x_bytes,
                                  kern_int4x_pack, int4x_fn,   CMP_REL_TOL};
+static kern_matmul_q_fn int8x_fn(const kern_ops_t *ops) {
+    return ops->matmul_int8x;
+}
+
+static const ilv_case_t INT8X = {"int8x",         QTYPE_INT8, KERN_INT8X_ROWS, kern_int8x_bytes,
+                                 kern_int8x_pack, int8x_fn,   CMP_EXACT};
 static const ilv_case_t TERNX = {"ternx",         QTYPE_TERNARY, KERN_TERNX_ROWS, kern_ternx_bytes,
                                  kern_ternx_pack, ternx_fn,      CMP_EXACT};
 
@@ -554,6 +560,62 @@ Test(ternx, every_batch_size) {
     for (size_t n = 1; n <= 33; n++)
         check_ilv(&TERNX, 11, 300, n, 950 + n);
     check_ilv(&TERNX, 24, 4100, 32, 995);
+}
+
+/* ---- INT8, row-interleaved (kern_int8x_pack, matmul_int8x) ---- */
+
+/* Every stored byte and every row's scale sit where kernels.h's layout text says; padding rows
+ * and columns hold 128 (weight 0), padding rows scale 0; the copy does not depend on dst. */
+Test(int8x, pack_places_every_code_and_scale) {
+    const size_t outs[] = {1, 15, 16, 17, 40};
+    const size_t ins[] = {1, 63, 100, 256, 257, 700};
+    for (size_t ko = 0; ko < Q_ARRAY_LEN(outs); ko++)
+        for (size_t ki = 0; ki < Q_ARRAY_LEN(ins); ki++) {
+            const size_t out = outs[ko], in = ins[ki], rb = qtype_row_bytes(QTYPE_INT8, in);
+            const size_t nq = 64 * ((in + 255) / 256), pb = nq * 64 + 64;
+            const size_t panels = (out + 15) / 16, bytes = kern_int8x_bytes(out, in);
+            cr_assert_eq(bytes, panels * pb, "out=%zu in=%zu", out, in);
+            uint8_t *w = pack_matrix(QTYPE_INT8, out, in, 80 + ko * 7 + ki);
+            uint8_t *x = xmalloc(bytes), *x2 = xmalloc(bytes);
+            memset(x, 0xA5, bytes);
+            memset(x2, 0x00, bytes);
+            kern_int8x_pack(x, w, out, in);
+            kern_int8x_pack(x2, w, out, in);
+            cr_assert_eq(memcmp(x, x2, bytes), 0, "out=%zu in=%zu: copy depends on dst", out, in);
+            for (size_t r = 0; r < panels * 16; r++) {
+                const uint8_t *panel = x + r / 16 * pb;
+                for (size_t k = 0; k < 4 * nq; k++) {
+                    const unsigned want = r < out && k < in ? w[r * rb + k] : 128;
+                    cr_assert_eq(panel[64 * (k / 4) + 4 * (r % 16) + k % 4], want,
+                                 "out=%zu in=%zu r=%zu k=%zu", out, in, r, k);
+                }
+                float sw;
+                memcpy(&sw, panel + nq * 64 + 4 * (r % 16), 4);
+                const float want = r < out ? qtype_row_scale(QTYPE_INT8, w + r * rb, in) : 0.0f;
+                cr_assert_eq(sw, want, "out=%zu in=%zu r=%zu", out, in, r);
+            }
+            free(w);
+            free(x);
+            free(x2);
+        }
+    cr_assert_eq(kern_int8x_bytes(SIZE_MAX / 8, 4096), SIZE_MAX);
+}
+
+Test(int8x, levels_match_row_major_product) {
+    const size_t outs[] = {1, 13, 16, 17, 40};
+    for (size_t kw = 0; kw < Q_ARRAY_LEN(WIDTHS); kw++)
+        for (size_t ko = 0; ko < Q_ARRAY_LEN(outs); ko++)
+            check_ilv(&INT8X, outs[ko], WIDTHS[kw], BATCH[(kw + ko) % Q_ARRAY_LEN(BATCH)],
+                      500 + kw * 11 + ko);
+}
+
+/* Every batch size 1..70: every tile width, the balanced split into token blocks and more
+ * tokens than one pass keeps (64); widths of several column chunks (512 columns each). */
+Test(int8x, every_batch_size) {
+    for (size_t n = 1; n <= 70; n++)
+        check_ilv(&INT8X, 35, 300, n, 1000 + n);
+    check_ilv(&INT8X, 48, 2100, 32, 1090);
+    check_ilv(&INT8X, 33, 4100, 8, 1091);
 }
 
 static void run_float(qtype_t t) {
