@@ -9,10 +9,10 @@
  * Formats: ternary, int4 and int8 multiply int8 activations (matmul_q); f16, f32 and the
  * int4-f32 / int8-f32 variants (the engine's experts, micro agents and head_int8) multiply
  * FP32 activations (matmul_f). Where the level has them (AVX-512), ternary runs matmul_ternx at
- * every n and int4 runs matmul_int4x at n >= 2, on row-interleaved copies of their matrices
- * (kern_ternx_pack / kern_int4x_pack, packed once before timing; the copies are what streams
- * from DRAM; rows "ternary x4", "int4 x16"); at n = 1 int4 keeps the row-major matmul_q, which
- * is bandwidth-bound and reads the same bytes with less work. --isa (or
+ * every n and int4 / int8 run matmul_int4x / matmul_int8x at n >= 2, on row-interleaved copies
+ * of their matrices (kern_*_pack, packed once before timing; the copies are what streams from
+ * DRAM; rows "ternary x4", "int4 x16", "int8 x16"); at n = 1 int4 and int8 keep the row-major
+ * matmul_q, which is bandwidth-bound and reads the same bytes with less work. --isa (or
  * QUILLAN_ISA) picks a lower kernel level, e.g. the AVX2 path on an AVX-512 machine; its roofline
  * then uses that level's own peaks (256-bit FMA, and vpmaddubsw + vpmaddwd + vpaddd for int8, since
  * AVX2 has no VNNI).
@@ -642,10 +642,10 @@ int main(int argc, char **argv) {
             "(/ DRAM) and %.1f GB/s (/ 1-stream, the probe of ANCHORS.md's llama.cpp fractions). "
             "Roofline = "
             "min(peak, DRAM x n / bytes per weight), peak = the VNNI (int8 activations) or "
-            "FMA (FP32 activations) probe. int4 x16 / ternary x4: matmul_int4x / matmul_ternx on "
-            "the 16- / 4-row interleaved copy (kern_int4x_pack / kern_ternx_pack), what this "
-            "level runs (ternary at every n, int4 at n >= 2); plain rows are the row-major "
-            "matmul_q.\n\n",
+            "FMA (FP32 activations) probe. ternary x4, int4 x16, int8 x16: the products on the "
+            "interleaved copies (kern_ternx_pack, kern_int4x_pack, kern_int8x_pack), what this "
+            "level runs (ternary at every n, int4 and int8 at n >= 2); plain rows are the "
+            "row-major matmul_q.\n\n",
             bw1.best, bw1.plain, bw, bwp);
 
         if (shapes) {
