@@ -365,24 +365,29 @@ int dispatch_client_send_group(dispatch_client_t *c, Quillan__TrajectoryGroup *g
     Quillan__Envelope env = QUILLAN__ENVELOPE__INIT;
     env.body_case = QUILLAN__ENVELOPE__BODY_TRAJECTORY_GROUP;
     env.trajectory_group = g;
-    if (send_env(c, &env, err) != 0)
-        return qerr_wrap(err, "dispatch client: group of lease %llu",
-                         (unsigned long long)g->lease_id);
-    c->stats.groups_sent++;
+    /* A refused group waits for its Ack like a sent one: the time-out report tells the
+     * caller to send it again. */
+    const int rc = send_env(c, &env, err);
+    if (rc == 0)
+        c->stats.groups_sent++;
     int i = pending_find(c, g->lease_id);
     if (i >= 0) {
         c->pending[i].sent_s = now_s();
-        return 0;
+    } else {
+        if (c->n_pending == c->cap_pending) {
+            size_t cap = c->cap_pending ? 2 * c->cap_pending : 8;
+            pending_t *p = realloc(c->pending, cap * sizeof *p);
+            if (p == NULL) /* its Ack is still reported, only the time-out report is lost */
+                goto out;
+            c->pending = p;
+            c->cap_pending = cap;
+        }
+        c->pending[c->n_pending++] = (pending_t){g->lease_id, now_s()};
     }
-    if (c->n_pending == c->cap_pending) {
-        size_t cap = c->cap_pending ? 2 * c->cap_pending : 8;
-        pending_t *p = realloc(c->pending, cap * sizeof *p);
-        if (p == NULL)
-            return 0; /* sent; its Ack is still reported, only the time-out report is lost */
-        c->pending = p;
-        c->cap_pending = cap;
-    }
-    c->pending[c->n_pending++] = (pending_t){g->lease_id, now_s()};
+out:
+    if (rc != 0)
+        return qerr_wrap(err, "dispatch client: group of lease %llu",
+                         (unsigned long long)g->lease_id);
     return 0;
 }
 

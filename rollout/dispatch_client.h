@@ -92,7 +92,9 @@ int dispatch_client_poll(dispatch_client_t *c, int timeout_ms, qerr_t *err);
 /* Sends a finished group (g->lease_id names the lease; worker_id is filled here) and releases
  * the lease's credit; the Ack comes through on_ack. Groups of leases dropped on a learner
  * restart may still be sent: the learner accepts them when their unit is not yet done.
- * -1 with err when libzmq refuses the message (the credit is released anyway). */
+ * -1 with err when libzmq refuses the message (the credit is released anyway, and the group
+ * waits for an Ack as a sent one does: on_ack reports it UNSPECIFIED after the time-out, so
+ * the caller sends it again then). */
 int dispatch_client_send_group(dispatch_client_t *c, Quillan__TrajectoryGroup *g, qerr_t *err);
 
 /* Gives a lease up without a group (the worker cannot run it); its credit is released and the
