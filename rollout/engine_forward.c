@@ -333,10 +333,10 @@ static void expert_chunk(void *vctx, size_t c, int tid) {
     const int o = f->off[g], ng = f->off[g + 1] - o;
     const size_t Cz = (size_t)d->C;
     const eng_mat_t *w1 = &m->L->exp_w1[j], *w2 = &m->L->exp_w2[j];
-    const eng_mat_t v1 = {w1->w + (size_t)e * EH * w1->row_bytes, w1->qt, (size_t)EH, w1->cols,
-                          w1->row_bytes, NULL};
-    const eng_mat_t v2 = {w2->w + (size_t)e * Cz * w2->row_bytes, w2->qt, Cz, w2->cols,
-                          w2->row_bytes, NULL};
+    const eng_mat_t v1 = {
+        w1->w + (size_t)e * EH * w1->row_bytes, w1->qt, (size_t)EH, w1->cols, w1->row_bytes, NULL};
+    const eng_mat_t v2 = {
+        w2->w + (size_t)e * Cz * w2->row_bytes, w2->qt, Cz, w2->cols, w2->row_bytes, NULL};
     float *eh = f->eh + (size_t)o * EH;
     const eng_prod_t p1 = {&v1, f->gx + (size_t)o * Cz, Cz, NULL, (size_t)ng, eh, (size_t)EH};
     const eng_prod_t p2 = {&v2, eh, (size_t)EH, NULL, (size_t)ng, f->ey + (size_t)o * Cz, Cz};
