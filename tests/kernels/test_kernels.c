@@ -347,6 +347,52 @@ Test(matmul, int8_levels_match_reference) {
     run_quantized(QTYPE_INT8);
 }
 
+/* ---- row-interleaved copies (int4x, ternx, int8x) ---- */
+
+/* An interleaved product: its layout's functions and how a SIMD level's results compare. */
+typedef struct {
+    const char *name;
+    qtype_t type;
+    size_t rows; /* panel rows */
+    size_t (*bytes)(size_t out, size_t in);
+    void (*pack)(void *dst, const void *w, size_t out, size_t in);
+    kern_matmul_q_fn (*fn)(const kern_ops_t *ops);
+    int simd_cmp; /* CMP_EXACT or CMP_REL_TOL */
+} ilv_case_t;
+
+static kern_matmul_q_fn int4x_fn(const kern_ops_t *ops) {
+    return ops->matmul_int4x;
+}
+
+static kern_matmul_q_fn ternx_fn(const kern_ops_t *ops) {
+    return ops->matmul_ternx;
+}
+
+static const ilv_case_t INT4X = {"int4x",         QTYPE_INT4, KERN_INT4X_ROWS, kern_int4x_bytes,
+                                 kern_int4x_pack, int4x_fn,   CMP_REL_TOL};
+static kern_matmul_q_fn int8x_fn(const kern_ops_t *ops) {
+    return ops->matmul_int8x;
+}
+
+static const ilv_case_t INT8X = {"int8x",         QTYPE_INT8, KERN_INT8X_ROWS, kern_int8x_bytes,
+                                 kern_int8x_pack, int8x_fn,   CMP_EXACT};
+static const ilv_case_t TERNX = {"ternx",         QTYPE_TERNARY, KERN_TERNX_ROWS, kern_ternx_bytes,
+                                 kern_ternx_pack, ternx_fn,      CMP_EXACT};
+
+/* The interleaved copy of w, checked to be the same whatever dst held before. */
+static uint8_t *ilv_pack_checked(const ilv_case_t *c, const uint8_t *w, size_t out, size_t in) {
+    const size_t bytes = c->bytes(out, in);
+    uint8_t *x = xmalloc(bytes), *x2 = xmalloc(bytes);
+    memset(x, 0xA5, bytes);
+    memset(x2, 0x00, bytes);
+    c->pack(x, w, out, in);
+    c->pack(x2, w, out, in);
+    cr_assert_eq(memcmp(x, x2, bytes), 0, "%s out=%zu in=%zu: copy depends on dst", c->name, out,
+                 in);
+    free(x2);
+    return x;
+}
+
 /* ---- INT4, row-interleaved (kern_int4x_pack, matmul_int4x) ---- */
 
 /* Nibble of weight i of row r in the interleaved copy, decoded from kernels.h's layout text. */
@@ -378,12 +424,7 @@ Test(int4x, pack_places_every_code_and_scale) {
             const size_t bytes = kern_int4x_bytes(out, in);
             cr_assert_eq(bytes, panels * 16 * rb, "out=%zu in=%zu", out, in);
             uint8_t *w = pack_matrix(QTYPE_INT4, out, in, 60 + ko * 7 + ki);
-            uint8_t *x = xmalloc(bytes), *x2 = xmalloc(bytes);
-            memset(x, 0xA5, bytes);
-            memset(x2, 0x00, bytes);
-            kern_int4x_pack(x, w, out, in);
-            kern_int4x_pack(x2, w, out, in);
-            cr_assert_eq(memcmp(x, x2, bytes), 0, "out=%zu in=%zu: copy depends on dst", out, in);
+            uint8_t *x = ilv_pack_checked(&INT4X, w, out, in);
             for (size_t r = 0; r < panels * 16; r++)
                 for (size_t i = 0; i < nb * 128; i++) {
                     unsigned want = 8;
@@ -402,41 +443,10 @@ Test(int4x, pack_places_every_code_and_scale) {
                 }
             free(w);
             free(x);
-            free(x2);
         }
     cr_assert_eq(kern_int4x_bytes(4096, 4096), 4096 * qtype_row_bytes(QTYPE_INT4, 4096));
     cr_assert_eq(kern_int4x_bytes(SIZE_MAX / 8, 4096), SIZE_MAX);
 }
-
-/* An interleaved product: its layout's functions and how a SIMD level's results compare. */
-typedef struct {
-    const char *name;
-    qtype_t type;
-    size_t rows; /* panel rows */
-    size_t (*bytes)(size_t out, size_t in);
-    void (*pack)(void *dst, const void *w, size_t out, size_t in);
-    kern_matmul_q_fn (*fn)(const kern_ops_t *ops);
-    int simd_cmp; /* CMP_EXACT or CMP_REL_TOL */
-} ilv_case_t;
-
-static kern_matmul_q_fn int4x_fn(const kern_ops_t *ops) {
-    return ops->matmul_int4x;
-}
-
-static kern_matmul_q_fn ternx_fn(const kern_ops_t *ops) {
-    return ops->matmul_ternx;
-}
-
-static const ilv_case_t INT4X = {"int4x",         QTYPE_INT4, KERN_INT4X_ROWS, kern_int4x_bytes,
-                                 kern_int4x_pack, int4x_fn,   CMP_REL_TOL};
-static kern_matmul_q_fn int8x_fn(const kern_ops_t *ops) {
-    return ops->matmul_int8x;
-}
-
-static const ilv_case_t INT8X = {"int8x",         QTYPE_INT8, KERN_INT8X_ROWS, kern_int8x_bytes,
-                                 kern_int8x_pack, int8x_fn,   CMP_EXACT};
-static const ilv_case_t TERNX = {"ternx",         QTYPE_TERNARY, KERN_TERNX_ROWS, kern_ternx_bytes,
-                                 kern_ternx_pack, ternx_fn,      CMP_EXACT};
 
 /* The product on the copy against the reference row-major product: the reference level bit
  * for bit, SIMD levels as c->simd_cmp; whole range and sub-ranges (a panel start to a row
@@ -522,12 +532,7 @@ Test(ternx, pack_places_every_code_and_scale) {
             const size_t bytes = kern_ternx_bytes(out, in);
             cr_assert_eq(bytes, panels * 4 * rb, "out=%zu in=%zu", out, in);
             uint8_t *w = pack_matrix(QTYPE_TERNARY, out, in, 70 + ko * 7 + ki);
-            uint8_t *x = xmalloc(bytes), *x2 = xmalloc(bytes);
-            memset(x, 0xA5, bytes);
-            memset(x2, 0x00, bytes);
-            kern_ternx_pack(x, w, out, in);
-            kern_ternx_pack(x2, w, out, in);
-            cr_assert_eq(memcmp(x, x2, bytes), 0, "out=%zu in=%zu: copy depends on dst", out, in);
+            uint8_t *x = ilv_pack_checked(&TERNX, w, out, in);
             for (size_t r = 0; r < panels * 4; r++) {
                 for (size_t i = 0; i < nb * 256; i++) {
                     unsigned want = 1;
@@ -541,7 +546,6 @@ Test(ternx, pack_places_every_code_and_scale) {
             }
             free(w);
             free(x);
-            free(x2);
         }
     cr_assert_eq(kern_ternx_bytes(4096, 4096), 4096 * qtype_row_bytes(QTYPE_TERNARY, 4096));
     cr_assert_eq(kern_ternx_bytes(SIZE_MAX / 8, 4096), SIZE_MAX);
@@ -576,12 +580,7 @@ Test(int8x, pack_places_every_code_and_scale) {
             const size_t panels = (out + 15) / 16, bytes = kern_int8x_bytes(out, in);
             cr_assert_eq(bytes, panels * pb, "out=%zu in=%zu", out, in);
             uint8_t *w = pack_matrix(QTYPE_INT8, out, in, 80 + ko * 7 + ki);
-            uint8_t *x = xmalloc(bytes), *x2 = xmalloc(bytes);
-            memset(x, 0xA5, bytes);
-            memset(x2, 0x00, bytes);
-            kern_int8x_pack(x, w, out, in);
-            kern_int8x_pack(x2, w, out, in);
-            cr_assert_eq(memcmp(x, x2, bytes), 0, "out=%zu in=%zu: copy depends on dst", out, in);
+            uint8_t *x = ilv_pack_checked(&INT8X, w, out, in);
             for (size_t r = 0; r < panels * 16; r++) {
                 const uint8_t *panel = x + r / 16 * pb;
                 for (size_t k = 0; k < 4 * nq; k++) {
@@ -596,7 +595,6 @@ Test(int8x, pack_places_every_code_and_scale) {
             }
             free(w);
             free(x);
-            free(x2);
         }
     cr_assert_eq(kern_int8x_bytes(SIZE_MAX / 8, 4096), SIZE_MAX);
 }
