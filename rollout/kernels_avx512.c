@@ -167,24 +167,6 @@ INLINE void store_sums_ps(const int R, const int S, const __m512 *acc, int astri
     }
 }
 
-INLINE void store_sums_epi32(const int R, const int S, const __m512i *acc, int astride,
-                             int32_t *out) {
-    if (R * S <= SUM_ALONE) {
-        UNROLL for (int r = 0; r < R; r++) UNROLL for (int s = 0; s < S; s++) out[r * TS + s] =
-            _mm512_reduce_add_epi32(acc[r * astride + s]);
-        return;
-    }
-    __m512i v[2 * 16];
-    UNROLL for (int i = 0; i < 2 * 16; i++) v[i] =
-        i < R * S ? acc[(i / S) * astride + i % S] : _mm512_setzero_si512();
-    UNROLL for (int b = 0; b < R * S; b += 16) {
-        int32_t t[16];
-        _mm512_storeu_si512((void *)t, sum16_epi32(v + b));
-        UNROLL for (int i = 0; i < 16; i++) if (b + i < R * S)
-            out[((b + i) / S) * TS + (b + i) % S] = t[4 * (i % 4) + i / 4];
-    }
-}
-
 /* A product's tiling, computed once so that no division runs per tile: balanced token blocks
  * (n >= 1 tokens in ceil(n / smax) blocks whose sizes differ by <= 1, the first `extra` ones
  * longer) and the prefetch slices of a full tile (`full` rows of rb bytes, `unit` bytes of each
@@ -218,13 +200,14 @@ INLINE pf_t tiling_pf(const tiling_t *t, const uint8_t *wr, int full, size_t k) 
     return pf;
 }
 
-/* y[s * ldy + i] = lane 4 s + i of v for tokens s < ns and rows i < 4: a full tile's sums
- * after a 16-register transpose (lane 4 s + r), one 128-bit store per token. */
-INLINE void store_token_rows(float *y, size_t ldy, __m512 v, int ns) {
+/* y[s * ldy + i] = lane 4 s + i of v for tokens s < ns and rows i < 4 set in `rows`: a tile's
+ * sums after a 16-register transpose (lane 4 s + r), one 128-bit store per token. */
+INLINE void store_token_rows(float *y, size_t ldy, __m512 v, int ns, __mmask8 rows) {
     const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-    UNROLL for (int s = 0; s < ns; s++) _mm_storeu_ps(
-        y + (size_t)s * ldy, _mm512_castps512_ps128(_mm512_permutexvar_ps(
-                                 _mm512_add_epi32(lanes, _mm512_set1_epi32(4 * s)), v)));
+    UNROLL for (int s = 0; s < ns; s++)
+        _mm_mask_storeu_ps(y + (size_t)s * ldy, rows,
+                           _mm512_castps512_ps128(_mm512_permutexvar_ps(
+                               _mm512_add_epi32(lanes, _mm512_set1_epi32(4 * s)), v)));
 }
 
 /* Where a single-scale tile's results go: y[s * ldy + i] = ((float)(isum - offset * xsum[s]) *
@@ -254,16 +237,23 @@ INLINE __m512 scaled_sums(const __m512i *v, __m512 sw, int s0, int ns, const qou
     return _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), sw), xsc);
 }
 
-/* Stores the R x S sums of acc[r * astride + s]. A full tile reduces 4 tokens x 4 rows per
- * transpose, lane 4 s + r, so each token's 4 rows are one 128-bit store after vector scaling
- * (per tile of 1024-weight rows the scalar version cost about half as much as the products). */
+/* Stores the R x S sums of acc[r * astride + s] (R <= 4; the other rows are not read). The
+ * tile reduces 4 tokens x 4 rows per transpose, lane 4 s + r, so each token's rows are one
+ * 128-bit store after vector scaling (per tile of 1024-weight rows the scalar version cost
+ * about half as much as the products); rows past R are zero in the transpose and masked off. */
 INLINE void single_scale_store(const int R, const int S, const __m512i *acc, int astride,
                                const qout_t *o) {
-    if (R == TR && S == 1) {
+    float swr[TR];
+    UNROLL for (int i = 0; i < TR; i++) swr[i] = i < R ? kern_load_f32(o->sw + i * o->rb) : 0.0f;
+    const __m128 sw4 = _mm_loadu_ps(swr);
+    const __mmask8 rows = (__mmask8)((1u << R) - 1);
+    if (S == 1) {
         /* One token: 4 registers reduce in ~13 operations (the 16-register transpose costs
          * ~45, as much as the loop of a 1024-weight panel at this batch). Lane i of the last
          * 128 bits is the sum of acc[i * astride]. */
-        const __m512i a0 = acc[0], a1 = acc[astride], a2 = acc[2 * astride], a3 = acc[3 * astride];
+        const __m512i z = _mm512_setzero_si512();
+        const __m512i a0 = acc[0], a1 = R > 1 ? acc[astride] : z, a2 = R > 2 ? acc[2 * astride] : z,
+                      a3 = R > 3 ? acc[3 * astride] : z;
         const __m512i t0 =
             _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
         const __m512i t1 =
@@ -274,35 +264,19 @@ INLINE void single_scale_store(const int R, const int S, const __m512i *acc, int
             _mm256_add_epi32(_mm512_castsi512_si256(u), _mm512_extracti64x4_epi64(u, 1));
         const __m128i sum =
             _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        const __m128 sw =
-            _mm_setr_ps(kern_load_f32(o->sw), kern_load_f32(o->sw + o->rb),
-                        kern_load_f32(o->sw + 2 * o->rb), kern_load_f32(o->sw + 3 * o->rb));
         const __m128i d = _mm_sub_epi32(sum, _mm_set1_epi32(o->offset * o->xsum[0]));
-        _mm_storeu_ps(o->y,
-                      _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(d), sw), _mm_set1_ps(o->xscale[0])));
+        _mm_mask_storeu_ps(
+            o->y, rows, _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(d), sw4), _mm_set1_ps(o->xscale[0])));
         return;
     }
-    if (R != TR) {
-        int32_t isum[TR * TS];
-        store_sums_epi32(R, S, acc, astride, isum);
-        for (int i = 0; i < R; i++) {
-            const float sw = kern_load_f32(o->sw + i * o->rb);
-            for (int s = 0; s < S; s++) {
-                const int32_t v = isum[i * TS + s] - o->offset * o->xsum[s];
-                o->y[s * o->ldy + i] = (float)v * sw * o->xscale[s];
-            }
-        }
-        return;
-    }
-    const __m512 sw = _mm512_broadcast_f32x4(
-        _mm_setr_ps(kern_load_f32(o->sw), kern_load_f32(o->sw + o->rb),
-                    kern_load_f32(o->sw + 2 * o->rb), kern_load_f32(o->sw + 3 * o->rb)));
+    const __m512 sw = _mm512_broadcast_f32x4(sw4);
     UNROLL for (int s0 = 0; s0 < S; s0 += 4) {
         const int ns = S - s0 < 4 ? S - s0 : 4;
         __m512i v[16];
         UNROLL for (int j = 0; j < 16; j++) v[j] =
-            j % 4 < ns ? acc[(j / 4) * astride + s0 + j % 4] : _mm512_setzero_si512();
-        store_token_rows(o->y + (size_t)s0 * o->ldy, o->ldy, scaled_sums(v, sw, s0, ns, o), ns);
+            j / 4 < R && j % 4 < ns ? acc[(j / 4) * astride + s0 + j % 4] : _mm512_setzero_si512();
+        store_token_rows(o->y + (size_t)s0 * o->ldy, o->ldy, scaled_sums(v, sw, s0, ns, o), ns,
+                         rows);
     }
 }
 
@@ -396,18 +370,11 @@ INLINE void ternx_tile(const int S, const uint8_t *panel, size_t nc, const int8_
         acc[0][1][s] = _mm512_srai_epi32(acc[0][1][s], 2);
         acc[0][2][s] = _mm512_srai_epi32(acc[0][2][s], 4);
     }
-    if (rows == TR) {
+    /* A panel cut by r1 stores its first `rows` rows (a constant R for the usual full panel). */
+    if (rows == TR)
         single_scale_store(TR, S, (const __m512i *)acc[0], TS, o);
-        return;
-    }
-    /* A panel cut by r1: the whole panel into a buffer, its first `rows` rows out. */
-    float part[TS * TR];
-    qout_t op = *o;
-    op.y = part;
-    op.ldy = TR;
-    single_scale_store(TR, S, (const __m512i *)acc[0], TS, &op);
-    for (int s = 0; s < S; s++)
-        memcpy(o->y + (size_t)s * o->ldy, part + s * TR, (size_t)rows * sizeof(float));
+    else
+        single_scale_store(rows, S, (const __m512i *)acc[0], TS, o);
 }
 
 /* np consecutive panels (pb bytes apart) for one token block of every token (n <= TS), rows
@@ -611,28 +578,7 @@ INLINE void int8_tile(const int R, const int S, const uint8_t *w, size_t rb, siz
             UNROLL for (int r = 0; r < R; r++) acc[r][s] = dpbusd(acc[r][s], wv[r], xv);
         }
     }
-    if (R == TR) {
-        single_scale_store(R, S, (const __m512i *)acc, TS_INT8, o);
-        return;
-    }
-    /* R < 4 rows: the full tile's transposes with the missing rows zero, masked stores. */
-    float swr[TR] = {0};
-    UNROLL for (int i = 0; i < R; i++) swr[i] = kern_load_f32(o->sw + i * o->rb);
-    const __m512 sw = _mm512_broadcast_f32x4(_mm_loadu_ps(swr));
-    const __mmask8 rows = (__mmask8)((1u << R) - 1);
-    UNROLL for (int s0 = 0; s0 < S; s0 += 4) {
-        const int ns = S - s0 < 4 ? S - s0 : 4;
-        __m512i v[16];
-        UNROLL for (int j = 0; j < 16; j++) v[j] =
-            j / 4 < R && j % 4 < ns ? acc[j / 4][s0 + j % 4] : _mm512_setzero_si512();
-        const __m512 t = scaled_sums(v, sw, s0, ns, o);
-        UNROLL for (int s = 0; s < ns; s++) _mm_mask_storeu_ps(
-            o->y + (size_t)(s0 + s) * o->ldy, rows,
-            _mm512_castps512_ps128(_mm512_permutexvar_ps(
-                _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
-                                 _mm512_set1_epi32(4 * s)),
-                t)));
-    }
+    single_scale_store(R, S, (const __m512i *)acc, TS_INT8, o);
 }
 
 #define DEF_I8TILE(R, S)                                                                           \
@@ -1069,7 +1015,7 @@ INLINE void float_store(const int R, const int S, const __m512 *acc, float *y, s
         __m512 v[16];
         UNROLL for (int j = 0; j < 16; j++) v[j] =
             j % 4 < ns ? acc[(j / 4) * TS + s0 + j % 4] : _mm512_setzero_ps();
-        store_token_rows(y + (size_t)s0 * ldy, ldy, sum16_ps(v), ns);
+        store_token_rows(y + (size_t)s0 * ldy, ldy, sum16_ps(v), ns, 0xF);
     }
 }
 
