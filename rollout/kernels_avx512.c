@@ -430,8 +430,7 @@ static void matmul_ternx(const void *w, size_t in, const kern_act_t *act, float 
     const size_t n = act->n;
     if (n == 0 || r0 >= r1)
         return;
-    const size_t nc = 4 * ((in + QTYPE_TERNARY_BLOCK - 1) / QTYPE_TERNARY_BLOCK);
-    const size_t pb = nc * 64 + KERN_TERNX_ROWS * sizeof(float);
+    const size_t nc = kern_ternx_chunks(in), pb = kern_ternx_panel_bytes(in);
     const size_t np = (r1 - r0 + KERN_TERNX_ROWS - 1) / KERN_TERNX_ROWS;
     const int last_rows = (int)(r1 - r0 - (np - 1) * KERN_TERNX_ROWS);
     const tiling_t tl = tiling_of(n, TS, pb, 256, 1);
@@ -947,7 +946,7 @@ static void matmul_int8x(const void *w, size_t in, const kern_act_t *act, float 
     const size_t n = act->n;
     if (n == 0 || r0 >= r1)
         return;
-    const size_t nq = 64 * ((in + 255) / 256), pb = nq * 64 + KERN_INT8X_ROWS * sizeof(float);
+    const size_t nq = kern_int8x_quads(in), pb = kern_int8x_panel_bytes(in);
     __m512i acc[INT8X_GROUP / TS_INT8X][TS_INT8X * 2];
     for (size_t g0 = 0; g0 < n; g0 += INT8X_GROUP) {
         const size_t gn = n - g0 < INT8X_GROUP ? n - g0 : INT8X_GROUP;
@@ -974,6 +973,14 @@ static void matmul_int8x(const void *w, size_t in, const kern_act_t *act, float 
                     s0 += S;
                 }
             }
+            __m512 sw[2];
+            __mmask16 m[2];
+            for (int p = 0; p < P; p++) {
+                const size_t rp = r + (size_t)p * KERN_INT8X_ROWS;
+                sw[p] = _mm512_loadu_ps((const float *)(panel + (size_t)p * pb + nq * 64));
+                m[p] = r1 - rp >= KERN_INT8X_ROWS ? (__mmask16)0xffff
+                                                  : (__mmask16)((1u << (r1 - rp)) - 1);
+            }
             for (size_t s0 = 0, k = 0; s0 < gn; k++) {
                 const size_t S = tiling_len(&tl, k);
                 for (size_t s = 0; s < S; s++) {
@@ -981,16 +988,10 @@ static void matmul_int8x(const void *w, size_t in, const kern_act_t *act, float 
                     const __m512i off = _mm512_set1_epi32(QTYPE_INT8_OFFSET * act->sum[t]);
                     const __m512 sx = _mm512_set1_ps(act->scale[t]);
                     for (int p = 0; p < P; p++) {
-                        const size_t rp = r + (size_t)p * KERN_INT8X_ROWS;
-                        const __mmask16 m = r1 - rp >= KERN_INT8X_ROWS
-                                                ? (__mmask16)0xffff
-                                                : (__mmask16)((1u << (r1 - rp)) - 1);
-                        const __m512 sw =
-                            _mm512_loadu_ps((const float *)(panel + (size_t)p * pb + nq * 64));
                         const __m512 v =
                             _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[k][s * 2 + (size_t)p], off));
-                        _mm512_mask_storeu_ps(y + t * ldy + rp, m,
-                                              _mm512_mul_ps(_mm512_mul_ps(v, sw), sx));
+                        _mm512_mask_storeu_ps(y + t * ldy + r + (size_t)p * KERN_INT8X_ROWS, m[p],
+                                              _mm512_mul_ps(_mm512_mul_ps(v, sw[p]), sx));
                     }
                 }
                 s0 += S;

@@ -32,6 +32,22 @@ static inline size_t kern_codes_bytes(qtype_t type, size_t in) {
     return (in + t->block - 1) / t->block * t->block_bytes;
 }
 
+/* Panels of the interleaved copies (kernels.h), over whole 256-column blocks as the activation
+ * rows are padded: ternx has 64-column chunks of 64 bytes, int8x 4-column quads of 64 bytes;
+ * the panel's row scales (float32) follow its codes. */
+static inline size_t kern_ternx_chunks(size_t in) {
+    return 4 * (in / 256 + (in % 256 != 0));
+}
+static inline size_t kern_ternx_panel_bytes(size_t in) {
+    return kern_ternx_chunks(in) * 64 + KERN_TERNX_ROWS * sizeof(float);
+}
+static inline size_t kern_int8x_quads(size_t in) {
+    return 64 * (in / 256 + (in % 256 != 0));
+}
+static inline size_t kern_int8x_panel_bytes(size_t in) {
+    return kern_int8x_quads(in) * 64 + KERN_INT8X_ROWS * sizeof(float);
+}
+
 /* Bytes from a tile of `tile` bytes to the whole tile at least KERN_PF_BYTES ahead. */
 static inline size_t kern_pf_ahead(size_t tile) {
     return tile >= KERN_PF_BYTES ? tile : (KERN_PF_BYTES + tile - 1) / tile * tile;

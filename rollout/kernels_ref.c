@@ -103,12 +103,19 @@ static void matmul_int4(const void *w, size_t in, const kern_act_t *act, float *
 
 /* ---- INT4, row-interleaved (kernels.h: kern_int4x_pack) ---- */
 
-size_t kern_int4x_bytes(size_t out, size_t in) {
-    const size_t panels = out / KERN_INT4X_ROWS + (out % KERN_INT4X_ROWS != 0);
-    const size_t nb = in / QTYPE_INT4_BLOCK + (in % QTYPE_INT4_BLOCK != 0);
-    if (nb != 0 && panels > SIZE_MAX / nb / KERN_INT4X_BLOCK_BYTES)
+/* Bytes of the panels of `rows` rows covering out rows, each n units of `unit` bytes plus
+ * `tail`; SIZE_MAX when that overflows. */
+static size_t panels_bytes(size_t out, size_t rows, size_t n, size_t unit, size_t tail) {
+    const size_t panels = out / rows + (out % rows != 0);
+    if (n > (SIZE_MAX - tail) / unit)
         return SIZE_MAX;
-    return panels * nb * KERN_INT4X_BLOCK_BYTES;
+    const size_t pb = n * unit + tail;
+    return panels > SIZE_MAX / pb ? SIZE_MAX : panels * pb;
+}
+
+size_t kern_int4x_bytes(size_t out, size_t in) {
+    return panels_bytes(out, KERN_INT4X_ROWS, in / QTYPE_INT4_BLOCK + (in % QTYPE_INT4_BLOCK != 0),
+                        KERN_INT4X_BLOCK_BYTES, 0);
 }
 
 /* Byte of panel `p` holding weight i (0..31) of row i16 (0..15) in group g, and the nibble's
@@ -182,22 +189,15 @@ static void matmul_int4x(const void *w, size_t in, const kern_act_t *act, float 
 
 /* ---- ternary, row-interleaved (kernels.h: kern_ternx_pack) ---- */
 
-static size_t ternx_chunks(size_t in) {
-    return 4 * (in / QTYPE_TERNARY_BLOCK + (in % QTYPE_TERNARY_BLOCK != 0));
-}
-
 size_t kern_ternx_bytes(size_t out, size_t in) {
-    const size_t panels = out / KERN_TERNX_ROWS + (out % KERN_TERNX_ROWS != 0);
-    const size_t pb = ternx_chunks(in) * 64 + KERN_TERNX_ROWS * sizeof(float);
-    if (panels > SIZE_MAX / pb)
-        return SIZE_MAX;
-    return panels * pb;
+    return panels_bytes(out, KERN_TERNX_ROWS, kern_ternx_chunks(in), 64,
+                        KERN_TERNX_ROWS * sizeof(float));
 }
 
 void kern_ternx_pack(void *dst, const void *w, size_t out, size_t in) {
     Q_ASSERT(out >= 1 && in >= 1 && in <= KERN_MAX_IN);
-    const size_t rb = qtype_row_bytes(QTYPE_TERNARY, in), nc = ternx_chunks(in);
-    const size_t pb = nc * 64 + KERN_TERNX_ROWS * sizeof(float);
+    const size_t rb = qtype_row_bytes(QTYPE_TERNARY, in), nc = kern_ternx_chunks(in);
+    const size_t pb = kern_ternx_panel_bytes(in);
     const size_t panels = (out + KERN_TERNX_ROWS - 1) / KERN_TERNX_ROWS;
     for (size_t p = 0; p < panels; p++) {
         uint8_t *panel = (uint8_t *)dst + p * pb;
@@ -242,7 +242,7 @@ void kern_ternx_pack(void *dst, const void *w, size_t out, size_t in) {
 static void matmul_ternx(const void *w, size_t in, const kern_act_t *act, float *y, size_t ldy,
                          size_t r0, size_t r1) {
     Q_ASSERT(r0 % KERN_TERNX_ROWS == 0);
-    const size_t nc = ternx_chunks(in), pb = nc * 64 + KERN_TERNX_ROWS * sizeof(float);
+    const size_t nc = kern_ternx_chunks(in), pb = kern_ternx_panel_bytes(in);
     for (size_t r = r0; r < r1; r++) {
         const uint8_t *panel = (const uint8_t *)w + r / KERN_TERNX_ROWS * pb;
         const unsigned shift = 2 * (r % KERN_TERNX_ROWS);
@@ -259,22 +259,15 @@ static void matmul_ternx(const void *w, size_t in, const kern_act_t *act, float 
 
 /* ---- INT8, row-interleaved (kernels.h: kern_int8x_pack) ---- */
 
-static size_t int8x_quads(size_t in) {
-    return 64 * (in / 256 + (in % 256 != 0));
-}
-
 size_t kern_int8x_bytes(size_t out, size_t in) {
-    const size_t panels = out / KERN_INT8X_ROWS + (out % KERN_INT8X_ROWS != 0);
-    const size_t pb = int8x_quads(in) * 64 + KERN_INT8X_ROWS * sizeof(float);
-    if (panels > SIZE_MAX / pb)
-        return SIZE_MAX;
-    return panels * pb;
+    return panels_bytes(out, KERN_INT8X_ROWS, kern_int8x_quads(in), 64,
+                        KERN_INT8X_ROWS * sizeof(float));
 }
 
 void kern_int8x_pack(void *dst, const void *w, size_t out, size_t in) {
     Q_ASSERT(out >= 1 && in >= 1 && in <= KERN_MAX_IN);
-    const size_t rb = qtype_row_bytes(QTYPE_INT8, in), nq = int8x_quads(in);
-    const size_t pb = nq * 64 + KERN_INT8X_ROWS * sizeof(float);
+    const size_t rb = qtype_row_bytes(QTYPE_INT8, in), nq = kern_int8x_quads(in);
+    const size_t pb = kern_int8x_panel_bytes(in);
     const size_t panels = (out + KERN_INT8X_ROWS - 1) / KERN_INT8X_ROWS;
     for (size_t p = 0; p < panels; p++) {
         uint8_t *panel = (uint8_t *)dst + p * pb;
@@ -293,7 +286,7 @@ void kern_int8x_pack(void *dst, const void *w, size_t out, size_t in) {
 static void matmul_int8x(const void *w, size_t in, const kern_act_t *act, float *y, size_t ldy,
                          size_t r0, size_t r1) {
     Q_ASSERT(r0 % KERN_INT8X_ROWS == 0);
-    const size_t nq = int8x_quads(in), pb = nq * 64 + KERN_INT8X_ROWS * sizeof(float);
+    const size_t nq = kern_int8x_quads(in), pb = kern_int8x_panel_bytes(in);
     for (size_t r = r0; r < r1; r++) {
         const uint8_t *panel = (const uint8_t *)w + r / KERN_INT8X_ROWS * pb;
         const size_t i = r % KERN_INT8X_ROWS;
