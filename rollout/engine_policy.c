@@ -188,6 +188,11 @@ static int ternary_mats(quillan_policy_t *p, eng_mat_t **out) {
     return n;
 }
 
+/* Bytes of W's interleaved copy, rounded up so that the next copy starts 64-byte aligned. */
+static size_t ternx_slot_bytes(const eng_mat_t *W) {
+    return (kern_ternx_bytes(W->rows, W->cols) + 63) / 64 * 64;
+}
+
 /* Where the level has matmul_ternx, one 64-byte aligned buffer with the interleaved copy of
  * every ternary matrix (kernels.h: a tile reads one stream and unpacks with one `and` per row;
  * 2-4x the row-major tiles' rate on the diffusion shapes), the copies' offsets 64-byte aligned. */
@@ -202,7 +207,7 @@ static int pack_ternx(quillan_policy_t *p, qerr_t *err) {
     const int n = ternary_mats(p, mats);
     size_t total = 0;
     for (int i = 0; i < n; i++)
-        total += (kern_ternx_bytes(mats[i]->rows, mats[i]->cols) + 63) / 64 * 64;
+        total += ternx_slot_bytes(mats[i]);
     p->ternx = aligned_alloc(64, total ? total : 64);
     if (!p->ternx) {
         free(mats);
@@ -214,7 +219,7 @@ static int pack_ternx(quillan_policy_t *p, qerr_t *err) {
         Q_ASSERT(mats[i]->qt == QTYPE_TERNARY);
         kern_ternx_pack(p->ternx + off, mats[i]->w, mats[i]->rows, mats[i]->cols);
         mats[i]->wx = p->ternx + off;
-        off += (kern_ternx_bytes(mats[i]->rows, mats[i]->cols) + 63) / 64 * 64;
+        off += ternx_slot_bytes(mats[i]);
     }
     free(mats);
     return 0;
