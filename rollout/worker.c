@@ -688,10 +688,11 @@ static void on_ack(void *ctx, uint64_t lease_id, Quillan__AckStatus status) {
     if (i < 0)
         return;
     if (status == QUILLAN__ACK_STATUS__ACK_STATUS_UNSPECIFIED) {
-        /* Not sent from here: the client reports its overdue groups in one pass over the ones
-         * it waits for, and a group sent now joins that list again. On a learner restart the
-         * pass covers every group, so it reported and resent the same group without end
-         * while the new learner answered each copy DUPLICATE (or UNKNOWN_LEASE): a livelock. */
+        /* Not sent from here: on a learner restart the client reports every group it waits
+         * for before on_restart, which forgets them; sent from here, they would reach the new
+         * learner first. (Sending from here once also looped: the client's pass met the group
+         * again and reported it without end, a livelock; its pass now skips what a callback
+         * adds, dispatch_client.c pending_expire.) */
         w->sent[i].resend = true;
         return;
     }
