@@ -301,11 +301,11 @@ static const format_t FORMATS[] = {
 };
 #define NFORMATS Q_ARRAY_LEN(FORMATS)
 
-/* A level's product on a row-interleaved copy (int4x, ternx), run for batches n >= min_n. */
+/* A level's product on a row-interleaved copy (int4x, ternx, int8x), run for batches n >= min_n. */
 typedef struct {
     const char *tag; /* appended to the format's name */
-    size_t min_n;    /* int4x: 2 (at n = 1 the row-major product reads the same bytes faster) */
-    size_t rows;     /* rows per panel: threads split rows at multiples of it */
+    size_t min_n; /* int4x, int8x: 2 (at n = 1 the row-major product reads the same bytes faster) */
+    size_t rows;  /* rows per panel: threads split rows at multiples of it */
     size_t (*bytes)(size_t out, size_t in);
     void (*pack)(void *dst, const void *w, size_t out, size_t in);
     kern_matmul_q_fn matmul;
