@@ -2,10 +2,13 @@
 
 #include "alloc.h"
 #include "json.h"
+#include "log.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -13,6 +16,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 /* ---- dtypes ----------------------------------------------------------------------------- */
@@ -561,6 +565,58 @@ static int write_all(int fd, const void *buf, size_t len, const char *path, qerr
 
 static atomic_uint tmp_counter;
 
+/* A temporary file untouched for this long, whose writer is gone, is stale. */
+#define TMP_STALE_S 600
+
+/* Pid of a temporary file of `base` (".BASE.PID.N.tmp", atomic_replace's names), or -1. */
+static long tmp_pid_of(const char *name, const char *base) {
+    const size_t bl = strlen(base);
+    if (name[0] != '.' || strncmp(name + 1, base, bl) != 0 || name[1 + bl] != '.')
+        return -1;
+    const char *p = name + 2 + bl;
+    char *end;
+    errno = 0;
+    const long pid = strtol(p, &end, 10);
+    if (errno || end == p || *p < '0' || *p > '9' || pid <= 0 || *end != '.')
+        return -1;
+    p = end + 1;
+    (void)strtoul(p, &end, 10);
+    if (errno || end == p || *p < '0' || *p > '9' || strcmp(end, ".tmp") != 0)
+        return -1;
+    return pid;
+}
+
+/* A writer killed mid-write leaves its temporary file behind, as large as the file it was
+ * writing (a checkpoint: gigabytes). Before each write of `base` in dir, removes the ones of
+ * `base` whose writer process no longer exists and that have not changed for TMP_STALE_S; the
+ * age keeps safe a live writer this process cannot see (another PID namespace sharing the
+ * directory). Best effort: a failure only leaves the file. */
+static void tmp_sweep(const char *dir, const char *base) {
+    DIR *d = opendir(dir);
+    if (!d)
+        return;
+    const time_t now = time(NULL);
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        const long pid = tmp_pid_of(e->d_name, base);
+        if (pid < 0 || pid == (long)getpid() || (pid_t)pid != pid)
+            continue;
+        if (kill((pid_t)pid, 0) == 0 || errno != ESRCH)
+            continue;
+        struct stat st;
+        if (fstatat(dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISREG(st.st_mode) ||
+            now - st.st_mtime < TMP_STALE_S)
+            continue;
+        if (unlinkat(dirfd(d), e->d_name, 0) == 0) {
+            const log_field_t f[] = {{"bytes", (double)st.st_size}, {"pid", (double)pid}};
+            log_emit(LOG_WARN, "file.stale_tmp_removed", f, Q_ARRAY_LEN(f),
+                     "%s/%s: removed the temporary file of a writer that is gone (pid %ld)", dir,
+                     e->d_name, pid);
+        }
+    }
+    closedir(d);
+}
+
 static int atomic_replace(const char *path, emit_fn emit, void *ctx, qerr_t *err) {
     const char *slash = strrchr(path, '/');
     const char *base = slash ? slash + 1 : path;
@@ -579,6 +635,7 @@ static int atomic_replace(const char *path, emit_fn emit, void *ctx, qerr_t *err
         strcpy(dir, ".");
     }
 
+    tmp_sweep(dir, base);
     char tmp[4096 + 64];
     int fd = -1;
     for (int attempt = 0; attempt < 100 && fd < 0; attempt++) {

@@ -157,9 +157,11 @@ int safetensors_writer_serialize(safetensors_writer_t *w, void **out, size_t *le
 /* Replaces the file at path with len bytes of data so that a crash at any moment leaves either
  * the old file or the new one, never a mixture: write a uniquely named temporary file
  * ".NAME.PID.N.tmp" in the same directory, fsync it, rename it over path, fsync the directory.
- * The new file has mode 0666 less the umask. On error the temporary file is removed (a process
- * killed mid-write leaves it behind; it is never read). Used for the checkpoint `latest`
- * pointer. Returns 0 or -1 with err set (QERR_IO, naming the path). */
+ * The new file has mode 0666 less the umask. On error the temporary file is removed. A process
+ * killed mid-write leaves it behind (it is never read); a later write of the same path removes
+ * it once its writer's PID no longer exists and it is 10 minutes old, and logs a WARN event
+ * file.stale_tmp_removed. Used for the checkpoint `latest` pointer. Returns 0 or -1 with err
+ * set (QERR_IO, naming the path). */
 int q_file_write_atomic(const char *path, const void *data, size_t len, qerr_t *err);
 
 #endif

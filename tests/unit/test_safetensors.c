@@ -50,7 +50,7 @@ static void tmpdir_remove(void) {
 
 /* tmpdir/name in a rotating buffer: at most 16 results are alive at once. */
 static const char *tpath(const char *name) {
-    static char p[16][512];
+    static char p[16][1024];
     static int k;
     k = (k + 1) % 16;
     snprintf(p[k], sizeof p[k], "%s/%s", tmpdir, name);
@@ -91,6 +91,20 @@ static int count_tmp_files(void) {
     }
     closedir(d);
     return n;
+}
+
+/* Sets the modification time of every temporary file in tmpdir to age_s seconds ago. */
+static void tmp_files_age(long age_s) {
+    DIR *d = opendir(tmpdir);
+    cr_assert_not_null(d);
+    const struct timespec t[2] = {{time(NULL) - age_s, 0}, {time(NULL) - age_s, 0}};
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        size_t l = strlen(e->d_name);
+        if (e->d_name[0] == '.' && l > 4 && strcmp(e->d_name + l - 4, ".tmp") == 0)
+            cr_assert_eq(utimensat(dirfd(d), e->d_name, t, 0), 0);
+    }
+    closedir(d);
 }
 
 /* Size of the first temporary file in tmpdir, or -1 when there is none. */
@@ -784,10 +798,74 @@ Test(safetensors, killed_writer_never_replaces_good_file) {
     free(old);
     assert_good_file(path, 1, 100000);
     /* The killed writer's temporary file stays (nothing ran to remove it) under a name no
-     * reader opens; the next write still succeeds. */
+     * reader opens; the next write still succeeds, and leaves it while it is recent. */
     cr_assert_eq(count_tmp_files(), 1);
     good_file(path, 2, 5000);
     assert_good_file(path, 2, 5000);
+    cr_assert_eq(count_tmp_files(), 1, "a recent temporary file is kept");
+    /* Ten minutes later the next write removes it: its writer is gone. */
+    tmp_files_age(3600);
+    good_file(path, 3, 5000);
+    assert_good_file(path, 3, 5000);
+    cr_assert_eq(count_tmp_files(), 0, "the dead writer's temporary file is removed");
+    tmpdir_remove();
+}
+
+/* Writes an empty file tmpdir/name last modified `age_s` seconds ago. */
+static void file_put_aged(const char *name, long age_s) {
+    const char *p = tpath(name);
+    file_put(p, "", 0);
+    const struct timespec t[2] = {{time(NULL) - age_s, 0}, {time(NULL) - age_s, 0}};
+    cr_assert_eq(utimensat(AT_FDCWD, p, t, 0), 0);
+}
+
+static int file_exists(const char *name) {
+    struct stat st;
+    return stat(tpath(name), &st) == 0;
+}
+
+/* A PID that no process has: a child that has exited and been reaped. */
+static pid_t dead_pid(void) {
+    const pid_t pid = fork();
+    cr_assert_neq(pid, -1);
+    if (pid == 0)
+        _exit(0);
+    int st;
+    cr_assert_eq(waitpid(pid, &st, 0), pid);
+    return pid;
+}
+
+Test(safetensors, stale_temporary_files_are_removed_only_when_dead_old_and_ours) {
+    tmpdir_make();
+    const long dead = (long)dead_pid(), live = (long)getppid(), self = (long)getpid();
+    char stale[128], fresh[128], alive[128], mine[128], other[128];
+    snprintf(stale, sizeof stale, ".latest.%ld.3.tmp", dead);
+    snprintf(fresh, sizeof fresh, ".latest.%ld.4.tmp", dead);
+    snprintf(alive, sizeof alive, ".latest.%ld.5.tmp", live);
+    snprintf(mine, sizeof mine, ".latest.%ld.6.tmp", self);
+    snprintf(other, sizeof other, ".latest2.%ld.7.tmp", dead);
+    file_put_aged(stale, 3600);
+    file_put_aged(fresh, 0);
+    file_put_aged(alive, 3600);
+    file_put_aged(mine, 3600);
+    file_put_aged(other, 3600);
+    /* Names that are not atomic_replace's temporary files, even with a dead PID. */
+    char odd[4][128];
+    snprintf(odd[0], sizeof odd[0], ".latest.%ld.tmp", dead);
+    snprintf(odd[1], sizeof odd[1], ".latest.%ld.8.tmp.bak", dead);
+    snprintf(odd[2], sizeof odd[2], "latest.%ld.9.tmp", dead);
+    snprintf(odd[3], sizeof odd[3], ".latest.x%ld.1.tmp", dead);
+    for (int i = 0; i < 4; i++)
+        file_put_aged(odd[i], 3600);
+    qerr_t err;
+    cr_assert_eq(q_file_write_atomic(tpath("latest"), "step-1\n", 7, &err), 0, "%s", err.msg);
+    cr_assert(!file_exists(stale), "old, and its writer is gone: removed");
+    cr_assert(file_exists(fresh), "recent: kept");
+    cr_assert(file_exists(alive), "its writer lives: kept");
+    cr_assert(file_exists(mine), "this process's own: kept");
+    cr_assert(file_exists(other), "another file's: kept");
+    for (int i = 0; i < 4; i++)
+        cr_assert(file_exists(odd[i]), "%s kept", odd[i]);
     tmpdir_remove();
 }
 
