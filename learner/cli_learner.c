@@ -9,6 +9,7 @@
 #include "sft.h"
 
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -112,6 +113,8 @@ static void sft_usage(FILE *out) {
             "data.test (loss and greedy exact match). learner.mode is set to sft (aux weights\n"
             "then default to balance 0.01, diffusion 0.2). Checkpoints go to\n"
             "learner.checkpoint_dir every learner.checkpoint_interval steps and at the end.\n"
+            "SIGINT or SIGTERM (Ctrl-C) stops after the step under way and writes a checkpoint\n"
+            "(resume with --resume); a second one ends the process at once.\n"
             "\n"
             "options:\n"
             "  --batch N        sequences per step (default 32)\n"
@@ -126,7 +129,15 @@ static void sft_usage(FILE *out) {
             "                   shard of every batch, with max(1, learner.threads / N) threads\n"
             "                   inside each; results are reproducible for a fixed N (default 1)\n"
             "\n"
-            "exit status: 0 ok, 1 runtime error (bad data, bad checkpoint), 2 usage error\n");
+            "exit status: 0 ok (also after a stop by signal), 1 runtime error (bad data, bad\n"
+            "checkpoint), 2 usage error\n");
+}
+
+static volatile sig_atomic_t sft_stop;
+
+static void sft_on_signal(int sig) {
+    (void)sig;
+    sft_stop = 1;
 }
 
 int cli_sft_main(int argc, char **argv) {
@@ -195,9 +206,20 @@ int cli_sft_main(int argc, char **argv) {
         log_set_level(cfg->logging.level);
         qerr_t err = {0};
         sft_result_t res;
+        /* SA_RESETHAND: the first signal asks for a clean stop, a second one kills. */
+        struct sigaction sa = {.sa_handler = sft_on_signal, .sa_flags = SA_RESETHAND};
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGINT, &sa, NULL);
+        sigaction(SIGTERM, &sa, NULL);
+        opt.stop = &sft_stop;
         if (sft_run(cfg, &opt, &res, &err)) {
             fprintf(stderr, "%s: %s\n", cmd, err.msg);
             rc = 1;
+        } else if (res.stopped) {
+            printf("sft: stopped by signal after step %ld (%.1f s), last loss %.4f%s%s\n",
+                   res.steps, res.seconds, res.last_loss,
+                   cfg->learner.checkpoint_dir[0] ? "; checkpoint under " : "",
+                   cfg->learner.checkpoint_dir);
         } else {
             printf("sft: %ld steps in %.1f s, last loss %.4f, test loss %.4f, exact match "
                    "%.1f%%\n",

@@ -11,7 +11,9 @@
 #include "rng.h"
 #include "tokenizer.h"
 
+#include <limits.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -339,6 +341,11 @@ typedef struct {
     dataset_t train, test;
     int rank_threads; /* OpenMP threads of each replica when there are several */
     sft_result_t res;
+    /* Steps to run before stopping on opt->stop (LONG_MAX until asked). The root sets it; every
+     * rank reads it at the top of each step. With several replicas the root sets it one step
+     * ahead, so that the step's gradient exchange, which every rank passes, orders the write
+     * before any rank's read of the stopping step. */
+    atomic_long stop_at;
 } sft_shared_t;
 
 /* One rank's replica and buffers. */
@@ -572,7 +579,15 @@ static int root_report(sft_rank_t *c, sft_shared_t *sh, sft_clock_t *ck,
     const sft_options_t *opt = sh->opt;
     const config_learner_t *lc = &sh->cfg->learner;
     sft_result_t *res = &sh->res;
-    const long last = ck->last;
+    long stop_at = atomic_load_explicit(&sh->stop_at, memory_order_relaxed);
+    if (opt->stop && *opt->stop && stop_at == LONG_MAX) {
+        stop_at = step + (opt->replicas > 1 ? 2 : 1);
+        atomic_store_explicit(&sh->stop_at, stop_at, memory_order_release);
+        log_info("sft/stop", "stop requested at step %ld: stopping after step %ld", step + 1,
+                 stop_at);
+    }
+    const int stopping = step + 1 == stop_at && stop_at < ck->last;
+    const long last = stopping ? stop_at : ck->last;
     if (opt->loss_trace && (size_t)step < opt->trace_cap)
         opt->loss_trace[step] = ms->loss;
     if (isnan(res->first_loss))
@@ -602,7 +617,7 @@ static int root_report(sft_rank_t *c, sft_shared_t *sh, sft_clock_t *ck,
         ck->tok_log = 0;
     }
     const int eval_now =
-        sh->test.n > 0 &&
+        sh->test.n > 0 && !stopping &&
         ((opt->eval_interval > 0 && (step + 1) % opt->eval_interval == 0) || step + 1 == last);
     if (eval_now) {
         if (evaluate(c->m, &sh->test, ck->n_eval, opt->batch_size, &c->bb, sh->tok, &res->eval_loss,
@@ -655,7 +670,9 @@ static int rank_main(dp_comm_t *comm, void *arg, qerr_t *err) {
                                     ? (size_t)opt->eval_examples
                                     : sh->test.n};
     ck.tlog = ck.t0;
-    for (long step = st.step; rc == 0 && step < ck.last; step++) {
+    for (long step = st.step; rc == 0 && step < ck.last &&
+                              step < atomic_load_explicit(&sh->stop_at, memory_order_acquire);
+         step++) {
         for (int b = 0; b < B; b++) {
             if (st.data_position >= sh->train.n) {
                 st.data_epoch++;
@@ -687,6 +704,8 @@ static int rank_main(dp_comm_t *comm, void *arg, qerr_t *err) {
         rc = root_report(&c, sh, &ck, &st, step, &ms, &orr, tokens, err);
     }
     if (root && c.o) {
+        const long stop_at = atomic_load_explicit(&sh->stop_at, memory_order_relaxed);
+        sh->res.stopped = rc == 0 && st.step == stop_at && stop_at < ck.last;
         sh->res.steps = st.step;
         sh->res.skipped = optim_skipped(c.o);
         sh->res.seconds = now_s() - ck.t0;
@@ -742,6 +761,7 @@ int sft_run(const quillan_config_t *cfg, const sft_options_t *opt, sft_result_t 
         sh.rank_threads = all / R > 1 ? all / R : 1;
         gemm_threads_set(sh.rank_threads);
     }
+    atomic_init(&sh.stop_at, LONG_MAX);
     sh.res.first_loss = NAN;
     sh.res.eval_loss = sh.res.eval_accuracy = NAN;
     int rc = shared_load(&sh, err);

@@ -34,6 +34,7 @@
 #include "config.h"
 #include "error.h"
 
+#include <signal.h>
 #include <stddef.h>
 
 typedef struct {
@@ -51,6 +52,11 @@ typedef struct {
                          * 1 = one model on the whole batch) */
     double *loss_trace; /* optional: loss_trace[s] = training loss of step s, s < trace_cap */
     size_t trace_cap;
+    /* Optional stop request, e.g. set by a SIGINT/SIGTERM handler: once *stop is nonzero, SFT
+     * ends within one step (two with several replicas, which must agree on where), writes a
+     * checkpoint when learner.checkpoint_dir is set, skips the final evaluation and returns 0
+     * with res->stopped = 1; a resume continues from that step. */
+    const volatile sig_atomic_t *stop;
 } sft_options_t;
 
 /* batch 32, eval every 100 steps on 500 examples, log every 10 steps, one replica. */
@@ -65,6 +71,7 @@ typedef struct {
     double eval_accuracy;
     double seconds; /* wall time of this call */
     long tokens;    /* tokens (input positions, padding excluded) trained on in this call */
+    int stopped;    /* 1: ended early on opt->stop */
 } sft_result_t;
 
 /* Runs SFT for the validated config (data.train required; data.test optional). Errors name

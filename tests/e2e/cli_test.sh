@@ -53,5 +53,27 @@ else
     echo "SKIP gpt2 tokenizer: $GPT2 is absent on this machine"
 fi
 
+# Ctrl-C during `quillan sft`: a clean stop with a checkpoint, exit 0, and a resume goes on.
+"$Q" data make-task addition --n 200 --test 20 --out "$TMP/data" >/dev/null
+SFT=("$Q" sft "$SRC/configs/tiny.yaml" --set "data.train=$TMP/data/train.jsonl"
+    --set "learner.checkpoint_dir=$TMP/ck" --set learner.checkpoint_interval=0 --batch 4
+    --eval-every 0 --eval-n 4 --log-every 1)
+"${SFT[@]}" --max-steps 1000000 >"$TMP/sft.out" 2>"$TMP/sft.err" &
+pid=$!
+for _ in $(seq 600); do
+    grep -q '"sft/step"' "$TMP/sft.err" && break
+    sleep 0.1
+done
+kill -INT "$pid"
+wait "$pid"
+check "sft stopped by SIGINT exits 0" test $? -eq 0
+check "sft says it stopped by signal" grep -q "stopped by signal after step" "$TMP/sft.out"
+ck_dir="$(ls -d "$TMP"/ck/step-* 2>/dev/null | tail -1)"
+check "sft wrote a checkpoint on the stop" test -n "$ck_dir"
+done_steps=$((10#${ck_dir##*step-}))
+"${SFT[@]}" --resume "$TMP/ck" --max-steps $((done_steps + 2)) >"$TMP/sft2.out" 2>&1
+check "sft resumes from the stop's checkpoint" \
+    grep -q "^sft: $((done_steps + 2)) steps" "$TMP/sft2.out"
+
 [ "$fails" -eq 0 ] || { echo "$fails check(s) failed"; exit 1; }
 echo "all cli checks passed"

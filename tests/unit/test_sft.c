@@ -11,6 +11,7 @@
 
 #include <jansson.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -102,6 +103,68 @@ static void check_resume(int replicas) {
                   "step %d: uninterrupted %.17g, resumed %.17g", s, full[s], part[s]);
     }
     free(cfg);
+}
+
+/* A stop request (opt.stop, as a SIGINT handler sets it) ends the run after the step under way
+ * (the next one with several replicas, which must agree), writes a checkpoint and skips the
+ * final evaluation; resuming from that checkpoint gives the uninterrupted run's losses. */
+static void check_stop(int replicas) {
+    char dir[64];
+    make_task(dir, sizeof dir, 300, 20);
+    quillan_config_t *cfg = small_run(dir);
+    set(cfg, "learner.total_steps=6");
+    sft_options_t opt;
+    sft_options_default(&opt);
+    opt.batch_size = 8;
+    opt.eval_interval = 0;
+    opt.eval_examples = 8;
+    opt.log_interval = 100;
+    opt.replicas = replicas;
+    double full[6], part[6];
+    memset(part, 0, sizeof part);
+    qerr_t err;
+    sft_result_t res;
+    opt.loss_trace = full;
+    opt.trace_cap = 6;
+    cr_assert(sft_run(cfg, &opt, &res, &err) == 0, "%s", err.msg);
+    cr_assert_eq(res.steps, 6);
+    cr_assert_eq(res.stopped, 0);
+
+    snprintf(cfg->learner.checkpoint_dir, sizeof cfg->learner.checkpoint_dir, "%s/ckpt", dir);
+    volatile sig_atomic_t stop = 1;
+    opt.stop = &stop;
+    opt.loss_trace = part;
+    cr_assert(sft_run(cfg, &opt, &res, &err) == 0, "%s", err.msg);
+    const long at = replicas > 1 ? 2 : 1;
+    cr_assert_eq(res.stopped, 1);
+    cr_assert_eq(res.steps, at, "replicas %d: stopped after %ld steps", replicas, res.steps);
+    cr_assert(isnan(res.eval_loss), "no evaluation on a stop");
+    char ck[4352];
+    cr_assert(checkpoint_resolve(cfg->learner.checkpoint_dir, ck, sizeof ck, &err) == 0, "%s",
+              err.msg);
+    char name[32];
+    snprintf(name, sizeof name, "/step-%08ld", at);
+    const size_t nl = strlen(ck), ml = strlen(name);
+    cr_assert(nl >= ml && strcmp(ck + nl - ml, name) == 0, "checkpoint %s, expected %s", ck, name);
+
+    stop = 0;
+    opt.resume = cfg->learner.checkpoint_dir;
+    cr_assert(sft_run(cfg, &opt, &res, &err) == 0, "%s", err.msg);
+    cr_assert_eq(res.steps, 6);
+    cr_assert_eq(res.stopped, 0);
+    for (int s = 0; s < 6; s++)
+        cr_assert(memcmp(&full[s], &part[s], sizeof full[s]) == 0,
+                  "replicas %d step %d: uninterrupted %.17g, stopped and resumed %.17g", replicas,
+                  s, full[s], part[s]);
+    free(cfg);
+}
+
+Test(sft, stop_request_checkpoints_and_resumes, .timeout = 600) {
+    check_stop(1);
+}
+
+Test(sft, stop_request_with_two_replicas_stops_every_rank_at_one_step, .timeout = 600) {
+    check_stop(2);
 }
 
 Test(sft, resume_is_bit_identical, .timeout = 600) {
