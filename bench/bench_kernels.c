@@ -8,14 +8,14 @@
  *
  * Formats: ternary, int4 and int8 multiply int8 activations (matmul_q); f16, f32 and the
  * int4-f32 / int8-f32 variants (the engine's experts, micro agents and head_int8) multiply
- * FP32 activations (matmul_f). Where the level has them (AVX-512), ternary runs matmul_ternx at
- * every n and int4 / int8 run matmul_int4x / matmul_int8x at n >= 2, on row-interleaved copies
- * of their matrices (kern_*_pack, packed once before timing; the copies are what streams from
- * DRAM; rows "ternary x4", "int4 x16", "int8 x16"); at n = 1 int4 and int8 keep the row-major
- * matmul_q, which is bandwidth-bound and reads the same bytes with less work. --isa (or
- * QUILLAN_ISA) picks a lower kernel level, e.g. the AVX2 path on an AVX-512 machine; its roofline
- * then uses that level's own peaks (256-bit FMA, and vpmaddubsw + vpmaddwd + vpaddd for int8, since
- * AVX2 has no VNNI).
+ * FP32 activations (matmul_f). Where the level has them (AVX-512), ternary, int4 and int8 run
+ * matmul_ilv[type] at n >= kern_ilv(type)->min_batch (ternary at every n, int4 / int8 at n >= 2)
+ * on row-interleaved copies of their matrices (kern_ilv(type)->pack, packed once before timing;
+ * the copies are what streams from DRAM; rows "ternary x4", "int4 x16", "int8 x16": " x" and the
+ * layout's panel rows); at n = 1 int4 and int8 keep the row-major matmul_q, which is
+ * bandwidth-bound and reads the same bytes with less work. --isa (or QUILLAN_ISA) picks a lower
+ * kernel level, e.g. the AVX2 path on an AVX-512 machine; its roofline then uses that level's own
+ * peaks (256-bit FMA, and vpmaddubsw + vpmaddwd + vpaddd for int8, since AVX2 has no VNNI).
  *
  * Each format cycles through >= M MiB (default 512) of distinct copies of its matrix, so every
  * product reads its weights from DRAM (ANCHORS.md: cache-hot numbers overstate batch-1 speed
@@ -301,43 +301,34 @@ static const format_t FORMATS[] = {
 };
 #define NFORMATS Q_ARRAY_LEN(FORMATS)
 
-/* A level's product on a row-interleaved copy (int4x, ternx, int8x), run for batches n >= min_n. */
-typedef struct {
-    const char *tag; /* appended to the format's name */
-    size_t min_n; /* int4x, int8x: 2 (at n = 1 the row-major product reads the same bytes faster) */
-    size_t rows;  /* rows per panel: threads split rows at multiples of it */
-    size_t (*bytes)(size_t out, size_t in);
-    void (*pack)(void *dst, const void *w, size_t out, size_t in);
-    kern_matmul_q_fn matmul;
-} ilv_t;
+/* The row-interleaved layout whose product (matmul_ilv) format f runs on this level, or NULL:
+ * FP32 activations, or a level without that product. */
+static const kern_ilv_t *ilv_of(const kern_ops_t *ops, const format_t *f) {
+    return f->fact || !ops->matmul_ilv[f->type] ? NULL : kern_ilv(f->type);
+}
 
-/* The interleaved product of format f on this level, or NULL. */
-static const ilv_t *ilv_of(const kern_ops_t *ops, const format_t *f, ilv_t *buf) {
-    if (f->fact)
-        return NULL;
-    if (f->type == QTYPE_INT4 && ops->matmul_int4x) {
-        *buf = (ilv_t){" x16",           2, KERN_INT4X_ROWS, kern_int4x_bytes, kern_int4x_pack,
-                       ops->matmul_int4x};
-        return buf;
-    }
-    if (f->type == QTYPE_INT8 && ops->matmul_int8x) {
-        *buf = (ilv_t){" x16",           2, KERN_INT8X_ROWS, kern_int8x_bytes, kern_int8x_pack,
-                       ops->matmul_int8x};
-        return buf;
-    }
-    if (f->type == QTYPE_TERNARY && ops->matmul_ternx) {
-        *buf = (ilv_t){
-            " x4", 1, KERN_TERNX_ROWS, kern_ternx_bytes, kern_ternx_pack, ops->matmul_ternx};
-        return buf;
-    }
-    return NULL;
+/* The layout a batch of n tokens runs on: ilv when n reaches its min_batch, else NULL. */
+static const kern_ilv_t *ilv_at(const kern_ilv_t *ilv, size_t n) {
+    return ilv && n >= ilv->min_batch ? ilv : NULL;
+}
+
+/* Suffix of a row's format name: " x" and the panel rows (" x4", " x16"), "" for row-major. */
+typedef struct {
+    char s[16];
+} ilv_tag_t;
+
+static ilv_tag_t ilv_tag(const kern_ilv_t *ilv) {
+    ilv_tag_t t = {""};
+    if (ilv)
+        snprintf(t.s, sizeof t.s, " x%zu", ilv->rows);
+    return t;
 }
 
 typedef struct {
     const kern_ops_t *ops;
     qtype_t type;
     int fact;
-    const ilv_t *ilv; /* w is its interleaved copy; NULL: row-major */
+    const kern_ilv_t *ilv; /* w is its interleaved copy (matmul_ilv[type]); NULL: row-major */
     const uint8_t *w;
     size_t in, out;
     const kern_act_t *act;
@@ -351,7 +342,7 @@ static void mm_run(void *ctx, int tid, int nt) {
     size_t r0, r1;
     kern_split_rows(j->out, tid, nt, j->ilv ? j->ilv->rows : 4, &r0, &r1);
     if (j->ilv)
-        j->ilv->matmul(j->w, j->in, j->act, j->y, j->out, r0, r1);
+        j->ops->matmul_ilv[j->type](j->w, j->in, j->act, j->y, j->out, r0, r1);
     else if (j->fact)
         j->ops->matmul_f[j->type](j->w, j->in, j->x, j->in, j->n, j->y, j->out, r0, r1);
     else
@@ -363,13 +354,13 @@ typedef struct {
 } result_t;
 
 /* Bytes of one out x in matrix of format f, row-major or interleaved. */
-static size_t matrix_bytes(const format_t *f, const ilv_t *ilv, size_t out, size_t in) {
+static size_t matrix_bytes(const format_t *f, const kern_ilv_t *ilv, size_t out, size_t in) {
     return ilv ? ilv->bytes(out, in) : out * qtype_row_bytes(f->type, in);
 }
 
 /* Best time per product over `rounds` passes through `copies` distinct copies. */
 static result_t bench_product(kern_pool_t *pool, const kern_ops_t *ops, const format_t *f,
-                              const ilv_t *ilv, const uint8_t *mats, size_t copies, size_t out,
+                              const kern_ilv_t *ilv, const uint8_t *mats, size_t copies, size_t out,
                               size_t in, const kern_act_t *act, const float *x, size_t n, float *y,
                               int rounds) {
     const size_t mb = matrix_bytes(f, ilv, out, in);
@@ -414,7 +405,7 @@ static uint8_t *make_copies(qtype_t type, size_t out, size_t in, size_t min_byte
 }
 
 /* The interleaved copies of `copies` out x in matrices m (all alike: packs one). */
-static uint8_t *ilv_copies(const ilv_t *ilv, const uint8_t *m, size_t out, size_t in,
+static uint8_t *ilv_copies(const kern_ilv_t *ilv, const uint8_t *m, size_t out, size_t in,
                            size_t copies) {
     const size_t xb = ilv->bytes(out, in);
     uint8_t *x = xalloc(copies * xb);
@@ -592,19 +583,18 @@ int main(int argc, char **argv) {
         }
         char lines[NFORMATS * MAX_BATCHES][256];
         result_t res[NFORMATS][MAX_BATCHES];
-        const ilv_t *ilv[NFORMATS][MAX_BATCHES]; /* ran an interleaved product */
-        ilv_t ilvs[NFORMATS];
+        const kern_ilv_t *ilv[NFORMATS][MAX_BATCHES]; /* ran an interleaved product */
         for (size_t k = 0; k < NFORMATS; k++) {
             if (!use[k])
                 continue;
             size_t copies;
             uint8_t *mats = make_copies(FORMATS[k].type, 4096, 4096, mib << 20, &copies),
                     *xmats = NULL;
-            const ilv_t *il = ilv_of(ops, &FORMATS[k], &ilvs[k]);
+            const kern_ilv_t *il = ilv_of(ops, &FORMATS[k]);
             if (il)
                 xmats = ilv_copies(il, mats, 4096, 4096, copies);
             for (int b = 0; b < nbatch; b++) {
-                ilv[k][b] = il && batches[b] >= il->min_n ? il : NULL;
+                ilv[k][b] = ilv_at(il, batches[b]);
                 ops->quantize_act(&act, x, in_max, batches[b]);
                 res[k][b] =
                     bench_product(pool, ops, &FORMATS[k], ilv[k][b], ilv[k][b] ? xmats : mats,
@@ -630,9 +620,9 @@ int main(int argc, char **argv) {
                 snprintf(lines[nl++], sizeof lines[0],
                          "| %s%s | %.4f | %zu | %.1f | %.1f | %.2f | %.2f | %.0f | %.0f | %.2f | "
                          "%.1f |",
-                         FORMATS[k].name, ilv[k][b] ? ilv[k][b]->tag : "", bpw, batches[b], e->us,
-                         e->gbps, e->gbps / bw, e->gbps / bwp, e->gmacs, 2 * e->gmacs,
-                         e->gmacs * 1e9 / roof, e->wall_us);
+                         FORMATS[k].name, ilv_tag(ilv[k][b]).s, bpw, batches[b], e->us, e->gbps,
+                         e->gbps / bw, e->gbps / bwp, e->gmacs, 2 * e->gmacs, e->gmacs * 1e9 / roof,
+                         e->wall_us);
             }
         }
         for (int i = 0; i < nl; i++)
@@ -661,8 +651,7 @@ int main(int argc, char **argv) {
                     continue;
                 size_t copies;
                 uint8_t *mats = make_copies(f->type, sh->out, sh->in, mib << 20, &copies);
-                ilv_t ibuf;
-                const ilv_t *il = ilv_of(ops, f, &ibuf);
+                const kern_ilv_t *il = ilv_of(ops, f);
                 uint8_t *xmats = il ? ilv_copies(il, mats, sh->out, sh->in, copies) : NULL;
                 kern_act_t a2;
                 if (kern_act_init(&a2, nmax, sh->in, &err) != 0) {
@@ -672,7 +661,7 @@ int main(int argc, char **argv) {
                 float *y2 = xalloc(nmax * sh->out * sizeof *y2);
                 for (int b = 0; b < nbatch; b++) {
                     ops->quantize_act(&a2, x, in_max, batches[b]);
-                    const ilv_t *ib = il && batches[b] >= il->min_n ? il : NULL;
+                    const kern_ilv_t *ib = ilv_at(il, batches[b]);
                     result_t e = bench_product(pool, ops, f, ib, ib ? xmats : mats, copies, sh->out,
                                                sh->in, &a2, x, batches[b], y2, rounds);
                     const double bpw =
@@ -682,8 +671,8 @@ int main(int argc, char **argv) {
                     if (peak < roof)
                         roof = peak;
                     printf("| %s | %s%s | %zu | %.1f | %.1f | %.2f | %.0f | %.2f |\n", sh->name,
-                           f->name, ib ? ib->tag : "", batches[b], e.us, e.gbps, e.gbps / bw,
-                           e.gmacs, e.gmacs * 1e9 / roof);
+                           f->name, ilv_tag(ib).s, batches[b], e.us, e.gbps, e.gbps / bw, e.gmacs,
+                           e.gmacs * 1e9 / roof);
                 }
                 free(y2);
                 kern_act_free(&a2);

@@ -72,8 +72,9 @@ void eng_matmul_rows(const kern_ops_t *ops, const eng_prod_t *pr, size_t r0, siz
         return;
     if (W->qt == QTYPE_TERNARY) {
         Q_ASSERT(pr->act && pr->act->n == pr->n && pr->act->in == W->cols);
-        if (W->wx && ops->matmul_ternx && r0 % KERN_TERNX_ROWS == 0)
-            ops->matmul_ternx(W->wx, W->cols, pr->act, pr->y, pr->ldy, r0, r1);
+        const kern_matmul_q_fn ilv = ops->matmul_ilv[QTYPE_TERNARY];
+        if (W->wx && ilv && r0 % kern_ilv(QTYPE_TERNARY)->rows == 0)
+            ilv(W->wx, W->cols, pr->act, pr->y, pr->ldy, r0, r1);
         else
             ops->matmul_q[QTYPE_TERNARY](W->w, W->cols, pr->act, pr->y, pr->ldy, r0, r1);
     } else {

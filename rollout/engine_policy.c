@@ -190,16 +190,17 @@ static int ternary_mats(quillan_policy_t *p, eng_mat_t **out) {
 
 /* Bytes of W's interleaved copy, rounded up so that the next copy starts 64-byte aligned. */
 static size_t ternx_slot_bytes(const eng_mat_t *W) {
-    return (kern_ternx_bytes(W->rows, W->cols) + 63) / 64 * 64;
+    return (kern_ilv(QTYPE_TERNARY)->bytes(W->rows, W->cols) + 63) / 64 * 64;
 }
 
-/* Where the level has matmul_ternx, one 64-byte aligned buffer with the interleaved copy of
- * every ternary matrix (kernels.h: a tile reads one stream and unpacks with one `and` per row;
- * 2-4x the row-major tiles' rate on the diffusion shapes), the copies' offsets 64-byte aligned. */
+/* Where the level has matmul_ilv[QTYPE_TERNARY], one 64-byte aligned buffer with the interleaved
+ * copy of every ternary matrix (kernels.h: a tile reads one stream and unpacks with one `and` per
+ * row; 2-4x the row-major tiles' rate on the diffusion shapes), the copies' offsets 64-byte
+ * aligned. */
 static int pack_ternx(quillan_policy_t *p, qerr_t *err) {
     if (kern_init(err) < 0)
         return -1;
-    if (!kern_ops()->matmul_ternx)
+    if (!kern_ops()->matmul_ilv[QTYPE_TERNARY])
         return 0;
     eng_mat_t **mats = malloc((5 + 2 * (size_t)p->dd.NB) * sizeof *mats);
     if (!mats)
@@ -217,7 +218,7 @@ static int pack_ternx(quillan_policy_t *p, qerr_t *err) {
     size_t off = 0;
     for (int i = 0; i < n; i++) {
         Q_ASSERT(mats[i]->qt == QTYPE_TERNARY);
-        kern_ternx_pack(p->ternx + off, mats[i]->w, mats[i]->rows, mats[i]->cols);
+        kern_ilv(QTYPE_TERNARY)->pack(p->ternx + off, mats[i]->w, mats[i]->rows, mats[i]->cols);
         mats[i]->wx = p->ternx + off;
         off += ternx_slot_bytes(mats[i]);
     }

@@ -1,4 +1,5 @@
-/* Level selection, activation buffers and small wrappers shared by every level. */
+/* Level selection, activation buffers, the row-interleaved layouts' table and small wrappers
+ * shared by every level. */
 #include "kernels_impl.h"
 
 #include "alloc.h"
@@ -47,6 +48,29 @@ const kern_ops_t *kern_ops_for(cpu_isa_t isa) {
 #endif
     default: return NULL;
     }
+}
+
+static const kern_ilv_t ILV[QTYPE_COUNT] = {
+    [QTYPE_TERNARY] = {.name = "ternx",
+                       .rows = KERN_TERNX_ROWS,
+                       .bytes = kern_ternx_bytes,
+                       .pack = kern_ternx_pack,
+                       .min_batch = 1},
+    [QTYPE_INT4] = {.name = "int4x",
+                    .rows = KERN_INT4X_ROWS,
+                    .bytes = kern_int4x_bytes,
+                    .pack = kern_int4x_pack,
+                    .min_batch = 2},
+    [QTYPE_INT8] = {.name = "int8x",
+                    .rows = KERN_INT8X_ROWS,
+                    .bytes = kern_int8x_bytes,
+                    .pack = kern_int8x_pack,
+                    .min_batch = 2},
+};
+
+const kern_ilv_t *kern_ilv(qtype_t type) {
+    Q_ASSERT((unsigned)type < QTYPE_COUNT);
+    return ILV[type].name ? &ILV[type] : NULL;
 }
 
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;

@@ -78,14 +78,6 @@ typedef struct {
 #define KERN_INT4X_ROWS 16
 #define KERN_INT4X_BLOCK_BYTES (4 * 256 + 4 * 32)
 
-/* Bytes of the interleaved copy of an out x in INT4 matrix (out, in >= 1); SIZE_MAX when that
- * overflows. */
-size_t kern_int4x_bytes(size_t out, size_t in);
-/* Writes the interleaved copy of the `out` row-major INT4 rows w (qtype_row_bytes(QTYPE_INT4,
- * in) bytes each, 1 <= in <= KERN_MAX_IN) into dst[kern_int4x_bytes(out, in)]; any alignment
- * (the products read 64-byte aligned panels faster). The same on every level. */
-void kern_int4x_pack(void *dst, const void *w, size_t out, size_t in);
-
 /* Row-interleaved ternary ("ternx"), prepared once per weight matrix for batched products:
  * one 64-byte load holds 64 consecutive weights of each of KERN_TERNX_ROWS = 4 rows, so each
  * row's codes unpack with one `and` shared by every token of a tile (the row-major layout needs
@@ -99,14 +91,6 @@ void kern_int4x_pack(void *dst, const void *w, size_t out, size_t in);
  * and the same bytes: 2 bits per weight plus 4 per row. (Panels are 16 bytes off 64-byte
  * alignment: one weight load per 12-24 vpdpbusd can afford the split lines.) */
 #define KERN_TERNX_ROWS 4
-
-/* Bytes of the interleaved copy of an out x in ternary matrix (out, in >= 1); SIZE_MAX when
- * that overflows. */
-size_t kern_ternx_bytes(size_t out, size_t in);
-/* Writes the interleaved copy of the `out` row-major ternary rows w (qtype_row_bytes(
- * QTYPE_TERNARY, in) bytes each, 1 <= in <= KERN_MAX_IN) into dst[kern_ternx_bytes(out, in)];
- * any alignment (the products read 64-byte aligned panels faster). The same on every level. */
-void kern_ternx_pack(void *dst, const void *w, size_t out, size_t in);
 
 /* Row-interleaved INT8 ("int8x"), prepared once per weight matrix for batched products: one
  * 64-byte register holds 4 consecutive weights of each of KERN_INT8X_ROWS = 16 rows, so one
@@ -122,13 +106,31 @@ void kern_ternx_pack(void *dst, const void *w, size_t out, size_t in);
  * 64 ceil(in / 64) + 4 bytes per row. */
 #define KERN_INT8X_ROWS 16
 
-/* Bytes of the interleaved copy of an out x in INT8 matrix (out, in >= 1); SIZE_MAX when that
- * overflows. */
-size_t kern_int8x_bytes(size_t out, size_t in);
-/* Writes the interleaved copy of the `out` row-major INT8 rows w (qtype_row_bytes(QTYPE_INT8,
- * in) bytes each, 1 <= in <= KERN_MAX_IN) into dst[kern_int8x_bytes(out, in)]; any alignment
- * (the products read 64-byte aligned panels faster). The same on every level. */
-void kern_int8x_pack(void *dst, const void *w, size_t out, size_t in);
+/* One row-interleaved layout (int4x, ternx, int8x above) of the matrices of one qtype_t: how to
+ * size and build the copy that kern_ops_t.matmul_ilv[type] reads. Packing is the same on every
+ * level; whether a level has the product is its matmul_ilv entry. */
+typedef struct {
+    const char *name; /* "int4x", "ternx" or "int8x" */
+    /* Rows per panel (KERN_INT4X_ROWS, KERN_TERNX_ROWS, KERN_INT8X_ROWS): threads split the
+     * rows of a product at multiples of it. */
+    size_t rows;
+    /* Bytes of the interleaved copy of an out x in matrix (out, in >= 1); SIZE_MAX when that
+     * overflows. */
+    size_t (*bytes)(size_t out, size_t in);
+    /* Writes the interleaved copy of the `out` row-major rows w (qtype_row_bytes(type, in) bytes
+     * each, 1 <= in <= KERN_MAX_IN) into dst[bytes(out, in)]; any alignment (the products read
+     * 64-byte aligned panels faster). */
+    void (*pack)(void *dst, const void *w, size_t out, size_t in);
+    /* The product is meant for batches of >= min_batch tokens; below it callers run matmul_q on
+     * the row-major matrix. int4x and int8x: 2 (at one token the row-major product reads the
+     * same bytes with less work per byte). ternx: 1 (at one token too it streams faster than
+     * the row-major tiles: one stream per tile instead of 4). */
+    size_t min_batch;
+} kern_ilv_t;
+
+/* The row-interleaved layout of `type` (TERNARY: ternx, INT4: int4x, INT8: int8x), or NULL for
+ * F32 and F16. A static table: never freed. */
+const kern_ilv_t *kern_ilv(qtype_t type);
 
 /* Allocates room for `cap` rows of width `in` (1 <= in <= KERN_MAX_IN, cap >= 1); -1 with
  * err on a bad size or no memory. */
@@ -156,28 +158,16 @@ typedef struct {
      * these give the learner's weights x FP32 activations; the matmul_q entries of the same
      * types quantize the activations to int8 instead. */
     kern_matmul_f_fn matmul_f[QTYPE_COUNT];
-    /* INT4 x int8 product on the interleaved copy w of kern_int4x_pack: y[s * ldy + r] as
-     * matmul_q[QTYPE_INT4] on the row-major matrix (the reference level: bit for bit; SIMD
-     * levels: within rounding, kernels.h's first comment), for rows r in [r0, r1) with r0 a
-     * multiple of KERN_INT4X_ROWS and r1 <= out: threads split rows at multiples of 16 (a panel
-     * cut by r1 is computed whole, stored up to r1). For batches of >= 2 tokens: at one token
-     * the row-major product reads the same bytes with less work per byte. NULL on AVX2 (its
-     * row-major INT4 product already runs at 0.75-0.8 of its own roofline): callers use
-     * matmul_q[QTYPE_INT4] on the row-major matrix there. */
-    kern_matmul_q_fn matmul_int4x;
-    /* Ternary x int8 product on the interleaved copy w of kern_ternx_pack: y[s * ldy + r]
-     * bit-identical to matmul_q[QTYPE_TERNARY] on the row-major matrix, for rows r in [r0, r1)
-     * with r0 a multiple of KERN_TERNX_ROWS and r1 <= out (a panel cut by r1 is computed whole,
-     * stored up to r1). For every batch size: at one token too it streams faster than the
-     * row-major tiles (one stream per tile instead of 4). NULL on AVX2 (its row-major ternary
-     * product is already at its own compute roof): callers use matmul_q[QTYPE_TERNARY] there. */
-    kern_matmul_q_fn matmul_ternx;
-    /* INT8 x int8 product on the interleaved copy w of kern_int8x_pack: y[s * ldy + r]
-     * bit-identical to matmul_q[QTYPE_INT8] on the row-major matrix, for rows r in [r0, r1)
-     * with r0 a multiple of KERN_INT8X_ROWS and r1 <= out (a panel cut by r1 is computed whole,
-     * stored up to r1). For batches of >= 2 tokens. NULL on AVX2: callers use
-     * matmul_q[QTYPE_INT8] on the row-major matrix there. */
-    kern_matmul_q_fn matmul_int8x;
+    /* Indexed by qtype_t: TERNARY, INT4 and INT8 x int8 products on the interleaved copy w of
+     * kern_ilv(type)->pack, for batches of >= kern_ilv(type)->min_batch tokens. y[s * ldy + r]
+     * as matmul_q[type] on the row-major matrix, for rows r in [r0, r1) with r0 a multiple of
+     * kern_ilv(type)->rows and r1 <= out (a panel cut by r1 is computed whole, stored up to r1).
+     * TERNARY and INT8: bit-identical. INT4: the reference level bit for bit, SIMD levels
+     * within rounding (kernels.h's first comment). NULL for F32 and F16, and for every type on
+     * AVX2, where callers use matmul_q[type] on the row-major matrix: its row-major ternary
+     * product is already at its own compute roof, its row-major INT4 product at 0.75-0.8 of its
+     * own roofline. */
+    kern_matmul_q_fn matmul_ilv[QTYPE_COUNT];
     /* FP16 conversions of n values, round to nearest even: bit-identical to fp16.h. */
     void (*f16_from_f32)(uint16_t *dst, const float *src, size_t n);
     void (*f16_to_f32)(float *dst, const uint16_t *src, size_t n);

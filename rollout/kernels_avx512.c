@@ -325,7 +325,7 @@ INLINE void tern_tile_s1(const int R, const uint8_t *w, size_t rb, size_t nb, co
     single_scale_store(R, 1, tot, 1, o);
 }
 
-/* ---- ternary x int8, row-interleaved (kernels.h: kern_ternx_pack) ----
+/* ---- ternary x int8, row-interleaved (kernels.h: ternx) ----
  * One 64-byte load per chunk holds 64 columns of the panel's 4 rows, row r in bit field r.
  * Masked in place, field r is code << 2r (<= 32 for r <= 2): one `and` per row and chunk
  * unpacks it for all S tokens, and row r's accumulator sums 4^r times its products, divided
@@ -724,7 +724,7 @@ static void matmul_int4(const void *w, size_t in, const kern_act_t *act, float *
     }
 }
 
-/* ---- INT4 x int8, row-interleaved (kernels.h: kern_int4x_pack) ----
+/* ---- INT4 x int8, row-interleaved (kernels.h: int4x) ----
  * A tile is P = 2 adjacent 16-row panels (1 for a last odd panel) x S <= TS_INT4X tokens. Per
  * half group (16 weights), each panel's 4 loads of 64 bytes unpack (and, or shift + and) into 4
  * registers of 16 rows x 4 consecutive weights, shared by the S tokens. Each of a token's 4
@@ -870,7 +870,7 @@ static void matmul_int4x(const void *w, size_t in, const kern_act_t *act, float 
     }
 }
 
-/* ---- INT8 x int8, row-interleaved (kernels.h: kern_int8x_pack) ----
+/* ---- INT8 x int8, row-interleaved (kernels.h: int8x) ----
  * A tile is P = 2 adjacent 16-row panels (1 for a last odd panel) x S <= TS_INT8X tokens of
  * int32 accumulators whose lanes are the panels' rows. Per quad of 4 columns: one 64-byte load
  * per panel and, per token, one broadcast activation dword feeding one vpdpbusd per panel.
@@ -1238,9 +1238,8 @@ const kern_ops_t kern_ops_avx512 = {
                  [QTYPE_F16] = matmul_f16,
                  [QTYPE_INT4] = matmul_int4_f,
                  [QTYPE_INT8] = matmul_int8_f},
-    .matmul_int4x = matmul_int4x,
-    .matmul_ternx = matmul_ternx,
-    .matmul_int8x = matmul_int8x,
+    .matmul_ilv =
+        {[QTYPE_TERNARY] = matmul_ternx, [QTYPE_INT4] = matmul_int4x, [QTYPE_INT8] = matmul_int8x},
     .f16_from_f32 = f16_from_f32,
     .f16_to_f32 = f16_to_f32,
     .bits_xor = kern_ref_bits_xor,

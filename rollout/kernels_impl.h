@@ -19,6 +19,15 @@ void kern_ref_bits_xor(uint64_t *dst, const uint64_t *a, const uint64_t *b, size
 size_t kern_ref_bits_popcount(const uint64_t *a, size_t nwords);
 void kern_ref_bits_pack_gt(uint64_t *dst, const float *x, float thr, size_t nbits);
 
+/* The row-interleaved layouts' sizes and packs (kernels_ref.c), the same on every level: the
+ * entries of kern_ilv's table (contracts: kern_ilv_t). */
+size_t kern_int4x_bytes(size_t out, size_t in);
+void kern_int4x_pack(void *dst, const void *w, size_t out, size_t in);
+size_t kern_ternx_bytes(size_t out, size_t in);
+void kern_ternx_pack(void *dst, const void *w, size_t out, size_t in);
+size_t kern_int8x_bytes(size_t out, size_t in);
+void kern_int8x_pack(void *dst, const void *w, size_t out, size_t in);
+
 /* Unaligned little-endian float32 read (row scales sit right after the codes). */
 static inline float kern_load_f32(const void *p) {
     float v;

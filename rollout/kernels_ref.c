@@ -101,7 +101,7 @@ static void matmul_int4(const void *w, size_t in, const kern_act_t *act, float *
     }
 }
 
-/* ---- INT4, row-interleaved (kernels.h: kern_int4x_pack) ---- */
+/* ---- INT4, row-interleaved (kernels.h: int4x) ---- */
 
 /* Bytes of the panels of `rows` rows covering out rows, each n units of `unit` bytes plus
  * `tail`; SIZE_MAX when that overflows. */
@@ -187,7 +187,7 @@ static void matmul_int4x(const void *w, size_t in, const kern_act_t *act, float 
     }
 }
 
-/* ---- ternary, row-interleaved (kernels.h: kern_ternx_pack) ---- */
+/* ---- ternary, row-interleaved (kernels.h: ternx) ---- */
 
 size_t kern_ternx_bytes(size_t out, size_t in) {
     return panels_bytes(out, KERN_TERNX_ROWS, kern_ternx_chunks(in), 64,
@@ -257,7 +257,7 @@ static void matmul_ternx(const void *w, size_t in, const kern_act_t *act, float 
     }
 }
 
-/* ---- INT8, row-interleaved (kernels.h: kern_int8x_pack) ---- */
+/* ---- INT8, row-interleaved (kernels.h: int8x) ---- */
 
 size_t kern_int8x_bytes(size_t out, size_t in) {
     return panels_bytes(out, KERN_INT8X_ROWS, kern_int8x_quads(in), 64,
@@ -388,9 +388,8 @@ const kern_ops_t kern_ops_ref = {
                  [QTYPE_F16] = matmul_f16,
                  [QTYPE_INT4] = matmul_int4_f,
                  [QTYPE_INT8] = matmul_int8_f},
-    .matmul_int4x = matmul_int4x,
-    .matmul_ternx = matmul_ternx,
-    .matmul_int8x = matmul_int8x,
+    .matmul_ilv =
+        {[QTYPE_TERNARY] = matmul_ternx, [QTYPE_INT4] = matmul_int4x, [QTYPE_INT8] = matmul_int8x},
     .f16_from_f32 = fp16_from_float_n,
     .f16_to_f32 = fp16_to_float_n,
     .bits_xor = kern_ref_bits_xor,

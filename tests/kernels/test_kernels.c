@@ -349,51 +349,63 @@ Test(matmul, int8_levels_match_reference) {
 
 /* ---- row-interleaved copies (int4x, ternx, int8x) ---- */
 
-/* An interleaved product: its layout's functions and how a SIMD level's results compare. */
+/* An interleaved product under test: its type (layout kern_ilv(type), product
+ * matmul_ilv[type]) and how a SIMD level's results compare with the reference. */
 typedef struct {
-    const char *name;
     qtype_t type;
-    size_t rows; /* panel rows */
-    size_t (*bytes)(size_t out, size_t in);
-    void (*pack)(void *dst, const void *w, size_t out, size_t in);
-    kern_matmul_q_fn (*fn)(const kern_ops_t *ops);
     int simd_cmp; /* CMP_EXACT or CMP_REL_TOL */
 } ilv_case_t;
 
-static kern_matmul_q_fn int4x_fn(const kern_ops_t *ops) {
-    return ops->matmul_int4x;
-}
+static const ilv_case_t INT4X = {QTYPE_INT4, CMP_REL_TOL};
+static const ilv_case_t INT8X = {QTYPE_INT8, CMP_EXACT};
+static const ilv_case_t TERNX = {QTYPE_TERNARY, CMP_EXACT};
 
-static kern_matmul_q_fn ternx_fn(const kern_ops_t *ops) {
-    return ops->matmul_ternx;
+/* The table has a layout for exactly the quantized types, with the panel rows its layout text
+ * (and the decoders below) use, and every level's products sit on those types only. */
+Test(ilv, table_covers_the_quantized_types) {
+    cr_assert_null(kern_ilv(QTYPE_F32));
+    cr_assert_null(kern_ilv(QTYPE_F16));
+    const struct {
+        qtype_t type;
+        const char *name;
+        size_t rows;
+    } want[] = {{QTYPE_TERNARY, "ternx", KERN_TERNX_ROWS},
+                {QTYPE_INT4, "int4x", KERN_INT4X_ROWS},
+                {QTYPE_INT8, "int8x", KERN_INT8X_ROWS}};
+    for (size_t k = 0; k < Q_ARRAY_LEN(want); k++) {
+        const kern_ilv_t *l = kern_ilv(want[k].type);
+        cr_assert_not_null(l, "%s", qtype_name(want[k].type));
+        cr_assert_str_eq(l->name, want[k].name);
+        cr_assert_eq(l->rows, want[k].rows, "%s", l->name);
+        cr_assert(l->bytes && l->pack && l->min_batch >= 1, "%s", l->name);
+    }
+    for (int lvl = 0; lvl < CPU_ISA_COUNT; lvl++) {
+        const kern_ops_t *ops = kern_ops_for((cpu_isa_t)lvl);
+        if (!ops)
+            continue;
+        for (int t = 0; t < QTYPE_COUNT; t++)
+            if (ops->matmul_ilv[t])
+                cr_assert_not_null(kern_ilv((qtype_t)t), "%s: matmul_ilv[%s] without a layout",
+                                   ops->name, qtype_name((qtype_t)t));
+    }
 }
-
-static const ilv_case_t INT4X = {"int4x",         QTYPE_INT4, KERN_INT4X_ROWS, kern_int4x_bytes,
-                                 kern_int4x_pack, int4x_fn,   CMP_REL_TOL};
-static kern_matmul_q_fn int8x_fn(const kern_ops_t *ops) {
-    return ops->matmul_int8x;
-}
-
-static const ilv_case_t INT8X = {"int8x",         QTYPE_INT8, KERN_INT8X_ROWS, kern_int8x_bytes,
-                                 kern_int8x_pack, int8x_fn,   CMP_EXACT};
-static const ilv_case_t TERNX = {"ternx",         QTYPE_TERNARY, KERN_TERNX_ROWS, kern_ternx_bytes,
-                                 kern_ternx_pack, ternx_fn,      CMP_EXACT};
 
 /* The interleaved copy of w, checked to be the same whatever dst held before. */
 static uint8_t *ilv_pack_checked(const ilv_case_t *c, const uint8_t *w, size_t out, size_t in) {
-    const size_t bytes = c->bytes(out, in);
+    const kern_ilv_t *l = kern_ilv(c->type);
+    const size_t bytes = l->bytes(out, in);
     uint8_t *x = xmalloc(bytes), *x2 = xmalloc(bytes);
     memset(x, 0xA5, bytes);
     memset(x2, 0x00, bytes);
-    c->pack(x, w, out, in);
-    c->pack(x2, w, out, in);
-    cr_assert_eq(memcmp(x, x2, bytes), 0, "%s out=%zu in=%zu: copy depends on dst", c->name, out,
+    l->pack(x, w, out, in);
+    l->pack(x2, w, out, in);
+    cr_assert_eq(memcmp(x, x2, bytes), 0, "%s out=%zu in=%zu: copy depends on dst", l->name, out,
                  in);
     free(x2);
     return x;
 }
 
-/* ---- INT4, row-interleaved (kern_int4x_pack, matmul_int4x) ---- */
+/* ---- INT4, row-interleaved (int4x) ---- */
 
 /* Nibble of weight i of row r in the interleaved copy, decoded from kernels.h's layout text. */
 static unsigned int4x_nibble(const uint8_t *x, size_t in, size_t r, size_t i) {
@@ -415,13 +427,14 @@ static uint16_t int4x_scale(const uint8_t *x, size_t in, size_t r, size_t g) {
 /* Every weight's nibble and every group's scale of the row-major rows sit where the layout
  * says; padding rows hold code 0 with scale 0; the copy does not depend on what dst held. */
 Test(int4x, pack_places_every_code_and_scale) {
+    const kern_ilv_t *l = kern_ilv(QTYPE_INT4);
     const size_t outs[] = {1, 15, 16, 17, 40};
     const size_t ins[] = {1, 31, 100, 128, 129, 300, 1500};
     for (size_t ko = 0; ko < Q_ARRAY_LEN(outs); ko++)
         for (size_t ki = 0; ki < Q_ARRAY_LEN(ins); ki++) {
             const size_t out = outs[ko], in = ins[ki], rb = qtype_row_bytes(QTYPE_INT4, in);
             const size_t nb = (in + 127) / 128, panels = (out + 15) / 16;
-            const size_t bytes = kern_int4x_bytes(out, in);
+            const size_t bytes = l->bytes(out, in);
             cr_assert_eq(bytes, panels * 16 * rb, "out=%zu in=%zu", out, in);
             uint8_t *w = pack_matrix(QTYPE_INT4, out, in, 60 + ko * 7 + ki);
             uint8_t *x = ilv_pack_checked(&INT4X, w, out, in);
@@ -444,8 +457,8 @@ Test(int4x, pack_places_every_code_and_scale) {
             free(w);
             free(x);
         }
-    cr_assert_eq(kern_int4x_bytes(4096, 4096), 4096 * qtype_row_bytes(QTYPE_INT4, 4096));
-    cr_assert_eq(kern_int4x_bytes(SIZE_MAX / 8, 4096), SIZE_MAX);
+    cr_assert_eq(l->bytes(4096, 4096), 4096 * qtype_row_bytes(QTYPE_INT4, 4096));
+    cr_assert_eq(l->bytes(SIZE_MAX / 8, 4096), SIZE_MAX);
 }
 
 /* The product on the copy against the reference row-major product: the reference level bit
@@ -453,27 +466,28 @@ Test(int4x, pack_places_every_code_and_scale) {
  * inside a panel). Levels without the product are the documented ones (AVX2). */
 static void check_ilv(const ilv_case_t *c, size_t out, size_t in, size_t n, uint64_t seed) {
     const kern_ops_t *ref = kern_ops_for(CPU_ISA_REF);
+    const kern_ilv_t *l = kern_ilv(c->type);
     uint8_t *w = pack_matrix(c->type, out, in, seed);
-    uint8_t *wx = xmalloc(c->bytes(out, in));
-    c->pack(wx, w, out, in);
+    uint8_t *wx = xmalloc(l->bytes(out, in));
+    l->pack(wx, w, out, in);
     float *x = xmalloc(n * in * sizeof *x), *xdeq = xmalloc(n * in * sizeof *x);
     kern_act_t a;
     random_act(&a, x, xdeq, n, in, seed + 1);
     float *yr = sentinel_out(out, n);
     ref->matmul_q[c->type](w, in, &a, yr, out + GUARD, 0, out);
-    const size_t p = c->rows;
+    const size_t p = l->rows;
     size_t ranges[4][2] = {{0, out}, {p, out}, {0, p}, {p, out - 1}};
     for (int lvl = 0; lvl < CPU_ISA_COUNT; lvl++) {
         const kern_ops_t *ops = kern_ops_for((cpu_isa_t)lvl);
         if (!ops)
             continue;
-        const kern_matmul_q_fn fn = c->fn(ops);
+        const kern_matmul_q_fn fn = ops->matmul_ilv[c->type];
         if (!fn) {
-            cr_assert_str_eq(ops->name, "avx2", "%s lacks matmul_%s", ops->name, c->name);
+            cr_assert_str_eq(ops->name, "avx2", "%s lacks the %s product", ops->name, l->name);
             continue;
         }
         char what[64];
-        snprintf(what, sizeof what, "%s %s out=%zu n=%zu", ops->name, c->name, out, n);
+        snprintf(what, sizeof what, "%s %s out=%zu n=%zu", ops->name, l->name, out, n);
         for (int k = 0; k < (out > p + 1 ? 4 : out > p ? 3 : 1); k++) {
             float *y = sentinel_out(out, n);
             fn(wx, in, &a, y, out + GUARD, ranges[k][0], ranges[k][1]);
@@ -505,7 +519,7 @@ Test(int4x, every_batch_size) {
     check_ilv(&INT4X, 48, 2100, 32, 990);
 }
 
-/* ---- ternary, row-interleaved (kern_ternx_pack, matmul_ternx) ---- */
+/* ---- ternary, row-interleaved (ternx) ---- */
 
 /* Stored code of weight i of row r in the interleaved copy, from kernels.h's layout text. */
 static unsigned ternx_code(const uint8_t *x, size_t in, size_t r, size_t i) {
@@ -523,13 +537,14 @@ static float ternx_scale(const uint8_t *x, size_t in, size_t r) {
 /* Every weight's code and every row's scale sit where the layout says; padding rows and
  * columns hold code 1 (weight 0), padding rows scale 0; the copy does not depend on dst. */
 Test(ternx, pack_places_every_code_and_scale) {
+    const kern_ilv_t *l = kern_ilv(QTYPE_TERNARY);
     const size_t outs[] = {1, 3, 4, 5, 13};
     const size_t ins[] = {1, 63, 100, 256, 257, 700};
     for (size_t ko = 0; ko < Q_ARRAY_LEN(outs); ko++)
         for (size_t ki = 0; ki < Q_ARRAY_LEN(ins); ki++) {
             const size_t out = outs[ko], in = ins[ki], rb = qtype_row_bytes(QTYPE_TERNARY, in);
             const size_t nb = (in + 255) / 256, panels = (out + 3) / 4;
-            const size_t bytes = kern_ternx_bytes(out, in);
+            const size_t bytes = l->bytes(out, in);
             cr_assert_eq(bytes, panels * 4 * rb, "out=%zu in=%zu", out, in);
             uint8_t *w = pack_matrix(QTYPE_TERNARY, out, in, 70 + ko * 7 + ki);
             uint8_t *x = ilv_pack_checked(&TERNX, w, out, in);
@@ -547,8 +562,8 @@ Test(ternx, pack_places_every_code_and_scale) {
             free(w);
             free(x);
         }
-    cr_assert_eq(kern_ternx_bytes(4096, 4096), 4096 * qtype_row_bytes(QTYPE_TERNARY, 4096));
-    cr_assert_eq(kern_ternx_bytes(SIZE_MAX / 8, 4096), SIZE_MAX);
+    cr_assert_eq(l->bytes(4096, 4096), 4096 * qtype_row_bytes(QTYPE_TERNARY, 4096));
+    cr_assert_eq(l->bytes(SIZE_MAX / 8, 4096), SIZE_MAX);
 }
 
 Test(ternx, levels_match_row_major_product) {
@@ -566,18 +581,19 @@ Test(ternx, every_batch_size) {
     check_ilv(&TERNX, 24, 4100, 32, 995);
 }
 
-/* ---- INT8, row-interleaved (kern_int8x_pack, matmul_int8x) ---- */
+/* ---- INT8, row-interleaved (int8x) ---- */
 
 /* Every stored byte and every row's scale sit where kernels.h's layout text says; padding rows
  * and columns hold 128 (weight 0), padding rows scale 0; the copy does not depend on dst. */
 Test(int8x, pack_places_every_code_and_scale) {
+    const kern_ilv_t *l = kern_ilv(QTYPE_INT8);
     const size_t outs[] = {1, 15, 16, 17, 40};
     const size_t ins[] = {1, 63, 100, 256, 257, 700};
     for (size_t ko = 0; ko < Q_ARRAY_LEN(outs); ko++)
         for (size_t ki = 0; ki < Q_ARRAY_LEN(ins); ki++) {
             const size_t out = outs[ko], in = ins[ki], rb = qtype_row_bytes(QTYPE_INT8, in);
             const size_t nq = 64 * ((in + 255) / 256), pb = nq * 64 + 64;
-            const size_t panels = (out + 15) / 16, bytes = kern_int8x_bytes(out, in);
+            const size_t panels = (out + 15) / 16, bytes = l->bytes(out, in);
             cr_assert_eq(bytes, panels * pb, "out=%zu in=%zu", out, in);
             uint8_t *w = pack_matrix(QTYPE_INT8, out, in, 80 + ko * 7 + ki);
             uint8_t *x = ilv_pack_checked(&INT8X, w, out, in);
@@ -596,7 +612,7 @@ Test(int8x, pack_places_every_code_and_scale) {
             free(w);
             free(x);
         }
-    cr_assert_eq(kern_int8x_bytes(SIZE_MAX / 8, 4096), SIZE_MAX);
+    cr_assert_eq(l->bytes(SIZE_MAX / 8, 4096), SIZE_MAX);
 }
 
 Test(int8x, levels_match_row_major_product) {
