@@ -62,13 +62,8 @@ static void make_task(char *dir, size_t cap, long n, long n_test) {
     cr_assert(data_task_make("addition", n, n_test, 7, dir, &err) == 0, "%s", err.msg);
 }
 
-/* N steps with a checkpoint then M resumed give the losses of N + M uninterrupted steps, bit
- * for bit, with `replicas` data-parallel replicas (dropout on: the noise must resume too). */
-static void check_resume(int replicas) {
-    char dir[64];
-    make_task(dir, sizeof dir, 300, 20);
-    quillan_config_t *cfg = small_run(dir);
-    set(cfg, "learner.total_steps=8");
+/* Batches of 8, no evaluation before the end (on 8 examples), quiet progress. */
+static sft_options_t small_opts(int replicas) {
     sft_options_t opt;
     sft_options_default(&opt);
     opt.batch_size = 8;
@@ -76,6 +71,17 @@ static void check_resume(int replicas) {
     opt.eval_examples = 8;
     opt.log_interval = 100;
     opt.replicas = replicas;
+    return opt;
+}
+
+/* N steps with a checkpoint then M resumed give the losses of N + M uninterrupted steps, bit
+ * for bit, with `replicas` data-parallel replicas (dropout on: the noise must resume too). */
+static void check_resume(int replicas) {
+    char dir[64];
+    make_task(dir, sizeof dir, 300, 20);
+    quillan_config_t *cfg = small_run(dir);
+    set(cfg, "learner.total_steps=8");
+    sft_options_t opt = small_opts(replicas);
     double full[RESUME_N + RESUME_M], part[RESUME_N + RESUME_M];
     memset(part, 0, sizeof part);
     qerr_t err;
@@ -113,13 +119,7 @@ static void check_stop(int replicas) {
     make_task(dir, sizeof dir, 300, 20);
     quillan_config_t *cfg = small_run(dir);
     set(cfg, "learner.total_steps=6");
-    sft_options_t opt;
-    sft_options_default(&opt);
-    opt.batch_size = 8;
-    opt.eval_interval = 0;
-    opt.eval_examples = 8;
-    opt.log_interval = 100;
-    opt.replicas = replicas;
+    sft_options_t opt = small_opts(replicas);
     double full[6], part[6];
     memset(part, 0, sizeof part);
     qerr_t err;
