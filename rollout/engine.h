@@ -30,8 +30,8 @@ typedef struct {
     const unsigned char *w;
     qtype_t qt;
     size_t rows, cols, row_bytes;
-    /* TERNARY where the kernels have matmul_ternx: the kern_ternx_pack copy of w that the
-     * products read (bit-identical results, faster tiles); NULL otherwise. */
+    /* TERNARY where the kernels have matmul_ilv[QTYPE_TERNARY]: the kern_ilv(QTYPE_TERNARY)
+     * copy of w that the products read (bit-identical results, faster tiles); NULL otherwise. */
     const unsigned char *wx;
 } eng_mat_t;
 
