@@ -288,13 +288,6 @@ size_t lease_table_release(lease_table_t *t, uint64_t owner) {
     return n;
 }
 
-static entry_t *entry_find(lease_table_t *t, uint64_t lease_id) {
-    for (size_t i = 0; i < t->n_entries; i++)
-        if (t->entries[i].lease_id == lease_id)
-            return &t->entries[i];
-    return NULL;
-}
-
 int lease_table_is_active(const lease_table_t *t, uint64_t lease_id) {
     for (size_t i = 0; i < t->n_entries; i++)
         if (t->entries[i].lease_id == lease_id)
@@ -340,31 +333,62 @@ static void unit_accept(lease_table_t *t, uint64_t prompt_id, uint64_t epoch) {
     epochs_close(t);
 }
 
-lease_verdict_t lease_table_submit(lease_table_t *t, uint64_t lease_id, uint64_t prompt_id,
-                                   uint64_t epoch, bool valid, double now_s, double *leased_s,
-                                   uint64_t *version) {
-    entry_t *e = entry_find(t, lease_id);
-    if (e == NULL) {
-        if (lease_id != 0 && lease_id < t->next_lease_id &&
-            lease_table_is_accepted(t, prompt_id, epoch)) {
-            t->c.duplicates++;
-            return LEASE_DUPLICATE;
-        }
-        t->c.unknown++;
-        return LEASE_UNKNOWN;
-    }
-    if (!valid || e->prompt_id != prompt_id || e->epoch != epoch) {
-        t->c.rejected++;
-        if (e->state == ENTRY_ACTIVE)
-            entry_expire(t, e);
+/* The verdict on a returned group, without changing anything: the rules of the file comment,
+ * written once for lease_table_check and lease_table_submit. *e: the group's lease entry when
+ * the table remembers it, else NULL. */
+static lease_verdict_t judge(const lease_table_t *t, uint64_t lease_id, uint64_t prompt_id,
+                             uint64_t epoch, bool valid, const entry_t **e) {
+    *e = NULL;
+    for (size_t i = 0; i < t->n_entries && *e == NULL; i++)
+        if (t->entries[i].lease_id == lease_id)
+            *e = &t->entries[i];
+    if (*e == NULL)
+        return lease_id != 0 && lease_id < t->next_lease_id &&
+                       lease_table_is_accepted(t, prompt_id, epoch)
+                   ? LEASE_DUPLICATE
+                   : LEASE_UNKNOWN;
+    if (!valid || (*e)->prompt_id != prompt_id || (*e)->epoch != epoch)
         return LEASE_REJECTED;
-    }
+    return LEASE_ACCEPTED;
+}
+
+/* What an ACCEPTED verdict reports about lease entry e (both outputs may be NULL). */
+static void accepted_info(const entry_t *e, double now_s, double *leased_s, uint64_t *version) {
     if (leased_s)
         *leased_s = isnan(e->granted_s) ? -1.0 : now_s - e->granted_s;
     if (version)
         *version = e->version;
-    unit_accept(t, prompt_id, epoch);
-    return LEASE_ACCEPTED;
+}
+
+lease_verdict_t lease_table_check(const lease_table_t *t, uint64_t lease_id, uint64_t prompt_id,
+                                  uint64_t epoch, bool valid, double now_s, double *leased_s,
+                                  uint64_t *version) {
+    const entry_t *e;
+    lease_verdict_t v = judge(t, lease_id, prompt_id, epoch, valid, &e);
+    if (v == LEASE_ACCEPTED)
+        accepted_info(e, now_s, leased_s, version);
+    return v;
+}
+
+lease_verdict_t lease_table_submit(lease_table_t *t, uint64_t lease_id, uint64_t prompt_id,
+                                   uint64_t epoch, bool valid, double now_s, double *leased_s,
+                                   uint64_t *version) {
+    const entry_t *found;
+    lease_verdict_t v = judge(t, lease_id, prompt_id, epoch, valid, &found);
+    if (v == LEASE_ACCEPTED) {
+        accepted_info(found, now_s, leased_s, version);
+        unit_accept(t, prompt_id, epoch);
+    } else if (v == LEASE_DUPLICATE) {
+        t->c.duplicates++;
+    } else if (v == LEASE_UNKNOWN) {
+        t->c.unknown++;
+    } else {
+        t->c.rejected++;
+        entry_t *e = &t->entries[found - t->entries];
+        if (e->state == ENTRY_ACTIVE)
+            entry_expire(t, e);
+    }
+    return v;
 }
 
 int lease_table_finished(const lease_table_t *t) {
@@ -911,22 +935,53 @@ static const Quillan__AckStatus verdict_status[LEASE_VERDICT_COUNT] = {
     QUILLAN__ACK_STATUS__ACK_STATUS_ACCEPTED, QUILLAN__ACK_STATUS__ACK_STATUS_DUPLICATE,
     QUILLAN__ACK_STATUS__ACK_STATUS_UNKNOWN_LEASE, QUILLAN__ACK_STATUS__ACK_STATUS_REJECTED};
 
+static void group_dropped(const worker_t *w, const Quillan__TrajectoryGroup *g, lease_verdict_t v,
+                          const char *why) {
+    log_field_t f[] = {{"lease", (double)g->lease_id},
+                       {"prompt", (double)g->prompt_id},
+                       {"epoch", (double)g->epoch}};
+    log_emit(v == LEASE_DUPLICATE ? LOG_INFO : LOG_WARN, "dispatch.group_dropped", f,
+             Q_ARRAY_LEN(f), "group of lease %llu from %s dropped: %s%s%s",
+             (unsigned long long)g->lease_id, w ? w->row.id : "?", lease_verdict_name(v),
+             why ? ": " : "", why ? why : "");
+}
+
+/* The group's unit is marked accepted only after on_group took it: a group the caller refuses
+ * is REJECTED instead, which expires its lease so that the unit is leased again. */
 static void group_take(dispatcher_t *d, worker_t *w, const net_msg_t *m, bool valid,
                        const char *why, double now) {
-    const Quillan__TrajectoryGroup *g = net_msg_envelope(m)->trajectory_group;
+    const Quillan__Envelope *env = net_msg_envelope(m);
+    const Quillan__TrajectoryGroup *g = env->trajectory_group;
     double leased_s = -1;
     uint64_t version = 0;
-    lease_verdict_t v = lease_table_submit(d->table, g->lease_id, g->prompt_id, g->epoch, valid,
-                                           now, &leased_s, &version);
-    ack_send(d, m, g->lease_id, verdict_status[v]);
+    lease_verdict_t v = lease_table_check(d->table, g->lease_id, g->prompt_id, g->epoch, valid, now,
+                                          &leased_s, &version);
     if (v != LEASE_ACCEPTED) {
+        lease_table_submit(d->table, g->lease_id, g->prompt_id, g->epoch, valid, now, NULL, NULL);
+        ack_send(d, m, g->lease_id, verdict_status[v]);
+        group_dropped(w, g, v, why);
+        return;
+    }
+    dispatcher_group_info_t info = {.lease_id = g->lease_id,
+                                    .lease_version = version,
+                                    .leased_s = leased_s,
+                                    .worker_id = env->sender_id,
+                                    .worker_incarnation = env->incarnation_id};
+    bool taken = d->o.on_group(d->o.on_group_ctx, g, &info) == 0;
+    v = lease_table_submit(d->table, g->lease_id, g->prompt_id, g->epoch, taken, now, NULL, NULL);
+    /* on_group may call only the functions here that leave the table's units alone. */
+    Q_ASSERT(v == (taken ? LEASE_ACCEPTED : LEASE_REJECTED));
+    ack_send(d, m, g->lease_id, verdict_status[v]);
+    if (!taken) {
+        d->stats.refused++;
         log_field_t f[] = {{"lease", (double)g->lease_id},
                            {"prompt", (double)g->prompt_id},
                            {"epoch", (double)g->epoch}};
-        log_emit(v == LEASE_DUPLICATE ? LOG_INFO : LOG_WARN, "dispatch.group_dropped", f,
-                 Q_ARRAY_LEN(f), "group of lease %llu from %s dropped: %s%s%s",
-                 (unsigned long long)g->lease_id, w ? w->row.id : "?", lease_verdict_name(v),
-                 why ? ": " : "", why ? why : "");
+        log_emit(LOG_WARN, "dispatch.group_refused", f, Q_ARRAY_LEN(f),
+                 "group of lease %llu (prompt %llu, epoch %llu) from %s refused by the learner; "
+                 "its unit is leased again",
+                 (unsigned long long)g->lease_id, (unsigned long long)g->prompt_id,
+                 (unsigned long long)g->epoch, env->sender_id);
         return;
     }
     if (leased_s >= 0)
@@ -946,12 +1001,6 @@ static void group_take(dispatcher_t *d, worker_t *w, const net_msg_t *m, bool va
                     : (1 - DISPATCHER_EMA_ALPHA) * w->row.tokens_per_s + DISPATCHER_EMA_ALPHA * tps;
         }
     }
-    dispatcher_group_info_t info = {.lease_id = g->lease_id,
-                                    .lease_version = version,
-                                    .leased_s = leased_s,
-                                    .worker_id = net_msg_envelope(m)->sender_id,
-                                    .worker_incarnation = net_msg_envelope(m)->incarnation_id};
-    d->o.on_group(d->o.on_group_ctx, g, &info);
 }
 
 static void message_handle(dispatcher_t *d, const net_msg_t *m, double now) {

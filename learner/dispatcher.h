@@ -128,6 +128,14 @@ lease_verdict_t lease_table_submit(lease_table_t *t, uint64_t lease_id, uint64_t
                                    uint64_t epoch, bool valid, double now_s, double *leased_s,
                                    uint64_t *version);
 
+/* The verdict lease_table_submit would give the same group now, changing nothing (no state, no
+ * counter): for a caller that must hand an ACCEPTED group on before the table marks its unit,
+ * and submits only once it knows the group was taken. On ACCEPTED it writes *leased_s and
+ * *version as submit does. */
+lease_verdict_t lease_table_check(const lease_table_t *t, uint64_t lease_id, uint64_t prompt_id,
+                                  uint64_t epoch, bool valid, double now_s, double *leased_s,
+                                  uint64_t *version);
+
 /* 1 when (prompt_id, epoch) has been accepted. */
 int lease_table_is_accepted(const lease_table_t *t, uint64_t prompt_id, uint64_t epoch);
 
@@ -179,10 +187,15 @@ typedef struct {
     uint64_t worker_incarnation;
 } dispatcher_group_info_t;
 
-/* Called from dispatcher_poll, on its thread, for every accepted group. g and info are valid
- * only during the call: copy what you keep (batcher_add copies). */
-typedef void (*dispatcher_group_fn)(void *ctx, const Quillan__TrajectoryGroup *g,
-                                    const dispatcher_group_info_t *info);
+/* Called from dispatcher_poll, on its thread, for every group the lease table would accept,
+ * before it marks the unit accepted. g and info are valid only during the call: copy what you
+ * keep (batcher_add copies). Returns 0 when the caller took the group (kept it, or consumed it
+ * on purpose, e.g. filtered it out): the unit is then accepted and the worker answered
+ * ACCEPTED. Returns -1 when the caller refused it (it cannot take it now: a policy version
+ * ahead of its own, out of memory) and keeps nothing of it: the worker is answered REJECTED,
+ * the lease expires and the unit is leased again, so a refusal never loses a unit. */
+typedef int (*dispatcher_group_fn)(void *ctx, const Quillan__TrajectoryGroup *g,
+                                   const dispatcher_group_info_t *info);
 
 typedef struct {
     const char *endpoint;    /* bind address (network.dispatcher) */
@@ -237,6 +250,8 @@ typedef struct {
     uint64_t errors_received; /* Error bodies from workers */
     uint64_t malformed;       /* messages dropped here: failed validation (groups are Acked
                                  REJECTED instead), bodies a worker never sends */
+    uint64_t refused;         /* groups on_group refused: Acked REJECTED, their units re-leased
+                                 (also counted in table.rejected) */
     uint64_t send_failed;     /* replies libzmq refused (peer gone, queue full) */
     uint64_t workers_alive, workers_dead;
     uint64_t workers_died;    /* liveness expiries seen */

@@ -143,9 +143,13 @@ static int preflight(const quillan_config_t *cfg, jsonl_reader_t **data, qerr_t 
     return 0;
 }
 
-/* Accepted group from the dispatcher (its thread, under its lock): into the learner. */
-static void on_group(void *ctx, const Quillan__TrajectoryGroup *g,
-                     const dispatcher_group_info_t *info) {
+/* A group from the dispatcher (its thread, under its lock): into the learner. Returns -1 when
+ * the learner refused it (a policy version ahead of its own, as after a restore from a
+ * checkpoint older than the weights the workers hold; malformed routing; out of memory), so
+ * that the dispatcher re-leases its unit; 0 when the learner took it, filtered groups (equal
+ * rewards, stale) included: the batcher dropped those on purpose. */
+static int on_group(void *ctx, const Quillan__TrajectoryGroup *g,
+                    const dispatcher_group_info_t *info) {
     app_t *a = ctx;
     const size_t G = g->n_trajectories;
     size_t total = g->n_prompt_tokens;
@@ -212,6 +216,7 @@ static void on_group(void *ctx, const Quillan__TrajectoryGroup *g,
     a->arrived = 1;
     pthread_cond_signal(&a->cv);
     pthread_mutex_unlock(&a->mu);
+    return rc != 0 ? -1 : 0;
 }
 
 static void *net_main(void *arg) {
@@ -289,6 +294,7 @@ static void net_stats_log(app_t *a) {
         {"groups/duplicates", (double)d.table.duplicates},
         {"groups/unknown_lease", (double)d.table.unknown},
         {"groups/rejected", (double)d.table.rejected},
+        {"groups/refused", (double)d.refused},
         {"workers/alive", (double)d.workers_alive},
         {"workers/died", (double)d.workers_died},
         {"workers/restarts", (double)d.worker_restarts},

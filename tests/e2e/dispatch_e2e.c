@@ -134,17 +134,20 @@ static void state_write(learner_t *l) {
     free(buf);
 }
 
-/* The accepted line is written before the state: a kill between the two leaves one line more
- * than the state counts, which the driver cuts off. */
-static void on_group(void *ctx, const Quillan__TrajectoryGroup *g,
-                     const dispatcher_group_info_t *info) {
+/* Takes every group. The dispatcher marks a group's unit accepted only after on_group took
+ * it, so the state saved here holds exactly the units of the lines already written; this
+ * group's line comes after it, and a kill before the next save leaves one line more than the
+ * state counts, which the driver cuts off (the restored table re-leases that unit). */
+static int on_group(void *ctx, const Quillan__TrajectoryGroup *g,
+                    const dispatcher_group_info_t *info) {
     learner_t *l = ctx;
+    state_write(l);
     char line[128], name[64];
     snprintf(line, sizeof line, "%llu %llu %llu\n", (unsigned long long)g->prompt_id,
              (unsigned long long)g->epoch, (unsigned long long)info->lease_id);
     snprintf(name, sizeof name, "accepted.%s", l->phase);
     file_append(l->dir, name, line);
-    state_write(l);
+    return 0;
 }
 
 static uint8_t *file_read(const char *path, size_t *len) {

@@ -74,8 +74,9 @@ typedef struct {
     bool outage;
 } seen_t;
 
-static void on_group(void *ctx, const Quillan__TrajectoryGroup *g,
-                     const dispatcher_group_info_t *info) {
+/* Takes every group (returns 0): a group this test finds wrong is a failure, not a refusal. */
+static int on_group(void *ctx, const Quillan__TrajectoryGroup *g,
+                    const dispatcher_group_info_t *info) {
     seen_t *s = ctx;
     worker_seen_t *w = NULL;
     for (int i = 0; i < 2 && w == NULL; i++)
@@ -83,7 +84,7 @@ static void on_group(void *ctx, const Quillan__TrajectoryGroup *g,
             w = &s->w[i];
     CHECK(w != NULL, "group from unknown worker '%s'", info->worker_id);
     if (w == NULL)
-        return;
+        return 0;
     CHECK(g->policy_version == 1 || g->policy_version == 2, "version %llu",
           (unsigned long long)g->policy_version);
     CHECK(g->policy_version >= w->last_version, "%s went back from version %llu to %llu", w->id,
@@ -116,6 +117,7 @@ static void on_group(void *ctx, const Quillan__TrajectoryGroup *g,
     }
     if (s->outage)
         s->during_outage++;
+    return 0;
 }
 
 static pid_t spawn(char *const argv[], const char *log_path) {

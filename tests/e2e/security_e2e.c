@@ -166,8 +166,8 @@ static void security_section(quillan_config_t *cfg, const char *dir, const char 
 static uint64_t groups_accepted;
 static char accepted_from[1024];
 
-static void on_group(void *ctx, const Quillan__TrajectoryGroup *g,
-                     const dispatcher_group_info_t *info) {
+static int on_group(void *ctx, const Quillan__TrajectoryGroup *g,
+                    const dispatcher_group_info_t *info) {
     (void)ctx;
     (void)g;
     groups_accepted++;
@@ -176,6 +176,7 @@ static void on_group(void *ctx, const Quillan__TrajectoryGroup *g,
         strcat(accepted_from, info->worker_id);
         strcat(accepted_from, ",");
     }
+    return 0;
 }
 
 static int server_main(const char *dir) {

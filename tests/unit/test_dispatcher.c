@@ -218,6 +218,66 @@ Test(lease_table, unknown_and_rejected) {
     lease_table_destroy(&t);
 }
 
+/* lease_table_check gives the verdict (and lease info) lease_table_submit then gives, and
+ * changes nothing: the saved state, the counters, the gauges and the lease's state. */
+static lease_verdict_t check_then_submit(lease_table_t *t, uint64_t lease, uint64_t prompt,
+                                         uint64_t epoch, bool valid, double now) {
+    uint8_t *before = NULL, *after = NULL;
+    size_t before_len = 0, after_len = 0;
+    lease_table_stats_t s0, s1;
+    cr_assert_eq(lease_table_save(t, &before, &before_len, NULL), 0);
+    lease_table_stats(t, &s0);
+    int active = lease_table_is_active(t, lease);
+    double check_s = -7, submit_s = -7;
+    uint64_t check_version = 99, submit_version = 99;
+    lease_verdict_t v =
+        lease_table_check(t, lease, prompt, epoch, valid, now, &check_s, &check_version);
+    cr_assert_eq(lease_table_save(t, &after, &after_len, NULL), 0);
+    lease_table_stats(t, &s1);
+    cr_assert_eq(after_len, before_len);
+    cr_assert_eq(memcmp(after, before, before_len), 0, "check changed the saved state");
+    cr_assert_eq(memcmp(&s1, &s0, sizeof s0), 0, "check changed the counters");
+    cr_assert_eq(lease_table_is_active(t, lease), active, "check changed the lease's state");
+    free(before);
+    free(after);
+    cr_assert_eq(
+        lease_table_submit(t, lease, prompt, epoch, valid, now, &submit_s, &submit_version), v,
+        "lease %llu: check said %s", (unsigned long long)lease, lease_verdict_name(v));
+    cr_assert_eq(check_s, submit_s);
+    cr_assert_eq(check_version, submit_version);
+    return v;
+}
+
+Test(lease_table, check_gives_the_submit_verdict_and_changes_nothing) {
+    lease_table_t *t = table(5, false, 0, 10);
+    lease_grant_t a = grant1(t, 1, 0), b = grant1(t, 1, 0), c = grant1(t, 1, 0);
+    cr_assert_eq(check_then_submit(t, 999, a.prompt_id, a.epoch, true, 1), LEASE_UNKNOWN);
+    cr_assert_eq(check_then_submit(t, 0, a.prompt_id, a.epoch, true, 1), LEASE_UNKNOWN);
+    cr_assert_eq(check_then_submit(t, a.lease_id, a.prompt_id + 1, a.epoch, true, 1),
+                 LEASE_REJECTED, "another unit than the lease's");
+    cr_assert_eq(check_then_submit(t, b.lease_id, b.prompt_id, b.epoch, false, 1), LEASE_REJECTED,
+                 "invalid group");
+    cr_assert_eq(check_then_submit(t, c.lease_id, c.prompt_id, c.epoch, true, 2), LEASE_ACCEPTED);
+    cr_assert_eq(check_then_submit(t, c.lease_id, c.prompt_id, c.epoch, true, 3), LEASE_DUPLICATE);
+    cr_assert_eq(check_then_submit(t, a.lease_id, a.prompt_id, a.epoch, true, 4), LEASE_ACCEPTED,
+                 "a valid copy under the expired lease");
+    double leased_s = 0;
+    uint64_t version = 0;
+    cr_assert_eq(
+        lease_table_check(t, b.lease_id, b.prompt_id, b.epoch, true, 6, &leased_s, &version),
+        LEASE_ACCEPTED);
+    cr_assert_float_eq(leased_s, 6.0, 1e-12);
+    cr_assert_eq(version, 3);
+    lease_table_stats_t s;
+    lease_table_stats(t, &s);
+    cr_assert_eq(s.unknown, 2, "counted by the submits only");
+    cr_assert_eq(s.rejected, 2);
+    cr_assert_eq(s.accepted, 2);
+    cr_assert_eq(s.duplicates, 1);
+    cr_assert_eq(s.queued, 1, "b's unit waits for a re-lease");
+    lease_table_destroy(&t);
+}
+
 static lease_table_t *reload(lease_table_t **t, uint64_t n, uint64_t max_epochs, uint64_t limit) {
     uint8_t *buf = NULL;
     size_t len = 0;
@@ -430,17 +490,97 @@ Test(lease_table, randomised_exactly_once_with_restarts) {
 
 /* ---- the dispatcher on a real socket, driven by a hand-written worker ---- */
 
+#define RIG_PROMPTS 2
+
 typedef struct {
-    int groups;
-    uint64_t last_lease;
+    int groups; /* groups taken */
+    uint64_t last_lease, last_version;
+    bool refuse_first;          /* refuse the first delivery of each prompt */
+    int delivered[RIG_PROMPTS]; /* on_group calls per prompt */
+    int refused;
 } sink_t;
 
-static void sink_group(void *ctx, const Quillan__TrajectoryGroup *g,
-                       const dispatcher_group_info_t *info) {
+static int sink_group(void *ctx, const Quillan__TrajectoryGroup *g,
+                      const dispatcher_group_info_t *info) {
     sink_t *s = ctx;
+    cr_assert_eq(g->lease_id, info->lease_id);
+    cr_assert_lt(g->prompt_id, RIG_PROMPTS);
+    if (s->refuse_first && s->delivered[g->prompt_id]++ == 0) {
+        s->refused++;
+        return -1;
+    }
     s->groups++;
     s->last_lease = info->lease_id;
-    cr_assert_eq(g->lease_id, info->lease_id);
+    s->last_version = info->lease_version;
+    return 0;
+}
+
+/* A dispatcher over a two-prompt dataset, and one worker's DEALER. */
+typedef struct {
+    char path[64];
+    jsonl_reader_t *r;
+    tokenizer_t *tok;
+    void *zctx;
+    dispatcher_options_t o;
+    dispatcher_t *d;
+    net_socket_t *w;
+} rig_t;
+
+/* Writes the dataset and fills x->o (dataset order, G = 2, heartbeats every 50 ms). */
+static void rig_options(rig_t *x, sink_t *sink) {
+    memset(x, 0, sizeof *x);
+    snprintf(x->path, sizeof x->path, "/tmp/quillan-test-dispatcher-XXXXXX");
+    int fd = mkstemp(x->path);
+    cr_assert_geq(fd, 0);
+    const char *lines = "{\"prompt\": \"1+1=\", \"answer\": \"2\"}\n"
+                        "{\"prompt\": \"2+2=\", \"answer\": \"4\"}\n";
+    cr_assert_eq(write(fd, lines, strlen(lines)), (ssize_t)strlen(lines));
+    close(fd);
+    qerr_t e;
+    x->r = jsonl_reader_new(x->path, 0, &e);
+    cr_assert_not_null(x->r, "%s", e.msg);
+    x->tok = tokenizer_new_byte();
+    dispatcher_options_t *o = &x->o;
+    dispatcher_options_init(o);
+    o->endpoint = "tcp://127.0.0.1:*";
+    o->limits = (dispatch_codec_limits_t){.vocab_size = TOKENIZER_BYTE_VOCAB,
+                                          .max_group_size = 2,
+                                          .max_prompt_tokens = 16,
+                                          .max_new_tokens = 4};
+    o->max_new_tokens = 4;
+    o->shuffle = false;
+    o->data = x->r;
+    o->tokenizer = x->tok;
+    o->heartbeat_ivl_s = 0.05;
+    o->on_group = sink_group;
+    o->on_group_ctx = sink;
+    o->net.linger_ms = 0;
+    x->zctx = zmq_ctx_new();
+}
+
+/* Creates the dispatcher from x->o and connects worker "w" (incarnation 42) to it. */
+static void rig_start(rig_t *x) {
+    qerr_t e;
+    x->d = dispatcher_new(x->zctx, &x->o, NULL, 0, &e);
+    cr_assert_not_null(x->d, "%s", e.msg);
+    net_socket_spec_t spec = {.type = ZMQ_DEALER,
+                              .protocol = WIRE_PROTOCOL_DISPATCH,
+                              .name = "w",
+                              .sender_id = "w",
+                              .incarnation_id = 42};
+    x->w = net_socket_new(x->zctx, &spec, &x->o.net, &x->o.security, &e);
+    cr_assert_not_null(x->w, "%s", e.msg);
+    cr_assert_eq(net_socket_connect(x->w, dispatcher_endpoint(x->d), &e), 0);
+}
+
+static void rig_free(rig_t *x) {
+    net_socket_destroy(&x->w);
+    dispatcher_destroy(&x->d);
+    cr_assert_null(x->d);
+    zmq_ctx_term(x->zctx);
+    jsonl_reader_destroy(&x->r);
+    tokenizer_destroy(&x->tok);
+    unlink(x->path);
 }
 
 /* Polls the dispatcher until the worker socket receives a message of body `want`. */
@@ -502,63 +642,35 @@ static Quillan__AckStatus group_answer(dispatcher_t *d, net_socket_t *w, uint64_
     return st;
 }
 
-Test(dispatcher, leases_acks_and_malformed_over_a_socket) {
-    char path[] = "/tmp/quillan-test-dispatcher-XXXXXX";
-    int fd = mkstemp(path);
-    cr_assert_geq(fd, 0);
-    const char *lines = "{\"prompt\": \"1+1=\", \"answer\": \"2\"}\n"
-                        "{\"prompt\": \"2+2=\", \"answer\": \"4\"}\n";
-    cr_assert_eq(write(fd, lines, strlen(lines)), (ssize_t)strlen(lines));
-    close(fd);
-    qerr_t e;
-    jsonl_reader_t *r = jsonl_reader_new(path, 0, &e);
-    cr_assert_not_null(r, "%s", e.msg);
-    tokenizer_t *tok = tokenizer_new_byte();
-    sink_t sink = {0};
-    dispatcher_options_t o;
-    dispatcher_options_init(&o);
-    o.endpoint = "tcp://127.0.0.1:*";
-    o.limits = (dispatch_codec_limits_t){.vocab_size = TOKENIZER_BYTE_VOCAB,
-                                         .max_group_size = 2,
-                                         .max_prompt_tokens = 16,
-                                         .max_new_tokens = 4};
-    o.max_new_tokens = 4;
-    o.shuffle = false;
-    o.data = r;
-    o.tokenizer = tok;
-    o.heartbeat_ivl_s = 0.05;
-    o.on_group = sink_group;
-    o.on_group_ctx = &sink;
-    o.net.linger_ms = 0;
-    void *zctx = zmq_ctx_new();
-
-    /* A prompt longer than max_prompt_tokens is refused at start, naming the line. */
-    o.limits.max_prompt_tokens = 4;
-    cr_assert_null(dispatcher_new(zctx, &o, NULL, 0, &e));
-    cr_assert(strstr(e.msg, ":1:") != NULL, "%s", e.msg);
-    o.limits.max_prompt_tokens = 16;
-
-    dispatcher_t *d = dispatcher_new(zctx, &o, NULL, 0, &e);
-    cr_assert_not_null(d, "%s", e.msg);
-    dispatcher_set_lease_limit(d, 1);
-    dispatcher_set_versions(d, 7, 6);
-    net_socket_spec_t spec = {.type = ZMQ_DEALER,
-                              .protocol = WIRE_PROTOCOL_DISPATCH,
-                              .name = "w",
-                              .sender_id = "w",
-                              .incarnation_id = 42};
-    net_socket_t *w = net_socket_new(zctx, &spec, &o.net, &o.security, &e);
-    cr_assert_not_null(w, "%s", e.msg);
-    cr_assert_eq(net_socket_connect(w, dispatcher_endpoint(d), &e), 0);
-
+static void work_request(net_socket_t *w, uint32_t credits) {
     Quillan__WorkRequest wr = QUILLAN__WORK_REQUEST__INIT;
     wr.worker_id = "w";
-    wr.credits = 3;
+    wr.credits = credits;
     wr.host = "h";
     Quillan__Envelope env = QUILLAN__ENVELOPE__INIT;
     env.body_case = QUILLAN__ENVELOPE__BODY_WORK_REQUEST;
     env.work_request = &wr;
     wsend(w, &env);
+}
+
+Test(dispatcher, leases_acks_and_malformed_over_a_socket) {
+    sink_t sink = {0};
+    rig_t x;
+    rig_options(&x, &sink);
+    qerr_t e;
+
+    /* A prompt longer than max_prompt_tokens is refused at start, naming the line. */
+    x.o.limits.max_prompt_tokens = 4;
+    cr_assert_null(dispatcher_new(x.zctx, &x.o, NULL, 0, &e));
+    cr_assert(strstr(e.msg, ":1:") != NULL, "%s", e.msg);
+    x.o.limits.max_prompt_tokens = 16;
+
+    rig_start(&x);
+    dispatcher_t *d = x.d;
+    net_socket_t *w = x.w;
+    dispatcher_set_lease_limit(d, 1);
+    dispatcher_set_versions(d, 7, 6);
+    work_request(w, 3);
     net_msg_t *m = exchange(d, w, QUILLAN__ENVELOPE__BODY_LEASE);
     const Quillan__Lease *l = net_msg_envelope(m)->lease;
     cr_assert_eq(l->n_requests, 1, "the admission limit caps 3 credits at 1");
@@ -591,7 +703,7 @@ Test(dispatcher, leases_acks_and_malformed_over_a_socket) {
                  "3 trajectories, G is 2");
     cr_assert_eq(sink.groups, 0);
     /* The rejected lease went back to the queue: ask again, get the same prompt anew. */
-    wsend(w, &env);
+    work_request(w, 3);
     m = exchange(d, w, QUILLAN__ENVELOPE__BODY_LEASE);
     l = net_msg_envelope(m)->lease;
     cr_assert_eq(l->n_requests, 1);
@@ -631,13 +743,78 @@ Test(dispatcher, leases_acks_and_malformed_over_a_socket) {
     cr_assert_eq(rows[0].groups_done, 1);
     cr_assert(rows[0].alive);
 
-    net_socket_destroy(&w);
-    dispatcher_destroy(&d);
-    cr_assert_null(d);
-    zmq_ctx_term(zctx);
-    jsonl_reader_destroy(&r);
-    tokenizer_destroy(&tok);
-    unlink(path);
+    rig_free(&x);
+}
+
+/* A group on_group refuses is REJECTED and its unit leased again; the next delivery of the
+ * unit is taken, and the epoch ends with every unit accepted exactly once. */
+Test(dispatcher, refused_group_is_leased_again) {
+    sink_t sink = {.refuse_first = true};
+    rig_t x;
+    rig_options(&x, &sink);
+    x.o.max_epochs = 1;
+    rig_start(&x);
+    dispatcher_set_lease_limit(x.d, RIG_PROMPTS);
+    dispatcher_set_versions(x.d, 7, 6);
+
+    uint64_t first[RIG_PROMPTS], second[RIG_PROMPTS];
+    uint32_t ptok[RIG_PROMPTS][16];
+    size_t n_ptok[RIG_PROMPTS];
+    for (int round = 0; round < 2; round++) {
+        work_request(x.w, RIG_PROMPTS);
+        net_msg_t *m = exchange(x.d, x.w, QUILLAN__ENVELOPE__BODY_LEASE);
+        const Quillan__Lease *l = net_msg_envelope(m)->lease;
+        cr_assert_eq(l->n_requests, RIG_PROMPTS, "round %d", round);
+        for (size_t i = 0; i < RIG_PROMPTS; i++) {
+            const Quillan__RolloutRequest *rq = l->requests[i];
+            cr_assert_eq(rq->prompt_id, i, "round %d: dataset order, re-leases in expiry order",
+                         round);
+            cr_assert_leq(rq->n_prompt_tokens, 16);
+            n_ptok[i] = rq->n_prompt_tokens;
+            memcpy(ptok[i], rq->prompt_tokens, n_ptok[i] * sizeof *ptok[i]);
+            (round == 0 ? first : second)[i] = rq->lease_id;
+        }
+        net_msg_destroy(&m);
+        const Quillan__AckStatus want = round == 0 ? QUILLAN__ACK_STATUS__ACK_STATUS_REJECTED
+                                                   : QUILLAN__ACK_STATUS__ACK_STATUS_ACCEPTED;
+        for (size_t i = 0; i < RIG_PROMPTS; i++)
+            cr_assert_eq(
+                group_answer(x.d, x.w, round == 0 ? first[i] : second[i], i, 2, ptok[i], n_ptok[i]),
+                want, "round %d, prompt %zu", round, i);
+        dispatcher_stats_t st;
+        dispatcher_stats(x.d, &st);
+        if (round == 0) {
+            cr_assert_eq(sink.refused, RIG_PROMPTS);
+            cr_assert_eq(sink.groups, 0);
+            cr_assert_eq(st.refused, RIG_PROMPTS);
+            cr_assert_eq(st.table.rejected, RIG_PROMPTS);
+            cr_assert_eq(st.table.accepted, 0, "a refused group's unit is not accepted");
+            cr_assert_eq(st.table.active, 0, "its lease expired");
+            cr_assert_eq(st.table.queued, RIG_PROMPTS, "its unit waits for a re-lease");
+            cr_assert_not(dispatcher_finished(x.d));
+        }
+    }
+    for (size_t i = 0; i < RIG_PROMPTS; i++)
+        cr_assert_neq(second[i], first[i], "a re-lease gets another group id");
+    cr_assert_eq(sink.groups, RIG_PROMPTS);
+    cr_assert_eq(sink.last_lease, second[RIG_PROMPTS - 1]);
+    cr_assert_eq(sink.last_version, 7, "the lease's version reaches on_group");
+    cr_assert(dispatcher_finished(x.d), "every unit of the one epoch is accepted");
+    /* The refused copy, sent again, is a duplicate now and never reaches on_group. */
+    cr_assert_eq(group_answer(x.d, x.w, first[0], 0, 2, ptok[0], n_ptok[0]),
+                 QUILLAN__ACK_STATUS__ACK_STATUS_DUPLICATE);
+    for (size_t i = 0; i < RIG_PROMPTS; i++)
+        cr_assert_eq(sink.delivered[i], 2, "prompt %zu", i);
+    dispatcher_stats_t st;
+    dispatcher_stats(x.d, &st);
+    cr_assert_eq(st.table.accepted, RIG_PROMPTS);
+    cr_assert_eq(st.table.relet, RIG_PROMPTS);
+    cr_assert_eq(st.table.duplicates, 1);
+    cr_assert_eq(st.refused, RIG_PROMPTS);
+    dispatcher_worker_t row;
+    cr_assert_eq(dispatcher_workers(x.d, &row, 1), 1);
+    cr_assert_eq(row.groups_done, RIG_PROMPTS, "refused groups are not counted as done");
+    rig_free(&x);
 }
 
 /* Regression (libFuzzer, fuzz_lease_restore): a state whose epoch counters sit next to 2^64
