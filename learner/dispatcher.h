@@ -178,7 +178,7 @@ lease_table_t *lease_table_restore(const lease_table_options_t *o, const uint8_t
 #define DISPATCHER_MAX_WORKERS 4096
 #define DISPATCHER_ID_MAX 128
 
-/* What the callback gets with an accepted group. */
+/* What the callback gets with a group (see dispatcher_group_fn). */
 typedef struct {
     uint64_t lease_id;      /* the group id */
     uint64_t lease_version; /* latest policy version when it was leased */
