@@ -87,7 +87,8 @@ typedef struct {
     volatile int net_stop;
     int net_failed;
     qerr_t net_err;
-    uint64_t groups_refused; /* groups the learner refused (malformed for the batcher) */
+    uint64_t groups_refused; /* groups the learner refused (malformed, a version ahead of its
+                              * own, out of memory): Acked REJECTED, their units leased again */
 } app_t;
 
 static double now_s(void) {
@@ -542,8 +543,12 @@ static int run_sft(const quillan_config_t *cfg, const char *resume, qerr_t *err)
     if (resume && strcmp(resume, "auto") == 0 &&
         checkpoint_resolve(cfg->learner.checkpoint_dir, dir, sizeof dir, NULL) == 0)
         opt.resume = cfg->learner.checkpoint_dir;
+    opt.stop = &stop_flag;
     sft_result_t res;
-    return sft_run(cfg, &opt, &res, err);
+    const int rc = sft_run(cfg, &opt, &res, err);
+    if (rc == 0 && res.stopped)
+        log_info("learner.stop", "stopped by signal after step %ld", res.steps);
+    return rc;
 }
 
 static int is_help(const char *a) {
@@ -616,15 +621,13 @@ int main(int argc, char **argv) {
         free(cfg);
         return 1;
     }
-    /* RL stops at the next step boundary and checkpoints; sft_run has no stop hook, so SFT
-     * keeps the default action (its checkpoints come every learner.checkpoint_interval). */
-    if (cfg->learner.mode == CONFIG_MODE_RL) {
-        struct sigaction sa = {0};
-        sa.sa_handler = on_signal;
-        sigemptyset(&sa.sa_mask);
-        sigaction(SIGINT, &sa, NULL);
-        sigaction(SIGTERM, &sa, NULL);
-    }
+    /* Both modes stop at the next step boundary (SFT: after the step under way, sft.h) and
+     * checkpoint. */
+    struct sigaction sa = {0};
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
 
     rc = cfg->learner.mode == CONFIG_MODE_SFT ? run_sft(cfg, resume, &err)
                                               : run_rl(cfg, resume, &err);

@@ -10,7 +10,8 @@
 #           reward-service path agrees with the in-process scorers
 #   procs   process management without a learner: quillan-reward (and a rollout worker when
 #           built) stop cleanly on SIGINT with exit 0; a child killed or failing at start makes
-#           launch exit 1 showing its last output lines
+#           launch exit 1 showing its last output lines; quillan-learner in SFT mode stops on
+#           SIGINT with a checkpoint and exit 0
 #   run     a short real run (learner + worker + reward): steps advance, a checkpoint appears,
 #           SIGINT stops everything with exit 0 and leaves no process behind; exits 77 (skipped)
 #           while quillan-learner or quillan-rollout is not built
@@ -330,6 +331,22 @@ s.bind(('127.0.0.1', $port)); s.listen(); print('ready', flush=True); time.sleep
     grep -q "reward (pid [0-9]*) exited with status 1 unexpectedly" out3.txt ||
         fail "no report of the failed start"
     grep -q "| .*$port" out3.txt || fail "the child's error is not shown"
+    # 4. quillan-learner in SFT mode: SIGINT stops it after the step under way, with a
+    # checkpoint, exit 0.
+    local learner="$BUILD/learner/quillan-learner"
+    [ -x "$learner" ] || return 0
+    "$Q" data make-task addition --n 200 --test 20 --out sdata >/dev/null
+    "$learner" --config "$TINY" --set learner.mode=sft --set "data.train=$W/sdata/train.jsonl" \
+        --set "learner.checkpoint_dir=$W/sck" --set learner.checkpoint_interval=0 \
+        --set learner.total_steps=1000000 >sft.out 2>sft.err &
+    local spid=$!
+    wait_for sft.err '"sft/step"' 60
+    kill -INT "$spid"
+    rc=0
+    wait "$spid" || rc=$?
+    [ "$rc" -eq 0 ] || fail "quillan-learner (sft) exited $rc after SIGINT, expected 0"
+    grep -q '"event":"learner.stop"' sft.err || fail "no learner.stop record"
+    ls -d sck/step-* >/dev/null 2>&1 || fail "no checkpoint written on the stop"
 }
 
 case_run() {

@@ -13,8 +13,9 @@ logged). Checks, each printed as "ok" or "FAIL":
                accepted twice); every grant is a fresh unit or a re-lease of an expired one
   log vs state leases granted, expired, released, duplicates, unknown, rejected: the learner's
                log records add up to its lease table's counters
-  batcher      groups accepted by the dispatcher = groups the batcher took + groups the learner
-               refused; groups the batcher took = groups in trained batches (learner.step
+  batcher      groups accepted by the dispatcher = groups the batcher took (a group the learner
+               refuses is answered REJECTED and its unit leased again, so it is never
+               accepted); groups the batcher took = groups in trained batches (learner.step
                groups/kept of each batch's first step) + waiting + filtered (equal, few) +
                stale; N learner.step records per batch (the last batch's may stop early)
   workers      every accepted unit was sent by a worker (rollout.group records); no lease id
@@ -109,18 +110,21 @@ def main(argv):
                        for r in ev.get(e, []))
     check("log: leases released", released_log == d["released"],
           f"{released_log} in dispatch.worker_dead/_restart records, {d['released']} counted")
+    refused = count("dispatch.group_refused")
     for verdict, key in (("duplicate", "duplicates"), ("unknown_lease", "unknown"),
                          ("rejected", "rejected")):
         n = count("dispatch.group_dropped", lambda r, v=verdict: f"dropped: {v}" in r.get("text", ""))
+        # The table counts the learner's refusals as rejections (dispatch.group_refused).
+        n += refused if key == "rejected" else 0
         check(f"log: groups dropped as {verdict}", n == d[key],
-              f"{n} dispatch.group_dropped records, {d[key]} counted")
+              f"{n} dispatch.group_dropped / group_refused records, {d[key]} counted")
 
     # The batcher: every accepted group trained, waiting, filtered or stale.
     steps = ev.get("learner.step", [])
     kept = sum(int(field(r, "groups/kept")) for r in steps if (int(field(r, "step")) - 1) % spb == 0)
-    refused = count("learner.group_refused")
-    check("groups accepted = batcher + refused", d["accepted"] == b["arrived"] + refused,
-          f"{d['accepted']} accepted = {b['arrived']} to the batcher + {refused} refused")
+    check("groups accepted = groups the batcher took", d["accepted"] == b["arrived"],
+          f"{d['accepted']} accepted, {b['arrived']} to the batcher ({refused} refused and "
+          f"leased again)")
     rhs = kept + b["waiting"] + b["filtered_equal"] + b["filtered_few"] + b["stale"]
     check("batcher groups = trained + waiting + filtered + stale", b["arrived"] == rhs,
           f"{b['arrived']} = {kept} trained + {b['waiting']} waiting + {b['filtered_equal']} "
