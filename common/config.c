@@ -1,6 +1,7 @@
 #include "config.h"
 
 #include "config_schema.h"
+#include "diffusion.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -833,6 +834,18 @@ static int resolve_aux(const quillan_config_t *cfg, const char *key, double *w, 
     return 0;
 }
 
+/* Fewest bytes a TrajectoryGroup of G completions of T tokens each takes on the wire with
+ * routing records: per token at least one byte per token id and router index (varints), 4 per
+ * log-probability and 8 per plan word (fixed width). A group that cannot fit in a control frame
+ * would be refused by every socket, sent again and again, and never trained on. */
+static double group_wire_bytes_min(const model_config_t *m, int G, int T) {
+    const double per_token =
+        1.0 + 4.0 +
+        (double)m->num_layers * m->top_k_minis * (1.0 + m->top_k_experts + m->top_k_micros) +
+        8.0 * diffusion_words(m->diffusion_bits);
+    return (double)G * T * per_token;
+}
+
 int config_validate(quillan_config_t *cfg, qerr_t *err) {
     if (model_config_validate(&cfg->model, err)) {
         if (err) {
@@ -862,6 +875,15 @@ int config_validate(quillan_config_t *cfg, qerr_t *err) {
         return invalid(cfg, err, QERR_INVALID, "rollout.max_new_tokens",
                        "%d leaves no room for a prompt in model.context (%d)", r->max_new_tokens,
                        cfg->model.context);
+    if (l->mode == CONFIG_MODE_RL && cfg->model.routing_replay) {
+        const double need = group_wire_bytes_min(&cfg->model, l->group_size, r->max_new_tokens);
+        if (need > (double)net->max_msg_bytes)
+            return invalid(cfg, err, QERR_INVALID, "network.max_msg_bytes",
+                           "%lld is too small for a group of learner.group_size %d completions of "
+                           "rollout.max_new_tokens %d tokens with model.routing_replay: it takes "
+                           "at least %.0f bytes; raise network.max_msg_bytes or lower those",
+                           (long long)net->max_msg_bytes, l->group_size, r->max_new_tokens, need);
+    }
     if (r->top_k > cfg->model.vocab_size)
         return invalid(cfg, err, QERR_RANGE, "rollout.top_k",
                        "%d is more than model.vocab_size (%d)", r->top_k, cfg->model.vocab_size);

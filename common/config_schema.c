@@ -304,7 +304,9 @@ static const config_key_t keys[] = {
     INT("network.chunks_in_flight", network.chunks_in_flight, "4", 1, 1024, "chunks",
         "credit window of snapshot transfers"),
     INT("network.max_msg_bytes", network.max_msg_bytes, "4194304", 65536, 1 << 30, "bytes",
-        "ZMQ_MAXMSGSIZE on control sockets"),
+        "ZMQ_MAXMSGSIZE on control sockets; in RL with routing replay it must hold a full group "
+        "(checked: group_size x max_new_tokens tokens at >= 5 + router indices + 8 x plan words "
+        "bytes each)"),
 
     /* security: ARCHITECTURE.md §4 */
     BOOL("security.curve", security.curve, "false", "CurveZMQ on every socket"),

@@ -336,6 +336,38 @@ Test(config, both_shipped_presets_load) {
     free(cfg);
 }
 
+/* The 512m preset with the given assignments, validated: 0 or -1 with err. */
+static int validate_512m(const char *const *sets, qerr_t *err) {
+    quillan_config_t *cfg = fresh();
+    cr_assert_eq(config_load(cfg, QUILLAN_SOURCE_DIR "/configs/quillan-512m.yaml", err), 0, "%s",
+                 err->msg);
+    for (int i = 0; sets[i]; i++)
+        cr_assert_eq(config_set(cfg, sets[i], err), 0, "%s: %s", sets[i], err->msg);
+    const int rc = config_validate(cfg, err);
+    free(cfg);
+    return rc;
+}
+
+/* A full group's routing records must fit in a control frame: 512m, 16 x 2000 tokens: at least
+ * 169 bytes per token (5 + 6 x 2 x (1 + 2 + 8) router indices + 32 plan bytes). */
+Test(config, error_group_larger_than_a_control_frame) {
+    qerr_t err = {0};
+    const char *big[] = {"learner.group_size=16", "rollout.max_new_tokens=2000", NULL};
+    cr_assert_eq(validate_512m(big, &err), -1);
+    cr_assert_not_null(strstr(err.msg, "network.max_msg_bytes: 4194304 is too small"), "%s",
+                       err.msg);
+    cr_assert_not_null(strstr(err.msg, "at least 5408000 bytes"), "%s", err.msg);
+    const char *raised[] = {"learner.group_size=16", "rollout.max_new_tokens=2000",
+                            "network.max_msg_bytes=5408000", NULL};
+    cr_assert_eq(validate_512m(raised, &err), 0, "%s", err.msg);
+    const char *no_replay[] = {"learner.group_size=16", "rollout.max_new_tokens=2000",
+                               "model.routing_replay=false", NULL};
+    cr_assert_eq(validate_512m(no_replay, &err), 0, "%s", err.msg);
+    const char *sft[] = {"learner.group_size=16", "rollout.max_new_tokens=2000", "learner.mode=sft",
+                         NULL};
+    cr_assert_eq(validate_512m(sft, &err), 0, "%s", err.msg);
+}
+
 Test(config, print_load_round_trip_is_exact) {
     quillan_config_t *cfg = fresh();
     qerr_t err = {0};
