@@ -360,7 +360,7 @@ static model_t *agree_model(const agree_opts_t *o, qerr_t *err) {
         c.head_int8 = o->head_int8;
         return model_new(&c, err);
     }
-    char dir[4096], file[4200];
+    char dir[4096];
     quillan_config_t *cfg = calloc(1, sizeof *cfg);
     model_t *m = NULL;
     if (!cfg) {
@@ -368,14 +368,10 @@ static model_t *agree_model(const agree_opts_t *o, qerr_t *err) {
         return NULL;
     }
     config_defaults(cfg);
-    if (checkpoint_resolve(o->what, dir, sizeof dir, err) == 0) {
-        snprintf(file, sizeof file, "%s/%s", dir, CHECKPOINT_MODEL_FILE);
-        if (checkpoint_config_apply(cfg, file, err) == 0 && config_validate(cfg, err) == 0) {
-            cfg->model.head_int8 = cfg->model.head_int8 || o->head_int8;
-            m = model_new(&cfg->model, err);
-            if (m && checkpoint_load(dir, m, NULL, NULL, err) < 0)
-                model_destroy(&m);
-        }
+    if (checkpoint_config_read(o->what, cfg, dir, sizeof dir, err) == 0 &&
+        config_validate(cfg, err) == 0) {
+        cfg->model.head_int8 = cfg->model.head_int8 || o->head_int8;
+        m = checkpoint_model_load(dir, &cfg->model, NULL, err);
     }
     free(cfg);
     return m;
@@ -425,15 +421,15 @@ typedef struct {
 #define BOUND_DLOGP_OWN 5e-2
 
 /* Recomputes every token of sample sm with the learner, own routing and replayed. */
-static void agree_sample(model_t *m, const quillan_policy_info_t *info, const int32_t *prompt,
-                         int P, const quillan_sample_t *sm, double temperature, int greedy,
+static void agree_sample(model_t *m, const quillan_policy_t *p, const int32_t *prompt, int P,
+                         const quillan_sample_t *sm, double temperature, int greedy,
                          agree_stats_t *st) {
     if (sm->n_tokens < 2)
         return;
     const model_config_t *c = model_config(m);
     moe_dims_t d;
     moe_dims_from_config(&d, c);
-    const int L = c->num_layers, Lw = info->plan_words, T = P + sm->n_tokens - 1, V = c->vocab_size;
+    const int L = c->num_layers, T = P + sm->n_tokens - 1, V = c->vocab_size;
     qerr_t err;
     int32_t *tk = malloc((size_t)T * 4), *tg = malloc((size_t)T * 4);
     real *w = malloc((size_t)T * sizeof *w), *logits = malloc((size_t)V * sizeof *logits);
@@ -450,19 +446,9 @@ static void agree_sample(model_t *m, const quillan_policy_info_t *info, const in
         tk[t] = t < P ? prompt[t] : sm->tokens[t - P];
         tg[t] = t + 1 < P ? prompt[t + 1] : sm->tokens[t + 1 - P];
         w[t] = t >= P - 1 ? 1 : 0;
-        for (int l = 0; l < L; l++) {
-            const int32_t *rec = sm->route + ((size_t)t * L + l) * info->route_ints;
-            memcpy(rt[l].mini + (size_t)t * d.KM, rec, (size_t)d.KM * 4);
-            memcpy(rt[l].expert + (size_t)t * d.KM * d.KE, rec + d.KM, (size_t)d.KM * d.KE * 4);
-            memcpy(rt[l].micro + (size_t)t * d.KM * d.KN, rec + d.KM + d.KM * d.KE,
-                   (size_t)d.KM * d.KN * 4);
-        }
-        memcpy(plan.z1 + (size_t)t * Lw, sm->plan + (size_t)t * 2 * Lw, (size_t)Lw * 8);
-        memcpy(plan.z0 + (size_t)t * Lw, sm->plan + ((size_t)t * 2 + 1) * Lw, (size_t)Lw * 8);
     }
-    for (int l = 0; l < L; l++)
-        rt[l].BT = T;
-    plan.BT = T;
+    if (eng_sample_replay(rt, &plan, 0, p, sm, T, &err) < 0)
+        die("replay", &err);
     for (int replay = 0; replay <= 1; replay++) {
         model_batch_t b = {.B = 1,
                            .T = T,
@@ -536,8 +522,6 @@ static int cmd_agree(const agree_opts_t *o) {
     quillan_policy_t *p = quillan_policy_load_bytes(bytes, len, "snapshot", NULL, NULL, &err);
     if (!p)
         die("load", &err);
-    quillan_policy_info_t info;
-    quillan_policy_info(p, &info);
     jsonl_reader_t *rd = NULL;
     if (o->data && !(rd = jsonl_reader_new(o->data, JSONL_MAX_LINE_DEFAULT, &err)))
         die(o->data, &err);
@@ -564,8 +548,8 @@ static int cmd_agree(const agree_opts_t *o) {
             if (quillan_generate(e, p, &pr, 1, &g, NULL, NULL, &err) < 0)
                 die("generate", &err);
             for (int s = 0; s < g.n_samples; s++)
-                agree_sample(m, &info, toks, P, &g.samples[s], greedy ? 1.0 : o->temperature,
-                             greedy, &st);
+                agree_sample(m, p, toks, P, &g.samples[s], greedy ? 1.0 : o->temperature, greedy,
+                             &st);
             quillan_group_free(&g);
         }
         free(toks);

@@ -309,3 +309,34 @@ out:
     safetensors_reader_destroy(&r);
     return rc;
 }
+
+int checkpoint_config_read(const char *path, quillan_config_t *cfg, char *dir, size_t cap,
+                           qerr_t *err) {
+    struct stat sb;
+    if (stat(path, &sb) < 0)
+        return qerr_set(err, errno == ENOENT ? QERR_NOTFOUND : QERR_IO, "%s: %s", path,
+                        strerror(errno));
+    if (S_ISREG(sb.st_mode)) {
+        const char *slash = strrchr(path, '/');
+        const int len = slash ? (int)(slash - path) : 1;
+        if (snprintf(dir, cap, "%.*s", len, slash ? path : ".") >= (int)cap)
+            return qerr_set(err, QERR_RANGE, "%s: checkpoint path too long", path);
+    } else if (checkpoint_resolve(path, dir, cap, err) < 0) {
+        return -1;
+    }
+    if (!cfg)
+        return 0;
+    char model_file[CKPT_PATH_MAX + 64];
+    if (snprintf(model_file, sizeof model_file, "%s/%s", dir, CHECKPOINT_MODEL_FILE) >=
+        (int)sizeof model_file)
+        return qerr_set(err, QERR_RANGE, "%s: checkpoint path too long", dir);
+    return checkpoint_config_apply(cfg, model_file, err);
+}
+
+model_t *checkpoint_model_load(const char *dir, const model_config_t *mc, checkpoint_state_t *st,
+                               qerr_t *err) {
+    model_t *m = model_new(mc, err);
+    if (m && checkpoint_load(dir, m, NULL, st, err) < 0)
+        model_destroy(&m);
+    return m;
+}

@@ -61,4 +61,27 @@ int checkpoint_config_apply(quillan_config_t *cfg, const char *model_file, qerr_
  * is left in m or o (a partial load); the message names the file and the tensor or key. */
 int checkpoint_load(const char *dir, model_t *m, optim_t *o, checkpoint_state_t *st, qerr_t *err);
 
+/* Reading a checkpoint's model with its own config (quillan quantize, quillan eval,
+ * bench_engine agree) is two steps, so that a caller can apply its overrides (--config, --set,
+ * --head-int8) and validate in between:
+ *
+ *   config_defaults(cfg);
+ *   checkpoint_config_read(path, cfg, dir, sizeof dir, err);  (then overrides, config_validate)
+ *   model_t *m = checkpoint_model_load(dir, &cfg->model, NULL, err);
+ *
+ * checkpoint_config_read resolves `path` (a checkpoint root, a step directory, or a regular file
+ * in a step directory such as its model.safetensors, which stands for that directory) to the
+ * step directory, copied into dir[cap], and applies the run config stored in its model file over
+ * *cfg when cfg is non-NULL (NULL: the caller takes its config elsewhere), without validating.
+ * Returns 0, or -1 with err: QERR_NOTFOUND / QERR_IO naming a path that cannot be read, and
+ * checkpoint_resolve's and checkpoint_config_apply's errors. */
+int checkpoint_config_read(const char *path, quillan_config_t *cfg, char *dir, size_t cap,
+                           qerr_t *err);
+
+/* A new model of config mc with the step directory `dir` loaded into it (checkpoint_load, no
+ * optimizer; *st filled when st is non-NULL). Returns the model, owned by the caller
+ * (model_destroy), or NULL with err (model_new's error, or the file and tensor at fault). */
+model_t *checkpoint_model_load(const char *dir, const model_config_t *mc, checkpoint_state_t *st,
+                               qerr_t *err);
+
 #endif

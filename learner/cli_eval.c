@@ -197,35 +197,17 @@ static int is_policy_file(const char *path, qerr_t *err) {
     return strcmp(base, CHECKPOINT_MODEL_FILE) != 0;
 }
 
-/* The step directory of a checkpoint path (root, step directory or its model.safetensors). */
-static int checkpoint_dir_of(const char *path, char *dir, size_t cap, qerr_t *err) {
-    struct stat st;
-    if (stat(path, &st) == 0 && S_ISREG(st.st_mode)) {
-        snprintf(dir, cap, "%s", path);
-        char *slash = strrchr(dir, '/');
-        if (slash)
-            *slash = '\0';
-        else
-            snprintf(dir, cap, ".");
-        return 0;
-    }
-    return checkpoint_resolve(path, dir, cap, err);
-}
-
 /* Resolves the config: --config FILE, else the checkpoint's own, else the defaults; then the
- * --set overrides; then validation. ckpt_dir is the step directory ("" for a .qst). */
-static int config_resolve(const eval_opts_t *o, const char *ckpt_dir, quillan_config_t *cfg,
-                          qerr_t *err) {
+ * --set overrides; then validation. For a checkpoint (is_qst 0) its step directory goes into
+ * ckpt_dir[cap]. */
+static int config_resolve(const eval_opts_t *o, int is_qst, quillan_config_t *cfg, char *ckpt_dir,
+                          size_t cap, qerr_t *err) {
     config_defaults(cfg);
-    if (o->config_file) {
-        if (config_load(cfg, o->config_file, err) < 0)
-            return -1;
-    } else if (ckpt_dir[0]) {
-        char model_file[4200];
-        snprintf(model_file, sizeof model_file, "%s/%s", ckpt_dir, CHECKPOINT_MODEL_FILE);
-        if (checkpoint_config_apply(cfg, model_file, err) < 0)
-            return -1;
-    }
+    if (!is_qst &&
+        checkpoint_config_read(o->input, o->config_file ? NULL : cfg, ckpt_dir, cap, err) < 0)
+        return -1;
+    if (o->config_file && config_load(cfg, o->config_file, err) < 0)
+        return -1;
     for (int i = 0; i < o->nset; i++)
         if (config_set(cfg, o->sets[i], err) < 0)
             return -1;
@@ -243,12 +225,9 @@ static void qpolicy_release_cb(void *ctx, const void *data, size_t len) {
  * policy (which owns the quantized bytes). */
 static quillan_policy_t *policy_from_checkpoint(const quillan_config_t *cfg, const char *ckpt_dir,
                                                 qerr_t *err) {
-    model_t *m = model_new(&cfg->model, err);
-    checkpoint_state_t st;
-    if (!m || checkpoint_load(ckpt_dir, m, NULL, &st, err) < 0) {
-        model_destroy(&m);
+    model_t *m = checkpoint_model_load(ckpt_dir, &cfg->model, NULL, err);
+    if (!m)
         return NULL;
-    }
     qpolicy_t *q = qpolicy_build(m, 0, err);
     model_destroy(&m);
     if (!q)
@@ -625,9 +604,7 @@ int cli_eval_main(int argc, char **argv) {
         goto fail;
     }
     const int is_qst = is_policy_file(o.input, &err);
-    if (is_qst < 0 || (!is_qst && checkpoint_dir_of(o.input, ckpt_dir, sizeof ckpt_dir, &err) < 0))
-        goto fail;
-    if (config_resolve(&o, ckpt_dir, cfg, &err) < 0)
+    if (is_qst < 0 || config_resolve(&o, is_qst, cfg, ckpt_dir, sizeof ckpt_dir, &err) < 0)
         goto fail;
     r = jsonl_reader_new(o.data, 0, &err);
     if (!r)

@@ -14,7 +14,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
-#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -103,38 +102,16 @@ int cli_quantize_main(int argc, char **argv) {
             goto fail;
         cfg->model.seed = (uint64_t)seed;
     } else {
-        struct stat st;
-        if (stat(in, &st) < 0) {
-            qerr_set(&err, QERR_NOTFOUND, "%s: %s", in, strerror(errno));
+        /* The checkpoint's own config unless --config names a run config. */
+        config_defaults(cfg);
+        if (checkpoint_config_read(in, cfg_file ? NULL : cfg, dir, sizeof dir, &err) < 0 ||
+            (cfg_file && config_load(cfg, cfg_file, &err) < 0) || config_validate(cfg, &err) < 0)
             goto fail;
-        }
-        if (S_ISREG(st.st_mode)) {
-            snprintf(dir, sizeof dir, "%s", in);
-            char *slash = strrchr(dir, '/');
-            if (slash)
-                *slash = '\0';
-            else
-                snprintf(dir, sizeof dir, ".");
-        } else if (checkpoint_resolve(in, dir, sizeof dir, &err) < 0) {
-            goto fail;
-        }
-        char model_file[4200];
-        snprintf(model_file, sizeof model_file, "%s/%s", dir, CHECKPOINT_MODEL_FILE);
-        if (cfg_file) {
-            config_defaults(cfg);
-            if (config_load(cfg, cfg_file, &err) < 0 || config_validate(cfg, &err) < 0)
-                goto fail;
-        } else {
-            config_defaults(cfg);
-            if (checkpoint_config_apply(cfg, model_file, &err) < 0 ||
-                config_validate(cfg, &err) < 0)
-                goto fail;
-        }
     }
     if (head_int8)
         cfg->model.head_int8 = true;
-    m = model_new(&cfg->model, &err);
-    if (!m || (!preset && checkpoint_load(dir, m, NULL, NULL, &err) < 0))
+    m = preset ? model_new(&cfg->model, &err) : checkpoint_model_load(dir, &cfg->model, NULL, &err);
+    if (!m)
         goto fail;
     q = qpolicy_build(m, (uint64_t)version, &err);
     if (!q || qpolicy_write(q, out, &err) < 0)

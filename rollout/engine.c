@@ -196,6 +196,55 @@ void quillan_group_free(quillan_group_t *g) {
 
 /* The number of tokens sample of prompt pr may generate: max_new_tokens, bounded by the
  * context (the last token sampled sits at position context - 1 and is never fed back). */
+int eng_sample_replay(moe_route_t *routes, diffusion_plan_t *plan, int row,
+                      const quillan_policy_t *p, const quillan_sample_t *s, int n, qerr_t *err) {
+    const int L = p->cfg.num_layers, KM = p->md.KM, KE = p->md.KE, KN = p->md.KN, Lw = p->Lw;
+    if (!s->route || (Lw > 0 && !s->plan))
+        return qerr_set(err, QERR_INVALID,
+                        "eng_sample_replay: the sample has no routing record (record_routing off)");
+    if (n < 0 || n > s->n_route || row < 0)
+        return qerr_set(err, QERR_RANGE,
+                        "eng_sample_replay: positions [0, %d) to row %d of a record of %d", n, row,
+                        s->n_route);
+    for (int l = 0; l < L; l++) {
+        const moe_route_t *r = &routes[l];
+        if (r->KM != KM || r->KE != KE || r->KN != KN)
+            return qerr_set(err, QERR_INVALID,
+                            "eng_sample_replay: layer %d's route has k's %d/%d/%d, the policy "
+                            "%d/%d/%d",
+                            l, r->KM, r->KE, r->KN, KM, KE, KN);
+        if (row + n > r->max_BT)
+            return qerr_set(err, QERR_RANGE,
+                            "eng_sample_replay: rows up to %d in layer %d's route of %d", row + n,
+                            l, r->max_BT);
+    }
+    if (plan->Lw != Lw || row + n > plan->max_BT)
+        return qerr_set(err, plan->Lw != Lw ? QERR_INVALID : QERR_RANGE,
+                        "eng_sample_replay: a plan of %d words x %d rows for %d words x %d rows",
+                        plan->Lw, plan->max_BT, Lw, row + n);
+    for (int t = 0; t < n; t++) {
+        const size_t i = (size_t)(row + t);
+        for (int l = 0; l < L; l++) {
+            const int32_t *rec = s->route + ((size_t)t * L + l) * p->route_ints;
+            moe_route_t *r = &routes[l];
+            memcpy(r->mini + i * KM, rec, (size_t)KM * sizeof *rec);
+            memcpy(r->expert + i * KM * KE, rec + KM, (size_t)KM * KE * sizeof *rec);
+            memcpy(r->micro + i * KM * KN, rec + KM + KM * KE, (size_t)KM * KN * sizeof *rec);
+        }
+        if (Lw > 0) {
+            memcpy(plan->z1 + i * Lw, s->plan + (size_t)t * 2 * Lw, (size_t)Lw * sizeof *s->plan);
+            memcpy(plan->z0 + i * Lw, s->plan + ((size_t)t * 2 + 1) * Lw,
+                   (size_t)Lw * sizeof *s->plan);
+        }
+    }
+    for (int l = 0; l < L; l++)
+        if (routes[l].BT < row + n)
+            routes[l].BT = row + n;
+    if (plan->BT < row + n)
+        plan->BT = row + n;
+    return 0;
+}
+
 static int max_new(const quillan_policy_t *p, const quillan_prompt_t *pr) {
     const int room = p->cfg.context - pr->n_tokens;
     return pr->sampling.max_new_tokens < room ? pr->sampling.max_new_tokens : room;

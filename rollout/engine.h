@@ -202,4 +202,19 @@ void eng_forward(eng_fwd_t *f, const quillan_policy_t *p, kern_pool_t *pool, eng
 /* Monotonic seconds. */
 double eng_now(void);
 
+/* ---- routing records as the learner replays them (engine.c) ---- */
+
+/* Unpacks positions [0, n) of sample s's routing and plan records (quillan.h layout, recorded by
+ * policy p's engine with record_routing on) into rows [row, row + n) of the learner's replay
+ * records: routes[num_layers] (one moe_route_t per layer, made with p's moe_dims_t) and plan
+ * (made with p's diffusion bits); each record's BT is raised to row + n where it is less. Here
+ * rather than in quillan.h: these are the learner's types (common/moe.h, common/diffusion.h),
+ * which the engine's public API does not expose, and only the engine-vs-learner checks
+ * (tests/unit/test_engine.c, bench_engine agree) read samples back this way; the learner gets
+ * its records through the dispatch codec. Returns 0, or -1 with err (QERR_INVALID: no record in
+ * s, or records whose sizes are not p's; QERR_RANGE: n beyond s->n_route, rows beyond a record's
+ * max_BT). */
+int eng_sample_replay(moe_route_t *routes, diffusion_plan_t *plan, int row,
+                      const quillan_policy_t *p, const quillan_sample_t *s, int n, qerr_t *err);
+
 #endif

@@ -12,6 +12,7 @@
 #include <criterion/logging.h>
 
 #include "attention.h"
+#include "engine.h"
 #include "kern_pool.h"
 #include "model.h"
 #include "qpolicy.h"
@@ -108,8 +109,6 @@ static void lbatch_make(lbatch_t *lb, model_t *m, const quillan_policy_t *p,
                         const quillan_prompt_t *pr, const quillan_sample_t *s, int B,
                         int vary_target) {
     const model_config_t *c = model_config(m);
-    quillan_policy_info_t info;
-    quillan_policy_info(p, &info);
     moe_dims_t d;
     moe_dims_from_config(&d, c);
     const int P = pr->n_tokens, T = P + s->n_tokens - 1, L = c->num_layers;
@@ -125,30 +124,18 @@ static void lbatch_make(lbatch_t *lb, model_t *m, const quillan_policy_t *p,
     for (int l = 0; l < L; l++)
         cr_assert(moe_route_init(&lb->routes[l], &d, B * T, &err) == 0);
     cr_assert(diffusion_plan_init(&lb->plan, c->diffusion_bits, B * T, &err) == 0);
-    const int KM = d.KM, KE = d.KE, KN = d.KN, Lw = info.plan_words;
-    for (int b = 0; b < B; b++)
+    for (int b = 0; b < B; b++) {
         for (int t = 0; t < T; t++) {
             const size_t i = (size_t)b * T + t;
             lb->tokens[i] = t < P ? pr->tokens[t] : s->tokens[t - P];
             const int32_t next = t + 1 < P ? pr->tokens[t + 1] : s->tokens[t + 1 - P];
             lb->targets[i] = vary_target && t >= P - 1 ? b : next;
             lb->weights[i] = t >= P - 1 ? 1 : 0;
-            for (int l = 0; l < L; l++) {
-                const int32_t *rec = s->route + ((size_t)t * L + l) * info.route_ints;
-                moe_route_t *r = &lb->routes[l];
-                memcpy(r->mini + i * KM, rec, (size_t)KM * sizeof(int32_t));
-                memcpy(r->expert + i * KM * KE, rec + KM, (size_t)KM * KE * sizeof(int32_t));
-                memcpy(r->micro + i * KM * KN, rec + KM + KM * KE,
-                       (size_t)KM * KN * sizeof(int32_t));
-            }
-            memcpy(lb->plan.z1 + i * Lw, s->plan + (size_t)t * 2 * Lw,
-                   (size_t)Lw * sizeof(uint64_t));
-            memcpy(lb->plan.z0 + i * Lw, s->plan + ((size_t)t * 2 + 1) * Lw,
-                   (size_t)Lw * sizeof(uint64_t));
         }
-    for (int l = 0; l < L; l++)
-        lb->routes[l].BT = B * T;
-    lb->plan.BT = B * T;
+        cr_assert(eng_sample_replay(lb->routes, &lb->plan, b * T, p, s, T, &err) == 0, "%s",
+                  err.msg);
+    }
+    cr_assert_eq(lb->plan.BT, B * T);
 }
 
 static void lbatch_free(lbatch_t *lb, int L) {
@@ -342,6 +329,71 @@ Test(engine, results_do_not_depend_on_batch_or_threads) {
     for (int i = 0; i < N_PROMPTS; i++)
         quillan_group_free(&ref[i]);
     quillan_engine_destroy(&e1);
+    quillan_policy_release(&p);
+    qpolicy_destroy(&q);
+    model_destroy(&m);
+}
+
+/* eng_sample_replay on a hand-made record: every value lands at its row of the layer's route and
+ * of the plan, BT grows to the last row written, and a missing record or too small a route is
+ * refused. */
+Test(engine, sample_replay_unpacks_records) {
+    model_t *m = tiny_model(5);
+    qpolicy_t *q;
+    quillan_policy_t *p = policy_of(m, &q);
+    const model_config_t *c = model_config(m);
+    moe_dims_t d;
+    moe_dims_from_config(&d, c);
+    quillan_policy_info_t info;
+    quillan_policy_info(p, &info);
+    const int L = c->num_layers, RI = info.route_ints, Lw = info.plan_words, N = 3, ROW = 2;
+    cr_assert_eq(RI, d.KM * (1 + d.KE + d.KN));
+    int32_t *route = malloc((size_t)N * L * RI * sizeof *route);
+    uint64_t *plan_rec = malloc((size_t)N * 2 * Lw * sizeof *plan_rec);
+    for (int i = 0; i < N * L * RI; i++)
+        route[i] = i;
+    for (int i = 0; i < N * 2 * Lw; i++)
+        plan_rec[i] = 1000 + (uint64_t)i;
+    quillan_sample_t s = {.n_route = N, .route = route, .plan = plan_rec};
+    moe_route_t *rt = calloc((size_t)L, sizeof *rt);
+    diffusion_plan_t plan;
+    qerr_t err;
+    for (int l = 0; l < L; l++)
+        cr_assert(moe_route_init(&rt[l], &d, ROW + N, &err) == 0);
+    cr_assert(diffusion_plan_init(&plan, c->diffusion_bits, ROW + N, &err) == 0);
+    cr_assert(eng_sample_replay(rt, &plan, ROW, p, &s, N, &err) == 0, "%s", err.msg);
+    for (int t = 0; t < N; t++) {
+        const int i = ROW + t;
+        for (int l = 0; l < L; l++) {
+            const int32_t *rec = route + ((size_t)t * L + l) * RI;
+            for (int k = 0; k < d.KM; k++)
+                cr_assert_eq(rt[l].mini[i * d.KM + k], rec[k]);
+            for (int k = 0; k < d.KM * d.KE; k++)
+                cr_assert_eq(rt[l].expert[i * d.KM * d.KE + k], rec[d.KM + k]);
+            for (int k = 0; k < d.KM * d.KN; k++)
+                cr_assert_eq(rt[l].micro[i * d.KM * d.KN + k], rec[d.KM + d.KM * d.KE + k]);
+        }
+        for (int k = 0; k < Lw; k++) {
+            cr_assert_eq(plan.z1[i * Lw + k], plan_rec[(t * 2) * Lw + k]);
+            cr_assert_eq(plan.z0[i * Lw + k], plan_rec[(t * 2 + 1) * Lw + k]);
+        }
+    }
+    for (int l = 0; l < L; l++)
+        cr_assert_eq(rt[l].BT, ROW + N);
+    cr_assert_eq(plan.BT, ROW + N);
+    cr_assert(eng_sample_replay(rt, &plan, ROW + 1, p, &s, N, &err) == -1);
+    cr_assert_eq(err.code, QERR_RANGE);
+    cr_assert(eng_sample_replay(rt, &plan, 0, p, &s, N + 1, &err) == -1);
+    cr_assert_eq(err.code, QERR_RANGE);
+    s.route = NULL;
+    cr_assert(eng_sample_replay(rt, &plan, 0, p, &s, N, &err) == -1);
+    cr_assert_eq(err.code, QERR_INVALID);
+    for (int l = 0; l < L; l++)
+        moe_route_free(&rt[l]);
+    free(rt);
+    diffusion_plan_free(&plan);
+    free(route);
+    free(plan_rec);
     quillan_policy_release(&p);
     qpolicy_destroy(&q);
     model_destroy(&m);
