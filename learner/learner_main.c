@@ -15,15 +15,14 @@
  * a usage error. */
 #include "checkpoint.h"
 #include "config.h"
+#include "daemon_log.h"
 #include "dispatcher.h"
 #include "jsonl.h"
 #include "learner.h"
 #include "log.h"
-#include "log_file.h"
 #include "net_security.h"
 #include "loghub.h"
 #include "sft.h"
-#include "tensorboard.h"
 #include "weights_server.h"
 
 #include <errno.h>
@@ -604,20 +603,9 @@ int main(int argc, char **argv) {
         free(cfg);
         return 1;
     }
-    log_init("quillan-learner");
-    log_set_level(cfg->logging.level);
-    log_file_t *log_file = NULL;
-    tensorboard_sink_t *tb = NULL;
-    if (cfg->logging.file[0])
-        log_file = log_file_sink_new(cfg->logging.file, (uint64_t)cfg->logging.file_max_mb << 20,
-                                     cfg->logging.file_keep, &err);
-    if (!(cfg->logging.file[0] && !log_file) && cfg->logging.tensorboard[0])
-        tb = tensorboard_sink_new(cfg->logging.tensorboard, &err);
-    if ((cfg->logging.file[0] && !log_file) || (cfg->logging.tensorboard[0] && !tb)) {
-        fprintf(stderr, "quillan-learner: %s: %s\n",
-                log_file || !cfg->logging.file[0] ? "logging.tensorboard" : "logging.file",
-                err.msg);
-        log_file_destroy(&log_file);
+    daemon_log_t *dlog = daemon_log_new(cfg, "quillan-learner", DAEMON_LOG_TENSORBOARD, &err);
+    if (dlog == NULL) {
+        fprintf(stderr, "quillan-learner: %s\n", err.msg);
         free(cfg);
         return 1;
     }
@@ -633,8 +621,7 @@ int main(int argc, char **argv) {
                                               : run_rl(cfg, resume, &err);
     if (rc != 0)
         fprintf(stderr, "quillan-learner: %s\n", err.msg);
-    tensorboard_sink_destroy(&tb);
-    log_file_destroy(&log_file);
+    daemon_log_destroy(&dlog);
     free(cfg);
     return rc != 0 ? 1 : 0;
 }

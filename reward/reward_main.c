@@ -2,10 +2,8 @@
  * reward/PROTOCOL.md on a ROUTER socket until SIGINT or SIGTERM. Exit status: 0 after a clean
  * stop, 1 on a runtime failure (bad config, bind failure), 2 on a usage error. */
 #include "config.h"
+#include "daemon_log.h"
 #include "log.h"
-#include "log_file.h"
-#include "log_pub.h"
-#include "net_security.h"
 #include "reward_service.h"
 #include "scorers.h"
 
@@ -117,18 +115,11 @@ int main(int argc, char **argv) {
         return 1;
     }
 
-    log_init("quillan-reward");
-    log_set_level(cfg->logging.level);
-    /* logging.file: JSON lines rotated by size (common/log_file.h) */
-    log_file_t *log_file = NULL;
-    if (cfg->logging.file[0]) {
-        log_file = log_file_sink_new(cfg->logging.file, (uint64_t)cfg->logging.file_max_mb << 20,
-                                     cfg->logging.file_keep, &err);
-        if (log_file == NULL) {
-            fprintf(stderr, "quillan-reward: logging.file: %s\n", err.msg);
-            free(cfg);
-            return 1;
-        }
+    daemon_log_t *dlog = daemon_log_new(cfg, "quillan-reward", 0, &err);
+    if (dlog == NULL) {
+        fprintf(stderr, "quillan-reward: %s\n", err.msg);
+        free(cfg);
+        return 1;
     }
 
     struct sigaction sa = {0};
@@ -140,21 +131,14 @@ int main(int argc, char **argv) {
     void *zctx = zmq_ctx_new();
     reward_scorers_t *scorers = NULL;
     reward_service_t *svc = NULL;
-    log_pub_t *pub = NULL;
     if (zctx == NULL) {
         qerr_set(&err, QERR_IO, "zmq_ctx_new failed");
         rc = -1;
     }
-    if (rc == 0 && cfg->logging.hub) {
+    if (rc == 0) {
         net_options_t opt;
         reward_net_options(cfg, &opt);
-        net_security_t sec;
-        rc = net_security_from_config(cfg, NET_ROLE_CLIENT, &sec, &err);
-        pub = rc == 0 ? log_pub_new(zctx, cfg->network.log_in, &opt, &sec, "quillan-reward",
-                                    net_incarnation_new(), &err)
-                      : NULL;
-        if (pub == NULL)
-            rc = -1;
+        rc = daemon_log_publish(dlog, zctx, &opt, "quillan-reward", &err);
     }
     if (rc == 0) {
         scorers = reward_scorers_new(&cfg->reward.builtin, &err);
@@ -171,8 +155,7 @@ int main(int argc, char **argv) {
         log_error("reward.error", "%s", err.msg);
     reward_service_destroy(&svc);
     reward_scorers_destroy(&scorers);
-    log_pub_destroy(&pub);
-    log_file_destroy(&log_file);
+    daemon_log_destroy(&dlog);
     if (zctx)
         zmq_ctx_term(zctx);
     free(cfg);

@@ -2,10 +2,8 @@
  * 0 after a clean stop, 1 on a runtime failure (bad config, socket failure), 2 on a usage
  * error. */
 #include "config.h"
+#include "daemon_log.h"
 #include "log.h"
-#include "log_file.h"
-#include "log_pub.h"
-#include "net_security.h"
 #include "reward_service.h"
 #include "worker.h"
 
@@ -127,17 +125,11 @@ int main(int argc, char **argv) {
                  (long)getpid());
         id = default_id;
     }
-    log_init("quillan-rollout");
-    log_set_level(cfg->logging.level);
-    log_file_t *log_file = NULL;
-    if (cfg->logging.file[0]) {
-        log_file = log_file_sink_new(cfg->logging.file, (uint64_t)cfg->logging.file_max_mb << 20,
-                                     cfg->logging.file_keep, &err);
-        if (log_file == NULL) {
-            fprintf(stderr, "quillan-rollout: logging.file: %s\n", err.msg);
-            free(cfg);
-            return 1;
-        }
+    daemon_log_t *dlog = daemon_log_new(cfg, "quillan-rollout", 0, &err);
+    if (dlog == NULL) {
+        fprintf(stderr, "quillan-rollout: %s\n", err.msg);
+        free(cfg);
+        return 1;
     }
 
     struct sigaction sa = {0};
@@ -147,20 +139,13 @@ int main(int argc, char **argv) {
     sigaction(SIGTERM, &sa, NULL);
 
     void *zctx = zmq_ctx_new();
-    log_pub_t *pub = NULL;
     rollout_worker_t *w = NULL;
     if (zctx == NULL)
         rc = qerr_set(&err, QERR_IO, "zmq_ctx_new failed");
-    if (rc == 0 && cfg->logging.hub && cfg->network.log_in[0]) {
+    if (rc == 0) {
         net_options_t opt;
         reward_net_options(cfg, &opt);
-        net_security_t sec;
-        rc = net_security_from_config(cfg, NET_ROLE_CLIENT, &sec, &err);
-        if (rc == 0)
-            pub =
-                log_pub_new(zctx, cfg->network.log_in, &opt, &sec, id, net_incarnation_new(), &err);
-        if (rc == 0 && pub == NULL)
-            rc = -1;
+        rc = daemon_log_publish(dlog, zctx, &opt, id, &err);
     }
     if (rc == 0) {
         rollout_worker_options_t o = {.cfg = cfg,
@@ -175,8 +160,7 @@ int main(int argc, char **argv) {
     if (rc != 0)
         log_error("rollout.error", "%s", err.msg);
     rollout_worker_destroy(&w);
-    log_pub_destroy(&pub);
-    log_file_destroy(&log_file);
+    daemon_log_destroy(&dlog);
     if (zctx)
         zmq_ctx_term(zctx);
     free(cfg);
