@@ -167,3 +167,43 @@ Test(checkpoint, truncated_file_is_a_clear_error) {
     model_destroy(&m);
     free(cfg);
 }
+
+/* A checkpoint's model with its own config, from the root, the step directory or its model
+ * file: the config comes from the file (not the caller's defaults), the weights are the saved
+ * ones, and a missing path is an error naming it. */
+Test(checkpoint, model_with_its_own_config_from_root_dir_or_file) {
+    quillan_config_t *cfg = malloc(sizeof *cfg), *got = malloc(sizeof *got);
+    small_config(cfg, 64);
+    qerr_t err;
+    model_t *m = model_new(&cfg->model, &err);
+    cr_assert_not_null(m, "%s", err.msg);
+    char root[64], dir[4096], file[4160];
+    tmpdir(root, sizeof root);
+    checkpoint_state_t st = {.step = 3};
+    cr_assert(checkpoint_save(root, cfg, m, NULL, &st, dir, sizeof dir, &err) == 0, "%s", err.msg);
+    snprintf(file, sizeof file, "%s/model.safetensors", dir);
+    const char *paths[] = {root, dir, file};
+    for (size_t i = 0; i < 3; i++) {
+        config_defaults(got);
+        char step[4096];
+        cr_assert(checkpoint_config_read(paths[i], got, step, sizeof step, &err) == 0, "%s: %s",
+                  paths[i], err.msg);
+        cr_assert_str_eq(step, dir, "%s", paths[i]);
+        cr_assert_eq(got->model.dim, 64, "%s: the config is the checkpoint's", paths[i]);
+        cr_assert(config_validate(got, &err) == 0, "%s", err.msg);
+        checkpoint_state_t st2;
+        model_t *m2 = checkpoint_model_load(step, &got->model, &st2, &err);
+        cr_assert_not_null(m2, "%s", err.msg);
+        cr_assert_eq(st2.step, 3);
+        cr_assert(memcmp(model_params(m), model_params(m2), model_num_reals(m) * sizeof(real)) ==
+                  0);
+        model_destroy(&m2);
+    }
+    char missing[4200];
+    snprintf(missing, sizeof missing, "%s/nowhere", root);
+    cr_assert(checkpoint_config_read(missing, got, dir, sizeof dir, &err) == -1);
+    cr_assert(strstr(err.msg, "nowhere"), "%s", err.msg);
+    model_destroy(&m);
+    free(cfg);
+    free(got);
+}
