@@ -598,12 +598,8 @@ int main(int argc, char **argv) {
             rc = config_set(cfg, argv[i + 1], &err);
     if (rc == 0)
         rc = config_validate(cfg, &err);
-    if (rc != 0) {
-        fprintf(stderr, "quillan-learner: %s\n", err.msg);
-        free(cfg);
-        return 1;
-    }
-    daemon_log_t *dlog = daemon_log_new(cfg, "quillan-learner", DAEMON_LOG_TENSORBOARD, &err);
+    daemon_log_t *dlog =
+        rc == 0 ? daemon_log_new(cfg, "quillan-learner", DAEMON_LOG_TENSORBOARD, &err) : NULL;
     if (dlog == NULL) {
         fprintf(stderr, "quillan-learner: %s\n", err.msg);
         free(cfg);

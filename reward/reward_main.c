@@ -109,13 +109,7 @@ int main(int argc, char **argv) {
     }
     if (rc == 0)
         rc = config_validate(cfg, &err);
-    if (rc != 0) {
-        fprintf(stderr, "quillan-reward: %s\n", err.msg);
-        free(cfg);
-        return 1;
-    }
-
-    daemon_log_t *dlog = daemon_log_new(cfg, "quillan-reward", 0, &err);
+    daemon_log_t *dlog = rc == 0 ? daemon_log_new(cfg, "quillan-reward", 0, &err) : NULL;
     if (dlog == NULL) {
         fprintf(stderr, "quillan-reward: %s\n", err.msg);
         free(cfg);

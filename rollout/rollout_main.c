@@ -111,7 +111,8 @@ int main(int argc, char **argv) {
             rc = config_set(cfg, argv[i + 1], &err);
     if (rc == 0)
         rc = config_validate(cfg, &err);
-    if (rc != 0) {
+    daemon_log_t *dlog = rc == 0 ? daemon_log_new(cfg, "quillan-rollout", 0, &err) : NULL;
+    if (dlog == NULL) {
         fprintf(stderr, "quillan-rollout: %s\n", err.msg);
         free(cfg);
         return 1;
@@ -124,12 +125,6 @@ int main(int argc, char **argv) {
         snprintf(default_id, sizeof default_id, "rollout-%s-%ld", host[0] ? host : "host",
                  (long)getpid());
         id = default_id;
-    }
-    daemon_log_t *dlog = daemon_log_new(cfg, "quillan-rollout", 0, &err);
-    if (dlog == NULL) {
-        fprintf(stderr, "quillan-rollout: %s\n", err.msg);
-        free(cfg);
-        return 1;
     }
 
     struct sigaction sa = {0};
