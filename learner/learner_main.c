@@ -15,7 +15,7 @@
  * a usage error. */
 #include "checkpoint.h"
 #include "config.h"
-#include "daemon_log.h"
+#include "daemon.h"
 #include "dispatcher.h"
 #include "jsonl.h"
 #include "learner.h"
@@ -27,7 +27,6 @@
 
 #include <errno.h>
 #include <pthread.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,11 +39,6 @@
 #define NET_STATS_INTERVAL_S 10.0 /* between dispatch.stats records */
 
 static volatile sig_atomic_t stop_flag;
-
-static void on_signal(int sig) {
-    (void)sig;
-    stop_flag = 1;
-}
 
 static void usage(FILE *out) {
     fprintf(
@@ -550,71 +544,27 @@ static int run_sft(const quillan_config_t *cfg, const char *resume, qerr_t *err)
     return rc;
 }
 
-static int is_help(const char *a) {
-    return !strcmp(a, "--help") || !strcmp(a, "-h");
-}
-
 int main(int argc, char **argv) {
-    const char *file = NULL, *resume = NULL;
-    for (int i = 1; i < argc; i++)
-        if (is_help(argv[i])) {
-            usage(stdout);
-            return 0;
-        }
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        const int known = !strcmp(a, "--config") || !strcmp(a, "--set") || !strcmp(a, "--resume");
-        if (!known) {
-            fprintf(stderr, "quillan-learner: unexpected argument '%s'\n", a);
-            usage(stderr);
-            return 2;
-        }
-        if (i + 1 >= argc) {
-            fprintf(stderr, "quillan-learner: %s needs a value\n", a);
-            return 2;
-        }
-        i++;
-        if (!strcmp(a, "--config")) {
-            if (file) {
-                fprintf(stderr, "quillan-learner: --config given twice\n");
-                return 2;
-            }
-            file = argv[i];
-        } else if (!strcmp(a, "--resume")) {
-            resume = argv[i];
-        }
-    }
-    quillan_config_t *cfg = malloc(sizeof *cfg);
-    if (!cfg) {
-        fprintf(stderr, "quillan-learner: out of memory\n");
-        return 1;
-    }
-    config_defaults(cfg);
-    qerr_t err = {0};
-    /* The file first, so --set always wins over it. */
-    int rc = file ? config_load(cfg, file, &err) : 0;
-    for (int i = 1; rc == 0 && i < argc; i += 2)
-        if (!strcmp(argv[i], "--set"))
-            rc = config_set(cfg, argv[i + 1], &err);
-    if (rc == 0)
-        rc = config_validate(cfg, &err);
-    daemon_log_t *dlog =
-        rc == 0 ? daemon_log_new(cfg, "quillan-learner", DAEMON_LOG_TENSORBOARD, &err) : NULL;
-    if (dlog == NULL) {
-        fprintf(stderr, "quillan-learner: %s\n", err.msg);
-        free(cfg);
-        return 1;
-    }
+    static const char *const own[] = {"--resume", NULL};
+    const char *resume = NULL; /* --resume: a checkpoint (step directory or root) or `auto` */
+    const daemon_cli_t cli = {.process = "quillan-learner",
+                              .usage = usage,
+                              .options = own,
+                              .option = daemon_option_keep,
+                              .ctx = &resume,
+                              .log_flags = DAEMON_LOG_TENSORBOARD};
+    quillan_config_t *cfg;
+    daemon_log_t *dlog;
+    const int status = daemon_start(&cli, argc, argv, &cfg, &dlog);
+    if (status != DAEMON_RUN)
+        return status;
     /* Both modes stop at the next step boundary (SFT: after the step under way, sft.h) and
      * checkpoint. */
-    struct sigaction sa = {0};
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
+    daemon_stop_on_signals(&stop_flag);
 
-    rc = cfg->learner.mode == CONFIG_MODE_SFT ? run_sft(cfg, resume, &err)
-                                              : run_rl(cfg, resume, &err);
+    qerr_t err = {0};
+    const int rc = cfg->learner.mode == CONFIG_MODE_SFT ? run_sft(cfg, resume, &err)
+                                                        : run_rl(cfg, resume, &err);
     if (rc != 0)
         fprintf(stderr, "quillan-learner: %s\n", err.msg);
     daemon_log_destroy(&dlog);

@@ -2,23 +2,17 @@
  * reward/PROTOCOL.md on a ROUTER socket until SIGINT or SIGTERM. Exit status: 0 after a clean
  * stop, 1 on a runtime failure (bad config, bind failure), 2 on a usage error. */
 #include "config.h"
-#include "daemon_log.h"
+#include "daemon.h"
 #include "log.h"
 #include "reward_service.h"
 #include "scorers.h"
 
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <zmq.h>
 
 static volatile sig_atomic_t stop_flag;
-
-static void on_signal(int sig) {
-    (void)sig;
-    stop_flag = 1;
-}
 
 static void usage(FILE *out) {
     fprintf(out,
@@ -46,81 +40,23 @@ static void usage(FILE *out) {
             "  length   0 up to length.target, linear to -1 at target + window\n");
 }
 
-static int is_help(const char *a) {
-    return !strcmp(a, "--help") || !strcmp(a, "-h");
-}
-
-/* Needs a value after argv[*i]; returns it, or NULL after reporting a usage error. */
-static const char *opt_value(int argc, char **argv, int *i) {
-    if (*i + 1 >= argc) {
-        fprintf(stderr, "quillan-reward: %s needs a value\n", argv[*i]);
-        return NULL;
-    }
-    return argv[++*i];
-}
-
 int main(int argc, char **argv) {
-    const char *file = NULL, *bind = NULL;
-    for (int i = 1; i < argc; i++) {
-        if (is_help(argv[i])) {
-            usage(stdout);
-            return 0;
-        }
-    }
-    quillan_config_t *cfg = malloc(sizeof *cfg);
-    if (cfg == NULL) {
-        fprintf(stderr, "quillan-reward: out of memory\n");
-        return 1;
-    }
-    config_defaults(cfg);
+    static const char *const own[] = {"--bind", NULL};
+    const char *bind = NULL; /* --bind: overrides reward.builtin.bind */
+    const daemon_cli_t cli = {.process = "quillan-reward",
+                              .usage = usage,
+                              .options = own,
+                              .option = daemon_option_keep,
+                              .ctx = &bind};
+    quillan_config_t *cfg;
+    daemon_log_t *dlog;
+    const int status = daemon_start(&cli, argc, argv, &cfg, &dlog);
+    if (status != DAEMON_RUN)
+        return status;
     qerr_t err = {0};
-    /* Options in two passes: the file first, so --set always wins over it. */
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--config") || !strcmp(a, "--bind") || !strcmp(a, "--set")) {
-            const char *v = opt_value(argc, argv, &i);
-            if (v == NULL) {
-                free(cfg);
-                return 2;
-            }
-            if (!strcmp(a, "--config")) {
-                if (file) {
-                    fprintf(stderr, "quillan-reward: --config given twice\n");
-                    free(cfg);
-                    return 2;
-                }
-                file = v;
-            } else if (!strcmp(a, "--bind")) {
-                bind = v;
-            }
-        } else {
-            fprintf(stderr, "quillan-reward: unexpected argument '%s'\n", a);
-            usage(stderr);
-            free(cfg);
-            return 2;
-        }
-    }
-    int rc = file ? config_load(cfg, file, &err) : 0;
-    for (int i = 1; rc == 0 && i < argc; i++) {
-        if (!strcmp(argv[i], "--set"))
-            rc = config_set(cfg, argv[++i], &err);
-        else if (!strcmp(argv[i], "--config") || !strcmp(argv[i], "--bind"))
-            i++;
-    }
-    if (rc == 0)
-        rc = config_validate(cfg, &err);
-    daemon_log_t *dlog = rc == 0 ? daemon_log_new(cfg, "quillan-reward", 0, &err) : NULL;
-    if (dlog == NULL) {
-        fprintf(stderr, "quillan-reward: %s\n", err.msg);
-        free(cfg);
-        return 1;
-    }
+    int rc = 0;
 
-    struct sigaction sa = {0};
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
+    daemon_stop_on_signals(&stop_flag);
 
     void *zctx = zmq_ctx_new();
     reward_scorers_t *scorers = NULL;

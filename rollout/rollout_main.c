@@ -2,13 +2,12 @@
  * 0 after a clean stop, 1 on a runtime failure (bad config, socket failure), 2 on a usage
  * error. */
 #include "config.h"
-#include "daemon_log.h"
+#include "daemon.h"
 #include "log.h"
 #include "reward_service.h"
 #include "worker.h"
 
 #include <errno.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,11 +15,6 @@
 #include <zmq.h>
 
 static volatile sig_atomic_t stop_flag;
-
-static void on_signal(int sig) {
-    (void)sig;
-    stop_flag = 1;
-}
 
 static void usage(FILE *out) {
     fprintf(out,
@@ -41,82 +35,50 @@ static void usage(FILE *out) {
             "  --help          this text\n");
 }
 
-static int is_help(const char *a) {
-    return !strcmp(a, "--help") || !strcmp(a, "-h");
-}
+typedef struct {
+    const char *id; /* --id, or NULL */
+    long threads;   /* --threads, or -1 */
+} args_t;
 
-static int takes_value(const char *a) {
-    return !strcmp(a, "--config") || !strcmp(a, "--id") || !strcmp(a, "--threads") ||
-           !strcmp(a, "--set");
+static int on_option(void *ctx, const char *name, const char *v) {
+    args_t *a = ctx;
+    if (!strcmp(name, "--id")) {
+        if (!v[0] || strlen(v) >= 128) {
+            fprintf(stderr, "quillan-rollout: --id must have 1 to 127 bytes\n");
+            return -1;
+        }
+        a->id = v;
+    } else {
+        char *end;
+        errno = 0;
+        a->threads = strtol(v, &end, 10);
+        if (errno || end == v || *end || a->threads < 0 || a->threads > 4096) {
+            fprintf(stderr,
+                    "quillan-rollout: --threads expects an integer in [0, 4096], "
+                    "got '%s'\n",
+                    v);
+            return -1;
+        }
+    }
+    return 0;
 }
 
 int main(int argc, char **argv) {
-    const char *file = NULL, *id = NULL;
-    long threads = -1;
-    for (int i = 1; i < argc; i++) {
-        if (is_help(argv[i])) {
-            usage(stdout);
-            return 0;
-        }
-    }
-    /* Options in two passes: the file first, so --set always wins over it. */
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!takes_value(a)) {
-            fprintf(stderr, "quillan-rollout: unexpected argument '%s'\n", a);
-            usage(stderr);
-            return 2;
-        }
-        if (i + 1 >= argc) {
-            fprintf(stderr, "quillan-rollout: %s needs a value\n", a);
-            return 2;
-        }
-        const char *v = argv[++i];
-        if (!strcmp(a, "--config")) {
-            if (file) {
-                fprintf(stderr, "quillan-rollout: --config given twice\n");
-                return 2;
-            }
-            file = v;
-        } else if (!strcmp(a, "--id")) {
-            if (!v[0] || strlen(v) >= 128) {
-                fprintf(stderr, "quillan-rollout: --id must have 1 to 127 bytes\n");
-                return 2;
-            }
-            id = v;
-        } else if (!strcmp(a, "--threads")) {
-            char *end;
-            errno = 0;
-            threads = strtol(v, &end, 10);
-            if (errno || end == v || *end || threads < 0 || threads > 4096) {
-                fprintf(stderr,
-                        "quillan-rollout: --threads expects an integer in [0, 4096], "
-                        "got '%s'\n",
-                        v);
-                return 2;
-            }
-        }
-    }
-
-    quillan_config_t *cfg = malloc(sizeof *cfg);
-    if (cfg == NULL) {
-        fprintf(stderr, "quillan-rollout: out of memory\n");
-        return 1;
-    }
-    config_defaults(cfg);
+    static const char *const own[] = {"--id", "--threads", NULL};
+    args_t args = {.id = NULL, .threads = -1};
+    const daemon_cli_t cli = {.process = "quillan-rollout",
+                              .usage = usage,
+                              .options = own,
+                              .option = on_option,
+                              .ctx = &args};
+    quillan_config_t *cfg;
+    daemon_log_t *dlog;
+    const int status = daemon_start(&cli, argc, argv, &cfg, &dlog);
+    if (status != DAEMON_RUN)
+        return status;
+    const char *id = args.id;
     qerr_t err = {0};
-    int rc = file ? config_load(cfg, file, &err) : 0;
-    for (int i = 1; rc == 0 && i < argc; i += 2)
-        if (!strcmp(argv[i], "--set"))
-            rc = config_set(cfg, argv[i + 1], &err);
-    if (rc == 0)
-        rc = config_validate(cfg, &err);
-    daemon_log_t *dlog = rc == 0 ? daemon_log_new(cfg, "quillan-rollout", 0, &err) : NULL;
-    if (dlog == NULL) {
-        fprintf(stderr, "quillan-rollout: %s\n", err.msg);
-        free(cfg);
-        return 1;
-    }
+    int rc = 0;
 
     char default_id[128];
     if (id == NULL) {
@@ -127,11 +89,7 @@ int main(int argc, char **argv) {
         id = default_id;
     }
 
-    struct sigaction sa = {0};
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
+    daemon_stop_on_signals(&stop_flag);
 
     void *zctx = zmq_ctx_new();
     rollout_worker_t *w = NULL;
@@ -145,7 +103,8 @@ int main(int argc, char **argv) {
     if (rc == 0) {
         rollout_worker_options_t o = {.cfg = cfg,
                                       .worker_id = id,
-                                      .threads = threads >= 0 ? (int)threads : cfg->rollout.threads,
+                                      .threads = args.threads >= 0 ? (int)args.threads
+                                                                   : cfg->rollout.threads,
                                       .stop = &stop_flag};
         w = rollout_worker_new(zctx, &o, &err);
         rc = w ? 0 : -1;
