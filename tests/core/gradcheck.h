@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "qtest.h"
 #include "real.h"
 
 #if !REAL_IS_DOUBLE
@@ -54,6 +55,27 @@ static inline double gc_tensor(gc_report_t *rep, const char *name, real *x, size
         snprintf(rep->worst_name, sizeof rep->worst_name, "%s", name);
     }
     return rel;
+}
+
+/* One tensor of a check: x[n], perturbed in place and restored, and g[n], the analytic gradient
+ * of the loss with respect to it. Neither is owned. */
+typedef struct {
+    const char *name;
+    real *x;
+    const real *g;
+    size_t n;
+} gc_entry_t;
+
+/* gc_tensor on each of the count tensors t[i], with one expectation (cr_expect, so every tensor
+ * is checked before the test fails) per tensor that its error is at most GC_TOL; the message
+ * names label and the tensor. Returns the worst error; rep keeps it with its tensor's name. */
+static inline double gc_tensors(gc_report_t *rep, const char *label, const gc_entry_t *t,
+                                size_t count, gc_loss_fn loss, void *ctx) {
+    for (size_t i = 0; i < count; i++) {
+        const double e = gc_tensor(rep, t[i].name, t[i].x, t[i].n, t[i].g, loss, ctx);
+        cr_expect(e <= GC_TOL, "%s: %s relative error %.3e > %.0e", label, t[i].name, e, GC_TOL);
+    }
+    return rep->worst;
 }
 
 /* Deterministic test data: n values of sd * N(0, 1) from a splitmix64 chain. */

@@ -3,25 +3,15 @@
  * identity their STEs use), the plan replayed (z_1 fixed, earlier steps detached), central
  * differences on all fifteen tensors and on u, for the write-back path through the last step,
  * the BCE loss path, and both together. */
-#include "qtest.h"
-
 #include "diffusion.h"
+#include "gradcheck.h"
+#include "qtest.h"
 #include "quant.h"
 #include "rng.h"
 
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-/* Per-tensor relative error bound ||g_a - g_n|| / max(||g_a||, ||g_n||) (MODEL.md). */
-#define GRADCHECK_TOL 1e-4
-/* Central-difference step: truncation ~h^2, rounding ~1e-16/h, both far below TOL. */
-#define GRADCHECK_H 1e-5
-
-#if !REAL_IS_DOUBLE
-#error "gradcheck_diffusion must be built against the double core (quillan_core_f64)"
-#endif
 
 #define NT (DIFFUSION_NUM_TENSORS + 1) /* the parameters and u */
 
@@ -116,17 +106,15 @@ static void fixture_free(fixture_t *f) {
     free(f->m);
 }
 
-static double loss_eval(fixture_t *f) {
+static double loss_eval(void *ctx) {
+    fixture_t *f = ctx;
     diffusion_aux_t aux;
     int rc = diffusion_forward(f->acts, f->out, &aux, f->u, f->pos, &f->p, &f->plan, 99, &f->d,
                                f->BT, NULL);
     Q_ASSERT(rc == 0);
-    double s = 0;
-    for (size_t i = 0; i < (size_t)f->BT * f->d.C; i++)
-        s += (double)f->out[i] * f->G[i];
     double l =
         diffusion_loss_forward(f->acts, f->code, f->m, f->tau, f->mask, f->u, &f->p, &f->d, f->BT);
-    return f->w_out * s + f->w_loss * l;
+    return f->w_out * gc_dot(f->out, f->G, (size_t)f->BT * f->d.C) + f->w_loss * l;
 }
 
 static void analytic(fixture_t *f) {
@@ -143,54 +131,24 @@ static void analytic(fixture_t *f) {
     free(dout);
 }
 
-/* Relative error of one tensor; both norms tiny means no dependence and counts as agreement. */
-static double check_tensor(fixture_t *f, real *x, const real *g, size_t n) {
-    double num2 = 0, ana2 = 0, diff2 = 0;
-    for (size_t i = 0; i < n; i++) {
-        real keep = x[i];
-        x[i] = keep + GRADCHECK_H;
-        double lp = loss_eval(f);
-        x[i] = keep - GRADCHECK_H;
-        double lm = loss_eval(f);
-        x[i] = keep;
-        double gn = (lp - lm) / (2 * GRADCHECK_H);
-        num2 += gn * gn;
-        ana2 += (double)g[i] * g[i];
-        diff2 += (gn - g[i]) * (gn - g[i]);
-    }
-    double den = sqrt(num2 > ana2 ? num2 : ana2);
-    return den < 1e-12 ? 0 : sqrt(diff2) / den;
-}
-
+/* Checks every tensor for one loss mix; returns the worst error. */
 static double run_check(fixture_t *f, const char *label) {
     analytic(f);
-    size_t sz[NT];
+    size_t sz[DIFFUSION_NUM_TENSORS];
     diffusion_params_sizes(&f->d, sz);
-    sz[NT - 1] = (size_t)f->BT * f->d.C;
-    real *xs[NT], *gs[NT];
+    gc_entry_t t[NT];
     real *px = f->params, *pg = f->grads;
     for (int i = 0; i < DIFFUSION_NUM_TENSORS; i++) {
-        xs[i] = px;
-        gs[i] = pg;
+        t[i] = (gc_entry_t){NAMES[i], px, pg, sz[i]};
         px += sz[i];
         pg += sz[i];
     }
-    xs[NT - 1] = f->u;
-    gs[NT - 1] = f->du;
-    double worst = 0;
-    int wi = 0;
-    for (int i = 0; i < NT; i++) {
-        double e = check_tensor(f, xs[i], gs[i], sz[i]);
-        cr_expect(e <= GRADCHECK_TOL, "%s: %s relative error %.3e > %.0e", label, NAMES[i], e,
-                  GRADCHECK_TOL);
-        if (e > worst) {
-            worst = e;
-            wi = i;
-        }
-    }
+    t[NT - 1] = (gc_entry_t){NAMES[NT - 1], f->u, f->du, (size_t)f->BT * f->d.C};
+    gc_report_t rep = {0};
+    gc_tensors(&rep, label, t, NT, loss_eval, f);
     printf("gradcheck_diffusion [%s]: worst tensor %s, relative error %.3e (tolerance %.0e)\n",
-           label, NAMES[wi], worst, GRADCHECK_TOL);
-    return worst;
+           label, rep.worst_name, rep.worst, GC_TOL);
+    return rep.worst;
 }
 
 static const diffusion_dims_t DIMS = {.C = 6, .Lb = 32, .W = 8, .NB = 2, .F = 10, .D = 6, .K = 3};
@@ -206,7 +164,7 @@ Test(gradcheck_diffusion, write_back_through_last_step) {
     for (size_t i = 0; i < (size_t)DIMS.W * DIMS.Lb; i++)
         g2 += f.dp.in_z_w[i] * f.dp.in_z_w[i];
     cr_assert(g2 > 0, "the STE must reach the denoiser");
-    cr_assert(run_check(&f, "write-back") <= GRADCHECK_TOL);
+    cr_assert(run_check(&f, "write-back") <= GC_TOL);
     fixture_free(&f);
 }
 
@@ -215,7 +173,7 @@ Test(gradcheck_diffusion, bce_loss_path) {
     fixture_t f;
     fixture_init(&f, DIMS, 3, 2);
     f.w_loss = 1;
-    cr_assert(run_check(&f, "loss") <= GRADCHECK_TOL);
+    cr_assert(run_check(&f, "loss") <= GC_TOL);
     fixture_free(&f);
 }
 
@@ -229,6 +187,6 @@ Test(gradcheck_diffusion, both_paths_one_step_and_wide_code) {
     fixture_init(&f, d, 2, 3);
     f.w_out = 1;
     f.w_loss = 0.5;
-    cr_assert(run_check(&f, "both, K 1, 96 bits") <= GRADCHECK_TOL);
+    cr_assert(run_check(&f, "both, K 1, 96 bits") <= GC_TOL);
     fixture_free(&f);
 }

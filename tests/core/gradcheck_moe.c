@@ -2,24 +2,14 @@
  * acceptance): routing fixed by replaying the layer's own first choice, weights used as given
  * (the quantizers' STE identity), central differences on every parameter tensor and on the
  * input u, for the output term, the balance loss and the z-loss separately and together. */
-#include "qtest.h"
-
+#include "gradcheck.h"
 #include "moe.h"
+#include "qtest.h"
 #include "rng.h"
 
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-/* Per-tensor relative error bound ||g_a - g_n|| / max(||g_a||, ||g_n||) (MODEL.md). */
-#define GRADCHECK_TOL 1e-4
-/* Central-difference step: truncation error ~h^2, rounding ~1e-16/h, both far below TOL. */
-#define GRADCHECK_H 1e-5
-
-#if !REAL_IS_DOUBLE
-#error "gradcheck_moe must be built against the double core (quillan_core_f64)"
-#endif
 
 typedef struct {
     moe_dims_t d;
@@ -83,15 +73,14 @@ static void fixture_free(fixture_t *f) {
     free(f->y);
 }
 
-static double loss_eval(fixture_t *f) {
+static double loss_eval(void *ctx) {
+    fixture_t *f = ctx;
     moe_aux_t aux;
     int rc =
         moe_forward(f->acts, f->y, &aux, NULL, f->u, &f->p, NULL, &f->route, &f->d, f->BT, NULL);
     Q_ASSERT(rc == 0);
-    double s = 0;
-    for (size_t i = 0; i < (size_t)f->BT * f->d.C; i++)
-        s += (double)f->y[i] * f->G[i];
-    return f->wy * s + f->wbal * aux.balance + f->wz * aux.z;
+    return f->wy * gc_dot(f->y, f->G, (size_t)f->BT * f->d.C) + f->wbal * aux.balance +
+           f->wz * aux.z;
 }
 
 static void analytic(fixture_t *f) {
@@ -106,57 +95,28 @@ static void analytic(fixture_t *f) {
     free(dy);
 }
 
-/* Relative error of one tensor x[n] with analytic gradient g[n]; both norms tiny means the
- * loss does not depend on it (exactly 0 both ways) and counts as agreement. */
-static double check_tensor(fixture_t *f, real *x, const real *g, size_t n) {
-    double num2 = 0, ana2 = 0, diff2 = 0;
-    for (size_t i = 0; i < n; i++) {
-        real keep = x[i];
-        x[i] = keep + GRADCHECK_H;
-        double lp = loss_eval(f);
-        x[i] = keep - GRADCHECK_H;
-        double lm = loss_eval(f);
-        x[i] = keep;
-        double gn = (lp - lm) / (2 * GRADCHECK_H);
-        num2 += gn * gn;
-        ana2 += (double)g[i] * g[i];
-        diff2 += (gn - g[i]) * (gn - g[i]);
-    }
-    double den = sqrt(num2 > ana2 ? num2 : ana2);
-    return den < 1e-12 ? 0 : sqrt(diff2) / den;
-}
-
-static const char *const NAMES[10] = {"overseer.w1", "overseer.w2", "overseer.gate", "router",
-                                      "experts.w1",  "experts.w2",  "micro.router",  "micro.down",
-                                      "micro.up",    "input u"};
-
-/* Checks every tensor for one loss mix; returns the worst error and its tensor. */
+/* Checks every tensor for one loss mix; returns the worst error. */
 static double run_check(fixture_t *f, const char *label) {
     analytic(f);
     size_t s[9];
     moe_params_sizes(&f->d, s);
-    real *xs[10] = {f->p.ov_w1,  f->p.ov_w2,      f->p.gate,     f->p.router, f->p.exp_w1,
-                    f->p.exp_w2, f->p.mic_router, f->p.mic_down, f->p.mic_up, f->u};
-    const real *gs[10] = {f->dp.ov_w1,  f->dp.ov_w2,  f->dp.gate,       f->dp.router,
-                          f->dp.exp_w1, f->dp.exp_w2, f->dp.mic_router, f->dp.mic_down,
-                          f->dp.mic_up, f->du};
-    size_t ns[10];
-    memcpy(ns, s, sizeof s);
-    ns[9] = (size_t)f->BT * f->d.C;
-    double worst = 0;
-    int wi = 0;
-    for (int i = 0; i < 10; i++) {
-        double e = check_tensor(f, xs[i], gs[i], ns[i]);
-        cr_expect(e <= GRADCHECK_TOL, "%s: %s relative error %.3e > %.0e", label, NAMES[i], e,
-                  GRADCHECK_TOL);
-        if (e > worst) {
-            worst = e;
-            wi = i;
-        }
-    }
+    const gc_entry_t t[] = {
+        {"overseer.w1", f->p.ov_w1, f->dp.ov_w1, s[0]},
+        {"overseer.w2", f->p.ov_w2, f->dp.ov_w2, s[1]},
+        {"overseer.gate", f->p.gate, f->dp.gate, s[2]},
+        {"router", f->p.router, f->dp.router, s[3]},
+        {"experts.w1", f->p.exp_w1, f->dp.exp_w1, s[4]},
+        {"experts.w2", f->p.exp_w2, f->dp.exp_w2, s[5]},
+        {"micro.router", f->p.mic_router, f->dp.mic_router, s[6]},
+        {"micro.down", f->p.mic_down, f->dp.mic_down, s[7]},
+        {"micro.up", f->p.mic_up, f->dp.mic_up, s[8]},
+        {"input u", f->u, f->du, (size_t)f->BT * f->d.C},
+    };
+    gc_report_t rep = {0};
+    gc_tensors(&rep, label, t, sizeof t / sizeof t[0], loss_eval, f);
     printf("gradcheck_moe [%s]: worst tensor %s, relative error %.3e (tolerance %.0e)\n", label,
-           NAMES[wi], worst, GRADCHECK_TOL);
-    return worst;
+           rep.worst_name, rep.worst, GC_TOL);
+    return rep.worst;
 }
 
 static const moe_dims_t DIMS = {
@@ -166,7 +126,7 @@ Test(gradcheck_moe, output_term) {
     fixture_t f;
     fixture_init(&f, DIMS, 6, 1);
     f.wy = 1;
-    cr_assert(run_check(&f, "output") <= GRADCHECK_TOL);
+    cr_assert(run_check(&f, "output") <= GC_TOL);
     fixture_free(&f);
 }
 
@@ -174,7 +134,7 @@ Test(gradcheck_moe, balance_loss) {
     fixture_t f;
     fixture_init(&f, DIMS, 6, 2);
     f.wbal = 1;
-    cr_assert(run_check(&f, "balance") <= GRADCHECK_TOL);
+    cr_assert(run_check(&f, "balance") <= GC_TOL);
     fixture_free(&f);
 }
 
@@ -182,7 +142,7 @@ Test(gradcheck_moe, z_loss) {
     fixture_t f;
     fixture_init(&f, DIMS, 6, 3);
     f.wz = 1;
-    cr_assert(run_check(&f, "z") <= GRADCHECK_TOL);
+    cr_assert(run_check(&f, "z") <= GC_TOL);
     fixture_free(&f);
 }
 
@@ -200,6 +160,6 @@ Test(gradcheck_moe, all_terms_top1_and_idle_mini) {
     f.wy = 1;
     f.wbal = 0.5;
     f.wz = 0.25;
-    cr_assert(run_check(&f, "all, top-1") <= GRADCHECK_TOL);
+    cr_assert(run_check(&f, "all, top-1") <= GC_TOL);
     fixture_free(&f);
 }
