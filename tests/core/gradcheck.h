@@ -10,6 +10,7 @@
 
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "qtest.h"
@@ -76,6 +77,49 @@ static inline double gc_tensors(gc_report_t *rep, const char *label, const gc_en
         cr_expect(e <= GC_TOL, "%s: %s relative error %.3e > %.0e", label, t[i].name, e, GC_TOL);
     }
     return rep->worst;
+}
+
+/* The buffers of a layer-level check (gradcheck_moe, gradcheck_diffusion), all owned: the flat
+ * parameters and their gradients, and the layer's input u [BT, C], its gradient du, a fixed
+ * projection G and the output y, whose term of the loss is w * sum(y * G); dy = w * G is that
+ * term's gradient with respect to y. */
+typedef struct {
+    size_t n, nu;              /* parameter count; BT * C */
+    real *params, *grads;      /* [n] */
+    real *u, *du, *G, *y, *dy; /* [nu] */
+} gc_layer_t;
+
+/* Allocates every buffer zeroed (a failed allocation fails the test). */
+static inline void gc_layer_init(gc_layer_t *b, size_t n, size_t nu) {
+    b->n = n;
+    b->nu = nu;
+    b->params = calloc(n, sizeof(real));
+    b->grads = calloc(n, sizeof(real));
+    b->u = calloc(nu, sizeof(real));
+    b->du = calloc(nu, sizeof(real));
+    b->G = calloc(nu, sizeof(real));
+    b->y = calloc(nu, sizeof(real));
+    b->dy = calloc(nu, sizeof(real));
+    cr_assert(b->params && b->grads && b->u && b->du && b->G && b->y && b->dy);
+}
+
+static inline void gc_layer_free(gc_layer_t *b) {
+    free(b->params);
+    free(b->grads);
+    free(b->u);
+    free(b->du);
+    free(b->G);
+    free(b->y);
+    free(b->dy);
+    memset(b, 0, sizeof *b);
+}
+
+/* Before a backward pass that accumulates: zeroes grads and du, and sets dy = w * G. */
+static inline void gc_layer_seed(gc_layer_t *b, double w) {
+    memset(b->grads, 0, b->n * sizeof(real));
+    memset(b->du, 0, b->nu * sizeof(real));
+    for (size_t i = 0; i < b->nu; i++)
+        b->dy[i] = (real)(w * b->G[i]);
 }
 
 /* Deterministic test data: n values of sd * N(0, 1) from a splitmix64 chain. */

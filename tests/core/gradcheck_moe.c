@@ -14,12 +14,8 @@
 typedef struct {
     moe_dims_t d;
     int BT;
-    real *params; /* every tensor, moe_params_map order */
-    real *grads;
+    gc_layer_t b; /* params and grads in moe_params_map order; y the layer's output */
     moe_params_t p, dp;
-    real *u, *du; /* [BT, C] */
-    real *G;      /* [BT, C] fixed projection: the output term is sum(y * G) */
-    real *y;      /* [BT, C] */
     moe_acts_t *acts;
     moe_route_t route;   /* the fixed routing */
     double wy, wbal, wz; /* loss = wy sum(y G) + wbal balance + wz z */
@@ -35,26 +31,21 @@ static void fixture_init(fixture_t *f, moe_dims_t d, int BT, uint64_t seed) {
     f->d = d;
     f->BT = BT;
     size_t s[9], n = moe_params_sizes(&d, s), nu = (size_t)BT * d.C;
-    f->params = malloc(n * sizeof(real));
-    f->grads = calloc(n, sizeof(real));
-    f->u = malloc(nu * sizeof(real));
-    f->du = calloc(nu, sizeof(real));
-    f->G = malloc(nu * sizeof(real));
-    f->y = malloc(nu * sizeof(real));
-    cr_assert(f->params && f->grads && f->u && f->du && f->G && f->y);
+    gc_layer_init(&f->b, n, nu);
     rng_stream_t r;
     rng_stream_init(&r, 21, seed, 0);
-    fill(f->params, n, &r, 0.4);
-    fill(f->u, nu, &r, 1.0);
-    fill(f->G, nu, &r, 1.0);
-    moe_params_map(&f->p, f->params, &d);
-    moe_params_map(&f->dp, f->grads, &d);
+    fill(f->b.params, n, &r, 0.4);
+    fill(f->b.u, nu, &r, 1.0);
+    fill(f->b.G, nu, &r, 1.0);
+    moe_params_map(&f->p, f->b.params, &d);
+    moe_params_map(&f->dp, f->b.grads, &d);
     f->acts = moe_acts_new(&d, BT, NULL);
     cr_assert_not_null(f->acts);
     cr_assert_eq(moe_route_init(&f->route, &d, BT, NULL), 0);
     /* The layer's own routing, fixed for every later evaluation. */
     moe_aux_t aux;
-    cr_assert_eq(moe_forward(f->acts, f->y, &aux, NULL, f->u, &f->p, NULL, NULL, &d, BT, NULL), 0);
+    cr_assert_eq(moe_forward(f->acts, f->b.y, &aux, NULL, f->b.u, &f->p, NULL, NULL, &d, BT, NULL),
+                 0);
     const moe_route_t *rt = moe_acts_route(f->acts);
     f->route.BT = BT;
     memcpy(f->route.mini, rt->mini, sizeof(int32_t) * BT * d.KM);
@@ -65,34 +56,22 @@ static void fixture_init(fixture_t *f, moe_dims_t d, int BT, uint64_t seed) {
 static void fixture_free(fixture_t *f) {
     moe_acts_destroy(&f->acts);
     moe_route_free(&f->route);
-    free(f->params);
-    free(f->grads);
-    free(f->u);
-    free(f->du);
-    free(f->G);
-    free(f->y);
+    gc_layer_free(&f->b);
 }
 
 static double loss_eval(void *ctx) {
     fixture_t *f = ctx;
     moe_aux_t aux;
-    int rc =
-        moe_forward(f->acts, f->y, &aux, NULL, f->u, &f->p, NULL, &f->route, &f->d, f->BT, NULL);
+    int rc = moe_forward(f->acts, f->b.y, &aux, NULL, f->b.u, &f->p, NULL, &f->route, &f->d, f->BT,
+                         NULL);
     Q_ASSERT(rc == 0);
-    return f->wy * gc_dot(f->y, f->G, (size_t)f->BT * f->d.C) + f->wbal * aux.balance +
-           f->wz * aux.z;
+    return f->wy * gc_dot(f->b.y, f->b.G, f->b.nu) + f->wbal * aux.balance + f->wz * aux.z;
 }
 
 static void analytic(fixture_t *f) {
-    size_t s[9], n = moe_params_sizes(&f->d, s);
-    memset(f->grads, 0, n * sizeof(real));
-    memset(f->du, 0, (size_t)f->BT * f->d.C * sizeof(real));
+    gc_layer_seed(&f->b, f->wy);
     loss_eval(f);
-    real *dy = malloc((size_t)f->BT * f->d.C * sizeof(real));
-    for (size_t i = 0; i < (size_t)f->BT * f->d.C; i++)
-        dy[i] = f->wy * f->G[i];
-    moe_backward(&f->dp, f->du, dy, f->acts, f->u, &f->p, f->wbal, f->wz, &f->d, f->BT);
-    free(dy);
+    moe_backward(&f->dp, f->b.du, f->b.dy, f->acts, f->b.u, &f->p, f->wbal, f->wz, &f->d, f->BT);
 }
 
 /* Checks every tensor for one loss mix; returns the worst error. */
@@ -110,7 +89,7 @@ static double run_check(fixture_t *f, const char *label) {
         {"micro.router", f->p.mic_router, f->dp.mic_router, s[6]},
         {"micro.down", f->p.mic_down, f->dp.mic_down, s[7]},
         {"micro.up", f->p.mic_up, f->dp.mic_up, s[8]},
-        {"input u", f->u, f->du, (size_t)f->BT * f->d.C},
+        {"input u", f->b.u, f->b.du, f->b.nu},
     };
     gc_report_t rep = {0};
     gc_tensors(&rep, label, t, sizeof t / sizeof t[0], loss_eval, f);
@@ -122,28 +101,31 @@ static double run_check(fixture_t *f, const char *label) {
 static const moe_dims_t DIMS = {
     .C = 8, .OH = 6, .M = 4, .KM = 2, .E = 3, .KE = 2, .EH = 5, .N = 6, .KN = 3};
 
-Test(gradcheck_moe, output_term) {
+/* One loss mix on a fresh fixture; two_minis makes the replay send every token to minis 0 and
+ * 1, so that the others stay idle. */
+static void check_mix(moe_dims_t d, int BT, uint64_t seed, double wy, double wbal, double wz,
+                      int two_minis, const char *label) {
     fixture_t f;
-    fixture_init(&f, DIMS, 6, 1);
-    f.wy = 1;
-    cr_assert(run_check(&f, "output") <= GC_TOL);
+    fixture_init(&f, d, BT, seed);
+    for (int t = 0; two_minis && t < BT; t++)
+        f.route.mini[t] = t % 2;
+    f.wy = wy;
+    f.wbal = wbal;
+    f.wz = wz;
+    cr_assert(run_check(&f, label) <= GC_TOL);
     fixture_free(&f);
+}
+
+Test(gradcheck_moe, output_term) {
+    check_mix(DIMS, 6, 1, 1, 0, 0, 0, "output");
 }
 
 Test(gradcheck_moe, balance_loss) {
-    fixture_t f;
-    fixture_init(&f, DIMS, 6, 2);
-    f.wbal = 1;
-    cr_assert(run_check(&f, "balance") <= GC_TOL);
-    fixture_free(&f);
+    check_mix(DIMS, 6, 2, 0, 1, 0, 0, "balance");
 }
 
 Test(gradcheck_moe, z_loss) {
-    fixture_t f;
-    fixture_init(&f, DIMS, 6, 3);
-    f.wz = 1;
-    cr_assert(run_check(&f, "z") <= GC_TOL);
-    fixture_free(&f);
+    check_mix(DIMS, 6, 3, 0, 0, 1, 0, "z");
 }
 
 /* Everything at once, with top-1 routers and minis that no token reaches. */
@@ -153,13 +135,5 @@ Test(gradcheck_moe, all_terms_top1_and_idle_mini) {
     d.KM = 1;
     d.KE = 1;
     d.KN = 1;
-    fixture_t f;
-    fixture_init(&f, d, 5, 4);
-    for (int t = 0; t < 5; t++)
-        f.route.mini[t] = t % 2; /* replay sends every token to minis 0 and 1 */
-    f.wy = 1;
-    f.wbal = 0.5;
-    f.wz = 0.25;
-    cr_assert(run_check(&f, "all, top-1") <= GC_TOL);
-    fixture_free(&f);
+    check_mix(d, 5, 4, 1, 0.5, 0.25, 1, "all, top-1");
 }
