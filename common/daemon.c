@@ -5,14 +5,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* The flag daemon_stop_on_signals was given; set before the handler is installed, never after. */
-static volatile sig_atomic_t *stop_target;
-
-static void on_signal(int sig) {
-    (void)sig;
-    *stop_target = 1;
-}
-
 static int is_help(const char *a) {
     return !strcmp(a, "--help") || !strcmp(a, "-h");
 }
@@ -98,14 +90,4 @@ int daemon_option_keep(void *ctx, const char *name, const char *value) {
     (void)name;
     *(const char **)ctx = value;
     return 0;
-}
-
-void daemon_stop_on_signals(volatile sig_atomic_t *flag) {
-    Q_ASSERT(flag && stop_target == NULL);
-    stop_target = flag;
-    struct sigaction sa = {0};
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
 }

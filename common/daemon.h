@@ -1,6 +1,6 @@
 /* The start of a daemon (quillan-learner, quillan-rollout, quillan-reward), written once for the
- * three mains: the command line, the config and the logging (common/daemon_log.h), and the
- * stop signal.
+ * three mains: the command line, the config and the logging (common/daemon_log.h). Their stop
+ * signal is common/stop_signal.h.
  *
  * Command line: `--help`/`-h` anywhere prints the usage on stdout (exit 0); otherwise every
  * argument is an option followed by its value: `--config FILE` (at most once), `--set K=V`
@@ -20,7 +20,6 @@
 #include "config.h"
 #include "daemon_log.h"
 
-#include <signal.h>
 #include <stdio.h>
 
 /* Returned by daemon_start when the daemon goes on to run. */
@@ -51,9 +50,5 @@ int daemon_option_keep(void *ctx, const char *name, const char *value);
  * the first error. */
 int daemon_start(const daemon_cli_t *cli, int argc, char **argv, quillan_config_t **cfg,
                  daemon_log_t **dlog);
-
-/* Sets *flag to 1 on every later SIGINT or SIGTERM (the daemon polls it to stop cleanly). flag
- * must have static storage duration; once per process. */
-void daemon_stop_on_signals(volatile sig_atomic_t *flag);
 
 #endif

@@ -7,6 +7,7 @@
 #include "log.h"
 #include "model.h"
 #include "sft.h"
+#include "stop_signal.h"
 
 #include <errno.h>
 #include <signal.h>
@@ -135,11 +136,6 @@ static void sft_usage(FILE *out) {
 
 static volatile sig_atomic_t sft_stop;
 
-static void sft_on_signal(int sig) {
-    (void)sig;
-    sft_stop = 1;
-}
-
 int cli_sft_main(int argc, char **argv) {
     const char *cmd = "quillan sft", *file = NULL;
     sft_options_t opt;
@@ -206,11 +202,8 @@ int cli_sft_main(int argc, char **argv) {
         log_set_level(cfg->logging.level);
         qerr_t err = {0};
         sft_result_t res;
-        /* SA_RESETHAND: the first signal asks for a clean stop, a second one kills. */
-        struct sigaction sa = {.sa_handler = sft_on_signal, .sa_flags = SA_RESETHAND};
-        sigemptyset(&sa.sa_mask);
-        sigaction(SIGINT, &sa, NULL);
-        sigaction(SIGTERM, &sa, NULL);
+        /* The first signal asks for a clean stop, a second one kills. */
+        stop_signal_install(&sft_stop, 1);
         opt.stop = &sft_stop;
         if (sft_run(cfg, &opt, &res, &err)) {
             fprintf(stderr, "%s: %s\n", cmd, err.msg);

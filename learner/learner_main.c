@@ -16,6 +16,7 @@
 #include "checkpoint.h"
 #include "config.h"
 #include "daemon.h"
+#include "stop_signal.h"
 #include "dispatcher.h"
 #include "jsonl.h"
 #include "learner.h"
@@ -560,7 +561,7 @@ int main(int argc, char **argv) {
         return status;
     /* Both modes stop at the next step boundary (SFT: after the step under way, sft.h) and
      * checkpoint. */
-    daemon_stop_on_signals(&stop_flag);
+    stop_signal_install(&stop_flag, 0);
 
     qerr_t err = {0};
     const int rc = cfg->learner.mode == CONFIG_MODE_SFT ? run_sft(cfg, resume, &err)

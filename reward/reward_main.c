@@ -3,6 +3,7 @@
  * stop, 1 on a runtime failure (bad config, bind failure), 2 on a usage error. */
 #include "config.h"
 #include "daemon.h"
+#include "stop_signal.h"
 #include "log.h"
 #include "reward_service.h"
 #include "scorers.h"
@@ -56,7 +57,7 @@ int main(int argc, char **argv) {
     qerr_t err = {0};
     int rc = 0;
 
-    daemon_stop_on_signals(&stop_flag);
+    stop_signal_install(&stop_flag, 0);
 
     void *zctx = zmq_ctx_new();
     reward_scorers_t *scorers = NULL;

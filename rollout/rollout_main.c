@@ -3,6 +3,7 @@
  * error. */
 #include "config.h"
 #include "daemon.h"
+#include "stop_signal.h"
 #include "log.h"
 #include "reward_service.h"
 #include "worker.h"
@@ -89,7 +90,7 @@ int main(int argc, char **argv) {
         id = default_id;
     }
 
-    daemon_stop_on_signals(&stop_flag);
+    stop_signal_install(&stop_flag, 0);
 
     void *zctx = zmq_ctx_new();
     rollout_worker_t *w = NULL;
