@@ -31,6 +31,13 @@ typedef struct {
     double worst;
 } gc_report_t;
 
+/* Prints the check's worst tensor and asserts it is within GC_TOL. */
+static inline void gc_report_check(const gc_report_t *rep, const char *what) {
+    fprintf(stderr, "gradcheck %s: worst tensor %s, rel err %.3e (tolerance %.0e)\n", what,
+            rep->worst_name, rep->worst, GC_TOL);
+    cr_assert_leq(rep->worst, GC_TOL, "%s: %s has rel err %g", what, rep->worst_name, rep->worst);
+}
+
 /* Compares g[n], the analytic gradient of loss with respect to x[n], with central
  * differences (x is perturbed and restored); records the error in rep and returns it. */
 static inline double gc_tensor(gc_report_t *rep, const char *name, real *x, size_t n, const real *g,

@@ -10,12 +10,6 @@
 #include "layers.h"
 #include "qtest.h"
 
-static void finish(gc_report_t *rep, const char *what) {
-    fprintf(stderr, "gradcheck %s: worst tensor %s, rel err %.3e (tolerance %.0e)\n", what,
-            rep->worst_name, rep->worst, GC_TOL);
-    cr_assert_leq(rep->worst, GC_TOL, "%s: %s has rel err %g", what, rep->worst_name, rep->worst);
-}
-
 /* ---- RoPE + attention core ---- */
 
 typedef struct {
@@ -62,7 +56,7 @@ Test(gradcheck, rope_attention) {
     core_check(&rep, 2, 9, 8, 2, 3);  /* several query and key tiles, RoPE offset */
     core_check(&rep, 1, 1, 4, 1, 0);  /* a single token */
     core_check(&rep, 1, 13, 6, 1, 0); /* head size 6, T off both tile sizes */
-    finish(&rep, "rope + attention");
+    gc_report_check(&rep, "rope + attention");
 }
 
 /* ---- The attention block ---- */
@@ -117,5 +111,5 @@ Test(gradcheck, attention_block) {
     gc_tensor(&rep, "block.attn.wk.weight", c.wk, BC * BC, dwk, block_loss, &c);
     gc_tensor(&rep, "block.attn.wv.weight", c.wv, BC * BC, dwv, block_loss, &c);
     gc_tensor(&rep, "block.attn.wo.weight", c.wo, BC * BC, dwo, block_loss, &c);
-    finish(&rep, "attention block");
+    gc_report_check(&rep, "attention block");
 }

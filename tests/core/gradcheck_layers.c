@@ -11,12 +11,6 @@
 #include "qtest.h"
 #include "quant.h"
 
-static void finish(gc_report_t *rep, const char *what) {
-    fprintf(stderr, "gradcheck %s: worst tensor %s, rel err %.3e (tolerance %.0e)\n", what,
-            rep->worst_name, rep->worst, GC_TOL);
-    cr_assert_leq(rep->worst, GC_TOL, "%s: %s has rel err %g", what, rep->worst_name, rep->worst);
-}
-
 /* ---- embedding ---- */
 
 enum { EV = 5, EC = 3, EBT = 6 };
@@ -39,7 +33,7 @@ Test(gradcheck, embedding) {
     embedding_backward(dwte, c.R, c.tok, EBT, EC, EV);
     gc_report_t rep = {0};
     gc_tensor(&rep, "embedding.wte", c.wte, EV * EC, dwte, emb_loss, &c);
-    finish(&rep, "embedding");
+    gc_report_check(&rep, "embedding");
 }
 
 /* ---- RMSNorm ---- */
@@ -66,7 +60,7 @@ Test(gradcheck, rmsnorm) {
     gc_report_t rep = {0};
     gc_tensor(&rep, "rmsnorm.inp", c.x, NBT * NC, dx, norm_loss, &c);
     gc_tensor(&rep, "rmsnorm.weight", c.g, NC, dg, norm_loss, &c);
-    finish(&rep, "rmsnorm");
+    gc_report_check(&rep, "rmsnorm");
 }
 
 /* ---- linear, and the quantized linears in surrogate mode ---- */
@@ -119,7 +113,7 @@ static void lin_check(gc_report_t *rep, int mode, const char *name) {
 Test(gradcheck, linear) {
     gc_report_t rep = {0};
     lin_check(&rep, -1, "linear");
-    finish(&rep, "linear");
+    gc_report_check(&rep, "linear");
 }
 
 Test(gradcheck, quantized_linears_surrogate) {
@@ -131,7 +125,7 @@ Test(gradcheck, quantized_linears_surrogate) {
     lin_check(&rep, QUANT_F16, "fp16_linear");
     lin_check(&rep, QUANT_TERNARY, "ternary_linear");
     quant_surrogate_set(0);
-    finish(&rep, "quantized linears (surrogate)");
+    gc_report_check(&rep, "quantized linears (surrogate)");
 }
 
 /* ---- SiLU, ReLU^2, dropout, residual ---- */
@@ -174,7 +168,7 @@ Test(gradcheck, pointwise) {
     gc_report_t rep = {0};
     gc_tensor(&rep, "silu+relu2+residual.inp", c.x, PN, dx, pw_loss, &c);
     gc_tensor(&rep, "dropout.inp", c.x2, PN, dx2, pw_loss, &c);
-    finish(&rep, "pointwise");
+    gc_report_check(&rep, "pointwise");
 }
 
 /* ---- Head: log-probs at a temperature, completion-masked CE, entropy bonus ---- */
@@ -218,5 +212,5 @@ Test(gradcheck, head_crossentropy_temperature_mask_entropy) {
             for (int k = 0; k < HC; k++)
                 cr_assert_eq(dx[t * HC + k], 0, "prompt row %d gets no gradient", t);
     free(c.scratch);
-    finish(&rep, "head");
+    gc_report_check(&rep, "head");
 }
