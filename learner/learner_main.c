@@ -16,7 +16,6 @@
 #include "checkpoint.h"
 #include "config.h"
 #include "daemon.h"
-#include "stop_signal.h"
 #include "dispatcher.h"
 #include "jsonl.h"
 #include "learner.h"
@@ -24,6 +23,7 @@
 #include "net_security.h"
 #include "loghub.h"
 #include "sft.h"
+#include "stop_signal.h"
 #include "weights_server.h"
 
 #include <errno.h>

@@ -3,10 +3,10 @@
  * stop, 1 on a runtime failure (bad config, bind failure), 2 on a usage error. */
 #include "config.h"
 #include "daemon.h"
-#include "stop_signal.h"
 #include "log.h"
 #include "reward_service.h"
 #include "scorers.h"
+#include "stop_signal.h"
 
 #include <stdio.h>
 #include <stdlib.h>

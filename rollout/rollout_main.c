@@ -3,9 +3,9 @@
  * error. */
 #include "config.h"
 #include "daemon.h"
-#include "stop_signal.h"
 #include "log.h"
 #include "reward_service.h"
+#include "stop_signal.h"
 #include "worker.h"
 
 #include <errno.h>
