@@ -53,7 +53,8 @@ static int parse(const daemon_cli_t *cli, int argc, char **argv, const char **fi
 
 int daemon_start(const daemon_cli_t *cli, int argc, char **argv, quillan_config_t **cfg,
                  daemon_log_t **dlog) {
-    Q_ASSERT(cli && cli->process && cli->usage && (cli->options == NULL || cli->option));
+    Q_ASSERT(cli && cli->process && cli->usage && (cli->options == NULL || cli->option) &&
+             cli->stop);
     Q_ASSERT(cfg && dlog);
     *cfg = NULL;
     *dlog = NULL;
@@ -83,6 +84,7 @@ int daemon_start(const daemon_cli_t *cli, int argc, char **argv, quillan_config_
     }
     *cfg = c;
     *dlog = dl;
+    stop_signal_install(cli->stop, 0);
     return DAEMON_RUN;
 }
 

@@ -1,6 +1,6 @@
 /* The start of a daemon (quillan-learner, quillan-rollout, quillan-reward), written once for the
- * three mains: the command line, the config and the logging (common/daemon_log.h). Their stop
- * signal is common/stop_signal.h.
+ * three mains: the command line, the config, the logging (common/daemon_log.h) and the stop
+ * signal (common/stop_signal.h).
  *
  * Command line: `--help`/`-h` anywhere prints the usage on stdout (exit 0); otherwise every
  * argument is an option followed by its value: `--config FILE` (at most once), `--set K=V`
@@ -19,6 +19,7 @@
 
 #include "config.h"
 #include "daemon_log.h"
+#include "stop_signal.h"
 
 #include <stdio.h>
 
@@ -36,6 +37,9 @@ typedef struct {
     int (*option)(void *ctx, const char *name, const char *value);
     void *ctx;          /* passed to option */
     unsigned log_flags; /* daemon_log_new flags (DAEMON_LOG_*) */
+    /* Set to 1 on every SIGINT or SIGTERM once the daemon runs (stop_signal_install); the
+     * daemon polls it to stop cleanly. Static storage duration. */
+    volatile sig_atomic_t *stop;
 } daemon_cli_t;
 
 /* A daemon_cli_t option handler for a daemon with one option that takes any value: stores value
@@ -47,7 +51,7 @@ int daemon_option_keep(void *ctx, const char *name, const char *value);
  * the caller frees it after destroying everything that borrows it) and *dlog (the caller's, to
  * daemon_log_destroy before freeing *cfg) set; or the exit status the process must end with
  * now (0 after --help, 1, 2), with *cfg and *dlog NULL. Nothing is parsed or allocated after
- * the first error. */
+ * the first error, and the stop signals are installed only on DAEMON_RUN. */
 int daemon_start(const daemon_cli_t *cli, int argc, char **argv, quillan_config_t **cfg,
                  daemon_log_t **dlog);
 

@@ -23,7 +23,6 @@
 #include "net_security.h"
 #include "loghub.h"
 #include "sft.h"
-#include "stop_signal.h"
 #include "weights_server.h"
 
 #include <errno.h>
@@ -39,6 +38,8 @@
 #define WORKERS_MAX 256           /* worker rows read for perf/rollout_tokens_per_s */
 #define NET_STATS_INTERVAL_S 10.0 /* between dispatch.stats records */
 
+/* SIGINT / SIGTERM: both modes stop at the next step boundary (SFT: after the step under way,
+ * sft.h) and checkpoint. */
 static volatile sig_atomic_t stop_flag;
 
 static void usage(FILE *out) {
@@ -553,16 +554,13 @@ int main(int argc, char **argv) {
                               .options = own,
                               .option = daemon_option_keep,
                               .ctx = &resume,
-                              .log_flags = DAEMON_LOG_TENSORBOARD};
+                              .log_flags = DAEMON_LOG_TENSORBOARD,
+                              .stop = &stop_flag};
     quillan_config_t *cfg;
     daemon_log_t *dlog;
     const int status = daemon_start(&cli, argc, argv, &cfg, &dlog);
     if (status != DAEMON_RUN)
         return status;
-    /* Both modes stop at the next step boundary (SFT: after the step under way, sft.h) and
-     * checkpoint. */
-    stop_signal_install(&stop_flag, 0);
-
     qerr_t err = {0};
     const int rc = cfg->learner.mode == CONFIG_MODE_SFT ? run_sft(cfg, resume, &err)
                                                         : run_rl(cfg, resume, &err);

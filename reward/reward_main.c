@@ -6,7 +6,6 @@
 #include "log.h"
 #include "reward_service.h"
 #include "scorers.h"
-#include "stop_signal.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -48,7 +47,8 @@ int main(int argc, char **argv) {
                               .usage = usage,
                               .options = own,
                               .option = daemon_option_keep,
-                              .ctx = &bind};
+                              .ctx = &bind,
+                              .stop = &stop_flag};
     quillan_config_t *cfg;
     daemon_log_t *dlog;
     const int status = daemon_start(&cli, argc, argv, &cfg, &dlog);
@@ -56,8 +56,6 @@ int main(int argc, char **argv) {
         return status;
     qerr_t err = {0};
     int rc = 0;
-
-    stop_signal_install(&stop_flag, 0);
 
     void *zctx = zmq_ctx_new();
     reward_scorers_t *scorers = NULL;

@@ -5,7 +5,6 @@
 #include "daemon.h"
 #include "log.h"
 #include "reward_service.h"
-#include "stop_signal.h"
 #include "worker.h"
 
 #include <errno.h>
@@ -71,7 +70,8 @@ int main(int argc, char **argv) {
                               .usage = usage,
                               .options = own,
                               .option = on_option,
-                              .ctx = &args};
+                              .ctx = &args,
+                              .stop = &stop_flag};
     quillan_config_t *cfg;
     daemon_log_t *dlog;
     const int status = daemon_start(&cli, argc, argv, &cfg, &dlog);
@@ -89,8 +89,6 @@ int main(int argc, char **argv) {
                  (long)getpid());
         id = default_id;
     }
-
-    stop_signal_install(&stop_flag, 0);
 
     void *zctx = zmq_ctx_new();
     rollout_worker_t *w = NULL;
