@@ -74,10 +74,13 @@ struct model {
     size_t n_tensors, cap_tensors;
     size_t n_reals;
 
-    real *params; /* [n_reals] latent FP32 weights and buffers */
-    real *grads;  /* [n_reals] */
-    real *qp;     /* [n_reals] fake-quantized copy used by the forward */
+    real *params; /* [n_reals] latent FP32 weights and buffers; NULL when frozen */
+    real *grads;  /* [n_reals]; NULL when frozen */
+    real *qp;     /* [n_reals] fake-quantized copy used by the forward; a frozen model's only
+                   * copy, buffers included */
     int q_dirty;
+    int frozen;         /* made by model_new_frozen: forward only */
+    int has_weights;    /* frozen: qp holds weights (a forward before that is refused) */
     uint64_t q_version; /* advanced on every refresh of qp: the diffusion stage's code cache */
 
     size_t embed, final_norm, head;
@@ -112,6 +115,13 @@ struct model {
 };
 
 static void diff_state_free(diff_state_t *ds);
+
+/* The buffer holding the tensors the forward reads unquantized (embedding, balancing biases,
+ * R): the latent weights, where model_balance_update moves the biases without a refresh, or a
+ * frozen model's one copy. */
+static real *unquantized(const model_t *m) {
+    return m->frozen ? m->qp : m->params;
+}
 
 /* ---- Tensor table ---- */
 
@@ -383,6 +393,26 @@ model_t *model_new(const model_config_t *cfg, qerr_t *err) {
     return m;
 }
 
+model_t *model_new_frozen(const model_config_t *cfg, qerr_t *err) {
+    model_t *m = model_new_table(cfg, err);
+    if (!m)
+        return NULL;
+    m->frozen = 1;
+    m->qp = q_aligned_calloc(m->n_reals, sizeof(real));
+    if (!m->qp) {
+        size_t n = m->n_reals;
+        model_destroy(&m);
+        return qerr_set(err, QERR_NOMEM, "model: out of memory for %zu frozen weights (%.1f GB)", n,
+                        (double)n * sizeof(real) / 1e9),
+               NULL;
+    }
+    return m;
+}
+
+int model_is_frozen(const model_t *m) {
+    return m->frozen;
+}
+
 static void acts_free(model_t *m) {
     for (int l = 0; l < m->cfg.num_layers && m->la; l++)
         moe_acts_destroy(&m->la[l].moe);
@@ -438,22 +468,27 @@ size_t model_num_reals(const model_t *m) {
 }
 
 real *model_params(model_t *m) {
+    Q_ASSERT(!m->frozen);
     return m->params;
 }
 
 const real *model_params_const(const model_t *m) {
+    Q_ASSERT(!m->frozen);
     return m->params;
 }
 
 real *model_grads(model_t *m) {
+    Q_ASSERT(!m->frozen);
     return m->grads;
 }
 
 void model_grads_zero(model_t *m) {
+    Q_ASSERT(!m->frozen);
     memset(m->grads, 0, m->n_reals * sizeof(real));
 }
 
 void model_params_changed(model_t *m) {
+    Q_ASSERT(!m->frozen);
     m->q_dirty = 1;
 }
 
@@ -474,14 +509,13 @@ size_t model_tensor_rollout_bytes(const model_tensor_t *t) {
     return 0;
 }
 
-/* Refreshes the fake-quantized copy the forward reads. */
-static void quantize_weights(model_t *m) {
-    if (!m->q_dirty)
-        return;
+/* out [n_reals] = what the forward reads for the latent weights w [n_reals]: each tensor
+ * through its fake quantizer, the unquantized ones copied. */
+static void fake_quantize(const model_t *m, real *out, const real *w) {
     for (size_t i = 0; i < m->n_tensors; i++) {
         const model_tensor_t *t = &m->tensors[i];
-        const real *src = m->params + t->offset;
-        real *dst = m->qp + t->offset;
+        const real *src = w + t->offset;
+        real *dst = out + t->offset;
         if (t->fake == QUANT_F32) {
             memcpy(dst, src, t->numel * sizeof(real));
         } else {
@@ -489,8 +523,63 @@ static void quantize_weights(model_t *m) {
             quant_fake_forward(t->fake, dst, src, (int)(t->numel / (size_t)cols), cols);
         }
     }
+}
+
+/* Refreshes the fake-quantized copy the forward reads. A frozen model is never dirty. */
+static void quantize_weights(model_t *m) {
+    if (!m->q_dirty)
+        return;
+    Q_ASSERT(!m->frozen);
+    fake_quantize(m, m->qp, m->params);
     m->q_dirty = 0;
     m->q_version++;
+}
+
+/* ---- Frozen models ---- */
+
+/* 1 when a and b have the same tensors at the same offsets with the same fake quantizers. */
+static int same_layout(const model_t *a, const model_t *b) {
+    if (a->n_reals != b->n_reals || a->n_tensors != b->n_tensors)
+        return 0;
+    for (size_t i = 0; i < a->n_tensors; i++)
+        if (a->tensors[i].offset != b->tensors[i].offset ||
+            a->tensors[i].numel != b->tensors[i].numel || a->tensors[i].fake != b->tensors[i].fake)
+            return 0;
+    return 1;
+}
+
+/* New weights in a frozen model's qp: the diffusion stage's cached codes are stale. */
+static void frozen_loaded(model_t *m) {
+    m->has_weights = 1;
+    m->q_version++;
+}
+
+void model_freeze_from(model_t *dst, model_t *src) {
+    Q_ASSERT(dst->frozen && !src->frozen && src->params && same_layout(dst, src));
+    quantize_weights(src);
+    for (size_t i = 0; i < src->n_tensors; i++) {
+        const model_tensor_t *t = &src->tensors[i];
+        const real *from = (t->fake == QUANT_F32 ? src->params : src->qp) + t->offset;
+        memcpy(dst->qp + t->offset, from, t->numel * sizeof(real));
+    }
+    frozen_loaded(dst);
+}
+
+const real *model_frozen_weights(const model_t *m) {
+    Q_ASSERT(m->frozen);
+    return m->has_weights ? m->qp : NULL;
+}
+
+void model_frozen_load(model_t *m, const real *w) {
+    Q_ASSERT(m->frozen);
+    memcpy(m->qp, w, m->n_reals * sizeof(real));
+    frozen_loaded(m);
+}
+
+void model_frozen_load_latent(model_t *m, const real *latent) {
+    Q_ASSERT(m->frozen);
+    fake_quantize(m, m->qp, latent);
+    frozen_loaded(m);
 }
 
 /* ---- Diffusion stage glue ---- */
@@ -612,7 +701,7 @@ static void moe_views(model_t *m, int l, moe_params_t *qp, moe_params_t *dp, moe
     if (dp)
         moe_params_map(dp, m->grads + o->moe, &m->md);
     if (bias) {
-        real *b = m->params + o->bias;
+        real *b = unquantized(m) + o->bias;
         bias->gate = b;
         bias->router = b + m->md.M;
         bias->micro = b + (size_t)m->md.M + (size_t)m->md.M * m->md.E;
@@ -676,8 +765,9 @@ static int diff_forward(model_t *m, real *xout, const model_batch_t *b, model_st
         memset(ds->code, 0, (size_t)BT * Lw * sizeof *ds->code);
         for (int t = 0; t < BT; t++) {
             ds->mask[t] = b->weights[t] > 0 ? 1 : 0;
-            if (ds->mask[t] != 0) /* c(y) of the next token: a SimHash of its head row */
-                diffusion_code(ds->code + (size_t)t * Lw, m->params + m->diff_R,
+            if (ds->mask[t] != 0) /* c(y) of the next token: a SimHash of its latent head
+                                   * row (why a frozen model refuses this path) */
+                diffusion_code(ds->code + (size_t)t * Lw, unquantized(m) + m->diff_R,
                                m->params + m->head + (size_t)b->targets[t] * C, Lb, C);
         }
         rng_stream_t rs;
@@ -706,8 +796,24 @@ static void diff_backward(model_t *m, real *dx) {
                      C);
 }
 
+/* What a frozen model cannot run (model.h), as a runtime error: the batch comes from a
+ * caller's settings. */
+static int frozen_check(const model_t *m, const model_batch_t *b, qerr_t *err) {
+    if (!m->has_weights)
+        return qerr_set(err, QERR_INVALID, "model: frozen model has no weights yet");
+    if (b->count_load)
+        return qerr_set(err, QERR_INVALID,
+                        "model: a frozen model keeps no balancing counts (count_load must be 0)");
+    if (b->targets && b->weights && b->aux_diffusion != 0)
+        return qerr_set(err, QERR_INVALID,
+                        "model: a frozen model runs no diffusion training loss (it needs the "
+                        "latent head): aux_diffusion must be 0 when the batch has targets");
+    return 0;
+}
+
 int model_forward(model_t *m, const model_batch_t *b, model_stats_t *stats, qerr_t *err) {
-    if (model_batch_check(&m->cfg, b, err) || model_plan(m, b->B, b->T, err))
+    if (model_batch_check(&m->cfg, b, err) || (m->frozen && frozen_check(m, b, err)) ||
+        model_plan(m, b->B, b->T, err))
         return -1;
     quantize_weights(m);
     const int B = b->B, T = b->T, C = m->cfg.dim, NH = m->cfg.num_heads, V = m->cfg.vocab_size;
@@ -730,7 +836,7 @@ int model_forward(model_t *m, const model_batch_t *b, model_stats_t *stats, qerr
     model_stats_t st = {0};
     m->routers = 0;
     double bal_sum = 0, z_sum = 0;
-    embedding_forward(m->la[0].x, b->tokens, m->params + m->embed, BT, C, V);
+    embedding_forward(m->la[0].x, b->tokens, unquantized(m) + m->embed, BT, C, V);
     for (int l = 0; l < L; l++) {
         layer_acts_t *a = &m->la[l];
         const layer_ofs_t *o = &m->lofs[l];
@@ -813,7 +919,7 @@ const moe_route_t *model_route(const model_t *m, int l) {
 }
 
 void model_backward(model_t *m, const real *dlogp, const real *dentropy) {
-    Q_ASSERT(m->has_fwd);
+    Q_ASSERT(!m->frozen && m->has_fwd);
     const int B = m->fB, T = m->fT, C = m->cfg.dim, NH = m->cfg.num_heads;
     const int V = m->cfg.vocab_size, L = m->cfg.num_layers, BT = B * T;
     const size_t BTC = (size_t)BT * C;
@@ -901,6 +1007,7 @@ int model_greedy(model_t *m, const int32_t *tokens, int B, int T, const int *pos
 }
 
 void model_balance_update(model_t *m, int apply) {
+    Q_ASSERT(!m->frozen);
     const real rate = (real)m->cfg.balance_bias_rate;
     for (int l = 0; l < m->cfg.num_layers; l++) {
         if (apply && rate > 0) {
@@ -913,6 +1020,6 @@ void model_balance_update(model_t *m, int apply) {
 }
 
 moe_load_t *model_load(model_t *m, int l) {
-    Q_ASSERT(l >= 0 && l < m->cfg.num_layers);
+    Q_ASSERT(!m->frozen && l >= 0 && l < m->cfg.num_layers);
     return &m->loads[l];
 }

@@ -98,6 +98,48 @@ model_t *model_new_table(const model_config_t *cfg, qerr_t *err);
 /* Frees everything and NULLs *m; safe on NULL and twice. */
 void model_destroy(model_t **m);
 
+/* ---- Frozen (forward-only) models ----
+ *
+ * A frozen model holds one copy of the weights: what the forward reads (model_num_reals values
+ * in the tensor table's layout, each fake-quantized tensor as quantized, the embedding, gains
+ * and buffers as they are). It has no latent FP32 weights, no gradients and no balancing
+ * counts, so it never re-quantizes (fake quantization is not idempotent: re-quantizing its
+ * ternary or INT4 values would move the scales). It serves the learner's old policy and KL
+ * reference (MODEL.md: with quantization-aware training their forward is the published
+ * snapshot's), at a third of a full model's weight memory.
+ *
+ * It runs model_forward, model_logp / model_entropy / model_route / model_plan_record,
+ * model_logits_at and model_greedy like a full model. model_forward refuses (QERR_INVALID)
+ * batches with count_load (there are no counts to update) and batches that would run the
+ * diffusion training loss (targets, weights and aux_diffusion != 0: that loss needs the
+ * latent head), and any forward before the model got weights. model_params,
+ * model_params_const, model_grads, model_grads_zero, model_params_changed, model_backward,
+ * model_balance_update and model_load on a frozen model are bugs (Q_ASSERT); an optimizer
+ * cannot be built on one. */
+
+/* A frozen model of a validated config, without weights until model_freeze_from or
+ * model_frozen_load / model_frozen_load_latent. NULL with err set (QERR_INVALID for a config
+ * that does not validate, QERR_NOMEM). Free with model_destroy. */
+model_t *model_new_frozen(const model_config_t *cfg, qerr_t *err);
+/* 1 for a model made by model_new_frozen. */
+int model_is_frozen(const model_t *m);
+/* Makes dst's forward src's current forward, bit for bit: refreshes src's fake-quantized copy
+ * when its latent weights changed (src's next forward then skips that work), and copies it,
+ * with the tensors src's forward reads unquantized (embedding, balancing biases, R) taken from
+ * src's latent buffer, where model_balance_update writes. dst frozen, src a full model of the
+ * same tensor layout (Q_ASSERT). Nothing of src is kept. */
+void model_freeze_from(model_t *dst, model_t *src);
+/* The weights of a frozen model [model_num_reals], in the layout described above: what a
+ * checkpoint stores. Owned by the model; NULL before it got weights. */
+const real *model_frozen_weights(const model_t *m);
+/* Sets a frozen model's weights to a copy of w [model_num_reals], in model_frozen_weights'
+ * form. */
+void model_frozen_load(model_t *m, const real *w);
+/* Sets a frozen model's weights from latent FP32 weights [model_num_reals] (a full model's
+ * model_params layout), fake-quantized tensor by tensor with the quantizers a full model's
+ * forward applies, so the forward equals that of a full model holding `latent`. */
+void model_frozen_load_latent(model_t *m, const real *latent);
+
 const model_config_t *model_config(const model_t *m);
 
 /* ---- Parameter table ---- */
@@ -109,7 +151,7 @@ const model_tensor_t *model_tensor_find(const model_t *m, const char *name);
 /* Total reals in the parameter buffer (buffers included). */
 size_t model_num_reals(const model_t *m);
 /* The parameter and gradient buffers [model_num_reals]; owned by the model. Write parameters
- * only between forwards, then call model_params_changed. */
+ * only between forwards, then call model_params_changed. Not on a frozen model (Q_ASSERT). */
 real *model_params(model_t *m);
 const real *model_params_const(const model_t *m);
 real *model_grads(model_t *m);

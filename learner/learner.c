@@ -55,8 +55,8 @@ typedef struct {
 struct learner {
     quillan_config_t cfg;
     model_t *m;   /* the policy being trained */
-    model_t *old; /* FP32 weights of the old-policy snapshot (old_logprobs: recompute) */
-    model_t *ref; /* frozen reference for the k3 KL (kl.beta > 0) */
+    model_t *old; /* frozen (model_new_frozen) old-policy snapshot (old_logprobs: recompute) */
+    model_t *ref; /* frozen reference for the k3 KL (kl.beta > 0): the starting policy */
     optim_t *opt;
     snapshot_store_t *store;
     tokenizer_t *tok;
@@ -255,11 +255,6 @@ static int publish(learner_t *l, uint64_t version, int is_old, qerr_t *err) {
     return rc;
 }
 
-static void params_copy(model_t *dst, const model_t *src) {
-    memcpy(model_params(dst), model_params_const(src), model_num_reals(src) * sizeof(real));
-    model_params_changed(dst);
-}
-
 /* version + 1: quantize, publish, and when due make it the old policy. */
 static int sync_version(learner_t *l, qerr_t *err) {
     const uint64_t v = l->version + 1;
@@ -272,7 +267,7 @@ static int sync_version(learner_t *l, qerr_t *err) {
         l->old_version = v;
     pthread_mutex_unlock(&l->lock);
     if (becomes_old && l->old)
-        params_copy(l->old, l->m);
+        model_freeze_from(l->old, l->m);
     return 0;
 }
 
@@ -528,10 +523,11 @@ static int loss_config_from(dapo_loss_config_t *d, const quillan_config_t *c, qe
     return dapo_loss_config_check(d, err);
 }
 
-static model_t *model_clone(const model_t *src, qerr_t *err) {
-    model_t *m = model_new(model_config(src), err);
+/* A frozen model running src's current forward. */
+static model_t *frozen_copy(model_t *src, qerr_t *err) {
+    model_t *m = model_new_frozen(model_config(src), err);
     if (m)
-        params_copy(m, src);
+        model_freeze_from(m, src);
     return m;
 }
 
@@ -583,16 +579,38 @@ static int meta_u64(safetensors_reader_t *r, const char *key, uint64_t *out, qer
     return 0;
 }
 
-/* Loads weights into m from an F32 state tensor of model_num_reals entries. */
-static int state_params(safetensors_reader_t *r, const char *name, model_t *m, qerr_t *err) {
+/* Loads the frozen model m ("old" or "ref" by `who`) from the state file: the tensor
+ * <who>_weights (model_frozen_weights' form), or in a file written before the learner froze
+ * them <who>_params (the latent FP32 weights of a full copy), fake-quantized as that copy's
+ * forward did, so a resumed run gets the same log-probs either way. */
+static int state_frozen(safetensors_reader_t *r, const char *who, model_t *m, qerr_t *err) {
+    char name[32];
+    snprintf(name, sizeof name, "%s_weights", who);
+    const int latent = safetensors_reader_find(r, name) == NULL;
+    if (latent)
+        snprintf(name, sizeof name, "%s_params", who);
     const safetensors_tensor_t *t = state_tensor(r, name, SAFETENSORS_F32, 1, err);
     if (!t)
         return -1;
     if (t->numel != model_num_reals(m))
         return qerr_set(err, QERR_INVALID, "%s: tensor '%s': %" PRIu64 " values, the model has %zu",
                         safetensors_reader_path(r), name, t->numel, model_num_reals(m));
-    memcpy(model_params(m), t->data, (size_t)t->nbytes);
-    model_params_changed(m);
+    /* Files from other writers need not align their tensors (safetensors.h). */
+    real *tmp = NULL;
+    const real *w = t->data;
+    if ((uintptr_t)t->data % _Alignof(real) != 0) {
+        tmp = malloc((size_t)t->nbytes);
+        if (!tmp)
+            return qerr_set(err, QERR_NOMEM, "%s: tensor '%s': out of memory",
+                            safetensors_reader_path(r), name);
+        memcpy(tmp, t->data, (size_t)t->nbytes);
+        w = tmp;
+    }
+    if (latent)
+        model_frozen_load_latent(m, w);
+    else
+        model_frozen_load(m, w);
+    free(tmp);
     return 0;
 }
 
@@ -638,9 +656,9 @@ static int state_load(learner_t *l, const char *dir, const batcher_config_t *bc,
         l->disp_len = (size_t)td->nbytes;
     }
     if (rc == 0 && l->old)
-        rc = state_params(r, "old_params", l->old, err);
+        rc = state_frozen(r, "old", l->old, err);
     if (rc == 0 && l->ref)
-        rc = state_params(r, "ref_params", l->ref, err);
+        rc = state_frozen(r, "ref", l->ref, err);
     if (rc == 0) {
         /* The exact bytes of the version workers may hold: republish them as they were. */
         qpolicy_t *q = qpolicy_parse(ts->data, (size_t)ts->nbytes, path, NULL, NULL, err);
@@ -732,11 +750,11 @@ learner_t *learner_new(const quillan_config_t *cfg, const char *resume, qerr_t *
             qerr_wrap(err, "learner.init_checkpoint");
     }
     if (rc == 0 && c->learner.old_logprobs == CONFIG_OLD_LOGPROBS_RECOMPUTE) {
-        l->old = model_clone(l->m, err);
+        l->old = frozen_copy(l->m, err);
         rc = l->old ? 0 : -1;
     }
     if (rc == 0 && c->learner.kl.beta > 0) {
-        l->ref = model_clone(l->m, err);
+        l->ref = frozen_copy(l->m, err);
         rc = l->ref ? 0 : -1;
     }
     if (rc == 0 && dir[0]) {
@@ -975,10 +993,12 @@ static int replay_build(replay_t *rp, learner_t *l, model_t *pm, const batcher_b
     return 0;
 }
 
-/* Log-probs of model pm over rows [r0, r1) into out + r0 T. */
+/* Log-probs of the frozen model pm over rows [r0, r1) into out + r0 T. No diffusion loss:
+ * nothing reads it, and a frozen model cannot run it. */
 static int logp_rows(learner_t *l, model_t *pm, const batcher_batch_t *bt, replay_t *rp, int r0,
                      int r1, real *out, qerr_t *err) {
     model_batch_t mb = mb_rows(l, bt, rp, r0, r1, 1);
+    mb.aux_diffusion = 0;
     if (model_forward(pm, &mb, NULL, err))
         return -1;
     memcpy(out + (size_t)r0 * bt->T, model_logp(pm), (size_t)(r1 - r0) * bt->T * sizeof(real));
@@ -1269,11 +1289,11 @@ static int state_write(learner_t *l, const char *path, const uint8_t *ds, size_t
     if (rc == 0)
         rc = safetensors_writer_add(w, "snapshot", SAFETENSORS_U8, 1, &ns, sb, err);
     if (rc == 0 && l->old)
-        rc = safetensors_writer_add(w, "old_params", SAFETENSORS_F32, 1, &np,
-                                    model_params_const(l->old), err);
+        rc = safetensors_writer_add(w, "old_weights", SAFETENSORS_F32, 1, &np,
+                                    model_frozen_weights(l->old), err);
     if (rc == 0 && l->ref)
-        rc = safetensors_writer_add(w, "ref_params", SAFETENSORS_F32, 1, &np,
-                                    model_params_const(l->ref), err);
+        rc = safetensors_writer_add(w, "ref_weights", SAFETENSORS_F32, 1, &np,
+                                    model_frozen_weights(l->ref), err);
     const struct {
         const char *key;
         uint64_t v;
