@@ -12,13 +12,19 @@
  *   (so the record of completion token j is replayed at position prompt_len - 1 + j); a
  *   malformed record is refused and nothing is kept.
  * - A checkpoint restores step, versions, snapshot bytes, the dispatcher's bytes and the waiting
- *   groups, and the restored learner's next batch is bit-identical to the original's. */
+ *   groups, and the restored learner's next batch is bit-identical to the original's.
+ * - The frozen old policy runs the current policy's forward: with head_int8 and replayed
+ *   routing records the first step of every batch has ratio 1 and KL 0, after updates too.
+ * - A checkpoint whose state holds the old policy and the reference as latent FP32 weights
+ *   ("old_params" / "ref_params", written before they were frozen models) resumes to the same
+ *   old and reference log-probs as the original run and a resume of the current form. */
 #include <criterion/criterion.h>
 
 #include "learner.h"
 #include "log.h"
 #include "model.h"
 #include "moe.h"
+#include "safetensors.h"
 #include "tokenizer.h"
 
 #include <math.h>
@@ -480,4 +486,130 @@ Test(learner, bad_config_refused, .init = quiet) {
     cr_expect_null(learner_new(cfg, NULL, &err));
     cr_expect(strstr(err.msg, "rollout.top_p") != NULL, "%s", err.msg);
     free(cfg);
+}
+
+Test(learner, frozen_old_policy_is_the_current_forward, .init = quiet) {
+    quillan_config_t *cfg = malloc(sizeof *cfg);
+    tiny_config(cfg, "1e-2", NULL);
+    set(cfg, "model.head_int8=true");
+    learner_t *l = make(cfg, NULL);
+    for (unsigned k = 0; k < 2; k++) {
+        /* Records of the current policy's own routing, replayed for old and current alike. */
+        const int64_t v = (int64_t)learner_version(l);
+        hgroup_t h1, h2;
+        hgroup(&h1, 2 * k + 1, v, 81 + 2 * k, -1);
+        hgroup(&h2, 2 * k + 2, v, 82 + 2 * k, -1);
+        hroutes_t r1, r2;
+        own_routes(&r1, l, &h1);
+        own_routes(&r2, l, &h2);
+        batcher_verdict_t vd;
+        qerr_t err = {0};
+        cr_assert(learner_add_group(l, &h1.g, r1.r, &vd, &err) == 0, "%s", err.msg);
+        cr_assert(learner_add_group(l, &h2.g, r2.r, &vd, &err) == 0, "%s", err.msg);
+        learner_train_result_t r;
+        train(l, &r);
+        cr_expect_eq(r.applied, 2);
+        cr_expect_eq(learner_old_version(l), learner_version(l));
+        cr_expect_eq(r.first.ratio_mean, 1.0, "batch %u: ratio %.17g", k, r.first.ratio_mean);
+        cr_expect_eq(r.first.approx_kl, 0.0, "batch %u", k);
+        cr_expect_neq(r.last.ratio_mean, 1.0, "batch %u: the update moved nothing", k);
+        hroutes_free(&r1);
+        hroutes_free(&r2);
+    }
+    learner_destroy(&l);
+    free(cfg);
+}
+
+/* Rewrites the learner state file of step directory `step_dir` as the learner wrote it before
+ * its old policy and reference were frozen models: "old_params" / "ref_params" holding the
+ * latent weights old_latent / ref_latent in place of "old_weights" / "ref_weights"; every
+ * other tensor and the metadata are kept. */
+static void state_to_latent_form(const char *step_dir, const real *old_latent,
+                                 const real *ref_latent) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/%s", step_dir, LEARNER_STATE_FILE);
+    qerr_t err = {0};
+    safetensors_reader_t *r = safetensors_reader_new(path, &err);
+    cr_assert(r, "%s", err.msg);
+    safetensors_writer_t *w = safetensors_writer_new();
+    cr_assert(w);
+    int replaced = 0;
+    for (size_t i = 0; i < safetensors_reader_count(r); i++) {
+        const safetensors_tensor_t *t = safetensors_reader_at(r, i);
+        const char *name = t->name;
+        const void *data = t->data;
+        if (strcmp(name, "old_weights") == 0 || strcmp(name, "ref_weights") == 0) {
+            const int old = name[0] == 'o';
+            name = old ? "old_params" : "ref_params";
+            data = old ? old_latent : ref_latent;
+            replaced++;
+        }
+        cr_assert(safetensors_writer_add(w, name, t->dtype, t->ndim, t->shape, data, &err) == 0,
+                  "%s", err.msg);
+    }
+    cr_assert_eq(replaced, 2, "the state holds no old_weights / ref_weights");
+    for (size_t i = 0; i < safetensors_reader_metadata_count(r); i++) {
+        const char *k, *v;
+        safetensors_reader_metadata_at(r, i, &k, &v);
+        cr_assert(safetensors_writer_set_metadata(w, k, v, &err) == 0, "%s", err.msg);
+    }
+    cr_assert(safetensors_writer_write(w, path, &err) == 0, "%s", err.msg);
+    safetensors_writer_destroy(&w);
+    safetensors_reader_destroy(&r);
+}
+
+Test(learner, latent_form_checkpoint_resumes_the_same_logprobs, .init = quiet) {
+    char dir[] = "/tmp/quillan_learner_XXXXXX";
+    cr_assert(mkdtemp(dir));
+    quillan_config_t *cfg = malloc(sizeof *cfg);
+    tiny_config(cfg, "1e-2", dir);
+    set(cfg, "model.head_int8=true");
+    set(cfg, "learner.old_policy_interval=2"); /* the old policy stays v1 across the resume */
+    set(cfg, "learner.kl.beta=0.1");
+    learner_t *a = make(cfg, NULL);
+    real *start = params_copy(a); /* the weights of v1, the old policy, and of the reference */
+    add(a, 1, 1, 91, -1, NULL);
+    add(a, 2, 1, 92, -1, NULL);
+    learner_train_result_t r;
+    train(a, &r);
+    cr_assert_eq(learner_version(a), 2);
+    cr_assert_eq(learner_old_version(a), 1);
+    uint8_t *bs;
+    size_t blen;
+    qerr_t err = {0};
+    cr_assert(learner_batcher_save(a, &bs, &blen, &err) == 0, "%s", err.msg);
+    char out[4096];
+    cr_assert(learner_checkpoint(a, NULL, 0, bs, blen, out, sizeof out, &err) == 0, "%s", err.msg);
+    free(bs);
+
+    learner_t *b = make(cfg, "auto"); /* the frozen form */
+    state_to_latent_form(out, start, start);
+    learner_t *c = make(cfg, "auto"); /* the latent form */
+    cr_expect_eq(learner_old_version(c), 1);
+
+    learner_t *all[3] = {a, b, c};
+    learner_train_result_t res[3];
+    for (int i = 0; i < 3; i++) {
+        add(all[i], 3, 2, 93, -1, NULL);
+        add(all[i], 4, 2, 94, -1, NULL);
+        train(all[i], &res[i]);
+    }
+    /* The old policy is not the current one, so the ratios test its log-probs. */
+    cr_expect_neq(res[0].first.ratio_mean, 1.0);
+    cr_expect(res[0].first.kl > 0);
+    for (int i = 1; i < 3; i++) {
+        expect_same_mismatch(&res[0].first, &res[i].first);
+        expect_same_mismatch(&res[0].last, &res[i].last);
+        cr_expect_eq(res[0].first.kl, res[i].first.kl, "learner %d: kl %.17g vs %.17g", i,
+                     res[0].first.kl, res[i].first.kl);
+        cr_expect_eq(res[0].last.kl, res[i].last.kl, "learner %d", i);
+    }
+    free(start);
+    learner_destroy(&a);
+    learner_destroy(&b);
+    learner_destroy(&c);
+    free(cfg);
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    cr_expect(system(cmd) == 0);
 }
