@@ -129,6 +129,13 @@ int64_t net_options_max_frame(const net_options_t *o, wire_protocol_t protocol) 
                                              : o->control_max_msg_bytes;
 }
 
+size_t net_options_decode_budget(const net_options_t *o, wire_protocol_t protocol) {
+    if (protocol == WIRE_PROTOCOL_WEIGHTS)
+        return o->decode_budget_bytes;
+    const size_t scaled = wire_decode_budget((size_t)o->control_max_msg_bytes);
+    return scaled > o->decode_budget_bytes ? scaled : o->decode_budget_bytes;
+}
+
 uint64_t net_incarnation_new(void) {
     Q_ASSERT(sodium_init() >= 0);
     uint64_t id = 0;
@@ -305,7 +312,7 @@ net_socket_t *net_socket_new(void *zctx, const net_socket_spec_t *spec, const ne
     s->type = spec->type;
     s->protocol = spec->protocol;
     s->max_frame = net_options_max_frame(opt, spec->protocol);
-    s->decode_budget = opt->decode_budget_bytes;
+    s->decode_budget = net_options_decode_budget(opt, spec->protocol);
     s->validate = spec->validate;
     s->validate_ctx = spec->validate_ctx;
     s->incarnation_id = spec->incarnation_id;
@@ -368,6 +375,10 @@ int net_socket_connect(net_socket_t *s, const char *endpoint, qerr_t *err) {
 
 const char *net_socket_endpoint(const net_socket_t *s) {
     return s->endpoint;
+}
+
+size_t net_socket_decode_budget(const net_socket_t *s) {
+    return s->decode_budget;
 }
 
 void *net_socket_handle(net_socket_t *s) {

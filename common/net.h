@@ -51,7 +51,9 @@ typedef struct {
     int reconnect_ivl_max_ms;      /* ZMQ_RECONNECT_IVL_MAX: 5000; [reconnect_ivl, 600000] */
     int send_timeout_ms;           /* ZMQ_SNDTIMEO of DEALER/REQ sockets: 1000; [0, 600000].
                                       ROUTER and PUB-like sockets never block: 0. */
-    size_t decode_budget_bytes;    /* decoder memory per message: 64 MiB; >= 1 MiB */
+    size_t decode_budget_bytes;    /* floor of the decoder memory per message: 64 MiB;
+                                      >= 1 MiB; net_options_decode_budget raises it with
+                                      control_max_msg_bytes */
 } net_options_t;
 
 /* Fills o with the defaults above. */
@@ -62,6 +64,14 @@ int net_options_validate(const net_options_t *o, qerr_t *err);
 
 /* ZMQ_MAXMSGSIZE that sockets of this protocol use under o. */
 int64_t net_options_max_frame(const net_options_t *o, wire_protocol_t protocol);
+
+/* Decoder memory in bytes that sockets of this protocol allow one received Envelope under o
+ * (which passes net_options_validate):
+ * the larger of decode_budget_bytes and wire_decode_budget(control_max_msg_bytes) on dispatch,
+ * reward and log sockets, so raising network.max_msg_bytes never makes a legitimate message
+ * that fits the frame fail to decode; decode_budget_bytes alone on weights sockets, whose
+ * Envelopes are headers (chunk bytes travel in the raw payload frame and are never decoded). */
+size_t net_options_decode_budget(const net_options_t *o, wire_protocol_t protocol);
 
 /* Transport security (ARCHITECTURE.md §4), checked by net_socket_new and applied by the first
  * net_socket_bind or net_socket_connect of the socket, which is when its role shows:
@@ -172,6 +182,9 @@ const char *net_socket_endpoint(const net_socket_t *s);
 
 /* The libzmq socket, only to put in a zmq_pollitem_t (ZMQ_POLLIN) or to read an option. */
 void *net_socket_handle(net_socket_t *s);
+
+/* The decode budget in force (net_options_decode_budget at creation), in bytes. */
+size_t net_socket_decode_budget(const net_socket_t *s);
 
 /* Copies the counters into *out after taking in pending connection events. */
 void net_socket_stats(net_socket_t *s, net_stats_t *out);

@@ -156,7 +156,8 @@ static int strings_valid(const ProtobufCMessage *m, char *path, size_t cap, size
 typedef struct {
     ProtobufCAllocator pc;
     size_t budget, used, peak;
-    int exceeded;
+    int exceeded;      /* an allocation would have passed the budget */
+    int out_of_memory; /* malloc failed within the budget */
 } budget_t;
 
 static size_t budget_cost(size_t n) {
@@ -170,8 +171,10 @@ static void *budget_alloc(void *ctx, size_t n) {
         return NULL;
     }
     unsigned char *p = malloc(BUDGET_HDR + n);
-    if (p == NULL)
+    if (p == NULL) {
+        b->out_of_memory = 1;
         return NULL;
+    }
     memcpy(p, &n, sizeof n);
     b->used += budget_cost(n);
     if (b->used > b->peak)
@@ -194,6 +197,13 @@ struct wire_msg {
     budget_t budget; /* first: protobuf-c keeps a pointer to budget.pc inside env */
     Quillan__Envelope *env;
 };
+
+size_t wire_decode_budget(size_t max_frame_bytes) {
+    if (max_frame_bytes > SIZE_MAX / WIRE_DECODE_RATIO)
+        return SIZE_MAX;
+    size_t b = WIRE_DECODE_RATIO * max_frame_bytes;
+    return b > WIRE_DECODE_BUDGET_DEFAULT ? b : WIRE_DECODE_BUDGET_DEFAULT;
+}
 
 /* ---- version peek ---- */
 
@@ -307,6 +317,10 @@ wire_msg_t *wire_codec_unpack(wire_protocol_t protocol, const void *data, size_t
             qerr_set(err, QERR_NOMEM,
                      "%s envelope of %zu bytes needs more than its decode budget of %zu bytes",
                      wire_protocol_name(protocol), len, budget);
+        else if (m->budget.out_of_memory)
+            qerr_set(err, QERR_NOMEM,
+                     "%s envelope of %zu bytes: out of memory after %zu bytes of decoder memory",
+                     wire_protocol_name(protocol), len, m->budget.peak);
         else
             qerr_set(err, QERR_PARSE, "%s envelope of %zu bytes is not valid protobuf",
                      wire_protocol_name(protocol), len);

@@ -32,8 +32,20 @@
 
 /* Default byte budget of one decode: the peak of live protobuf-c allocations (plus 16 bytes of
  * bookkeeping per allocation). 16 x the 4 MiB control frame: varint-packed token and routing
- * arrays grow up to 4x when unpacked into uint32 arrays, sub-messages cost their struct. */
+ * arrays grow up to 4x when unpacked into uint32 arrays, sub-messages cost their struct. It is
+ * also the floor of wire_decode_budget, so small frames keep room for any legitimate message. */
 #define WIRE_DECODE_BUDGET_DEFAULT ((size_t)64 << 20)
+
+/* Decoder bytes allowed per wire byte of a frame at its size limit. Large legitimate messages
+ * need at most 3.4 (a routing-replay group whose token and router ids take one varint byte:
+ * docs/PROTOCOL-internals.md "Decode budget"), so 8 leaves a margin over 2x; hostile ones made
+ * of empty sub-messages need ~108 and still fail. */
+#define WIRE_DECODE_RATIO 8u
+
+/* The decode budget for Envelope frames of at most max_frame_bytes: the larger of
+ * WIRE_DECODE_BUDGET_DEFAULT and WIRE_DECODE_RATIO x max_frame_bytes, saturating at SIZE_MAX.
+ * Any legitimate Envelope that fits the frame then fits the budget. */
+size_t wire_decode_budget(size_t max_frame_bytes);
 
 /* BLAKE2b-256 digest length of snapshots. */
 #define WIRE_DIGEST_BYTES 32
@@ -85,8 +97,8 @@ typedef struct wire_msg wire_msg_t;
 /* Unpacks len bytes as an Envelope of protocol with at most budget bytes of decoder memory,
  * running checks 1-4 above. Returns a new message (wire_msg_destroy), or NULL with err:
  * QERR_VERSION (other protocol version), QERR_PARSE (not a valid Envelope), QERR_NOMEM (the
- * decode needed more than budget bytes), QERR_INVALID (body of another protocol, no body,
- * invalid UTF-8, naming the field). */
+ * decode needed more than budget bytes, or malloc failed within it), QERR_INVALID (body of another
+ * protocol, no body, invalid UTF-8, naming the field). */
 wire_msg_t *wire_codec_unpack(wire_protocol_t protocol, const void *data, size_t len, size_t budget,
                               qerr_t *err);
 
