@@ -37,7 +37,7 @@
 #define WIRE_DECODE_BUDGET_DEFAULT ((size_t)64 << 20)
 
 /* Decoder bytes allowed per wire byte of a frame at its size limit. Large legitimate messages
- * need at most 3.4 (a routing-replay group whose token and router ids take one varint byte:
+ * need at most 3.41 (a routing-replay group whose token and router ids take one varint byte:
  * docs/PROTOCOL-internals.md "Decode budget"), so 8 leaves a margin over 2x; hostile ones made
  * of empty sub-messages need ~108 and still fail. */
 #define WIRE_DECODE_RATIO 8u
