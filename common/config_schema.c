@@ -306,7 +306,7 @@ static const config_key_t keys[] = {
     INT("network.max_msg_bytes", network.max_msg_bytes, "4194304", 65536, 1 << 30, "bytes",
         "ZMQ_MAXMSGSIZE on control sockets; in RL with routing replay it must hold a full group "
         "(checked: group_size x max_new_tokens tokens at >= 5 + router indices + 8 x plan words "
-        "bytes each)"),
+        "bytes each); receivers allow max(64 MiB, 8 x this) of decoder memory per message"),
 
     /* security: ARCHITECTURE.md §4 */
     BOOL("security.curve", security.curve, "false", "CurveZMQ on every socket"),
