@@ -9,12 +9,14 @@
  * versions that snapshot also becomes the old policy.
  *
  * Old log-probs (learner.old_logprobs):
- *   recompute  the learner keeps a copy of the FP32 master weights taken when the old policy
- *              was published and runs its forward over each batch before the first update.
- *              With quantization-aware training that forward is the forward of the published
- *              snapshot's codes (MODEL.md), so this equals "run the old-policy snapshot"; it
- *              costs one more FP32 parameter buffer (the snapshot's codes would be a quarter of
- *              that, but the learner's forward reads FP32 latent weights).
+ *   recompute  the learner keeps a frozen model (model_new_frozen) holding the fake-quantized
+ *              weights of the policy when it became the old policy, and runs its forward over
+ *              each batch before the first update. With quantization-aware training that
+ *              forward is the forward of the published snapshot's codes (MODEL.md), so this
+ *              equals "run the old-policy snapshot"; it costs one more FP32 parameter buffer
+ *              (not the three of a full model; the snapshot's codes would be a quarter of
+ *              that, but the learner's forward reads FP32 values). The KL reference
+ *              (learner.kl.beta > 0) is a frozen model of the starting policy.
  *   behaviour  the sampler's recorded log-probs; the TIS weight is then 1.
  *
  * Routing replay (model.routing_replay). A trajectory's routing record (proto/dispatch.proto
@@ -63,7 +65,9 @@
 #define LEARNER_STATE_FORMAT "quillan-learner-state-1"
 /* The learner's file in a checkpoint step directory, beside checkpoint.h's two: the
  * dispatcher's lease table, the batcher's waiting groups, the latest snapshot's bytes, the
- * old-policy (and reference) weights, the versions. */
+ * old-policy (and reference) weights as their frozen models hold them ("old_weights",
+ * "ref_weights"; a state with latent "old_params" / "ref_params", written before they were
+ * frozen, still loads), the versions. */
 #define LEARNER_STATE_FILE "learner.safetensors"
 
 /* One trajectory's routing record in the dispatch protocol's layout (borrowed), len = the
