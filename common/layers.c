@@ -154,33 +154,16 @@ void silu_backward(real *dinp, const real *dout, const real *inp, size_t N) {
     }
 }
 
-/* v where keep, else +0: a bit mask rather than a branch, so the loops below compute both sides
- * for every element and vectorise (the compiler keeps a floating-point operation under a
- * branch conditional). Same values as `keep ? v : 0`. */
-static inline real keep_or_zero(real v, int keep) {
-#if REAL_IS_DOUBLE
-    uint64_t u;
-    memcpy(&u, &v, sizeof u);
-    u &= 0u - (uint64_t)(keep != 0);
-#else
-    uint32_t u;
-    memcpy(&u, &v, sizeof u);
-    u &= 0u - (uint32_t)(keep != 0);
-#endif
-    memcpy(&v, &u, sizeof v);
-    return v;
-}
-
 void relu2_forward(real *out, const real *inp, size_t N) {
     for (size_t i = 0; i < N; i++) {
-        const real r = keep_or_zero(inp[i], inp[i] > 0);
+        const real r = real_keep_or_zero(inp[i], inp[i] > 0);
         out[i] = r * r;
     }
 }
 
 void relu2_backward(real *dinp, const real *dout, const real *inp, size_t N) {
     for (size_t i = 0; i < N; i++)
-        dinp[i] += keep_or_zero(dout[i] * 2 * inp[i], inp[i] > 0);
+        dinp[i] += real_keep_or_zero(dout[i] * 2 * inp[i], inp[i] > 0);
 }
 
 void residual_forward(real *out, const real *inp1, const real *inp2, size_t N) {

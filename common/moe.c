@@ -36,22 +36,6 @@ static real silu_grad(real x) {
     return s * (1 + x * (1 - s));
 }
 
-/* v where keep, else +0, by a bit mask: the ReLU² loops below then vectorise (a branch would
- * keep their multiplications conditional). Same values as `keep ? v : 0`. */
-static inline real keep_or_zero(real v, int keep) {
-#if REAL_IS_DOUBLE
-    uint64_t u;
-    memcpy(&u, &v, sizeof u);
-    u &= 0u - (uint64_t)(keep != 0);
-#else
-    uint32_t u;
-    memcpy(&u, &v, sizeof u);
-    u &= 0u - (uint32_t)(keep != 0);
-#endif
-    memcpy(&v, &u, sizeof v);
-    return v;
-}
-
 static real dot(const real *a, const real *b, int n) {
     real s = 0;
     for (int i = 0; i < n; i++)
@@ -384,7 +368,7 @@ void moe_expert_forward(real *out, real *pre, real *scratch, const real *x, cons
     lin(pre, x, w1, n, C, EH);
     size_t nh = (size_t)n * EH;
     for (size_t i = 0; i < nh; i++) {
-        const real v = keep_or_zero(pre[i], pre[i] > 0);
+        const real v = real_keep_or_zero(pre[i], pre[i] > 0);
         scratch[i] = v * v;
     }
     lin(out, scratch, w2, n, EH, C);
@@ -395,13 +379,13 @@ void moe_expert_backward(real *dx, real *dw1, real *dw2, real *scratch, const re
                          int C, int EH) {
     size_t nh = (size_t)n * EH;
     for (size_t i = 0; i < nh; i++) {
-        const real v = keep_or_zero(pre[i], pre[i] > 0);
+        const real v = real_keep_or_zero(pre[i], pre[i] > 0);
         scratch[i] = v * v;
     }
     lin_dw(dw2, dout, scratch, n, EH, C);
     gemm(GEMM_N, GEMM_N, n, EH, C, 1, dout, C, w2, EH, 0, scratch, EH);
     for (size_t i = 0; i < nh; i++)
-        scratch[i] *= keep_or_zero(2 * pre[i], pre[i] > 0);
+        scratch[i] *= real_keep_or_zero(2 * pre[i], pre[i] > 0);
     lin_dw(dw1, scratch, x, n, C, EH);
     lin_dx(dx, scratch, w1, n, C, EH);
 }

@@ -35,4 +35,24 @@ typedef float real;
 #define R_FMAX fmaxf
 #endif
 
+#include <stdint.h>
+#include <string.h>
+
+/* v where keep, else +0: a bit mask rather than a branch, so loops that use it compute both
+ * sides for every element and vectorise (the compiler keeps a floating-point operation under a
+ * branch conditional; the ReLU² forward and backward). Same values as `keep ? v : 0`. */
+static inline real real_keep_or_zero(real v, int keep) {
+#if REAL_IS_DOUBLE
+    uint64_t u;
+    memcpy(&u, &v, sizeof u);
+    u &= 0u - (uint64_t)(keep != 0);
+#else
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    u &= 0u - (uint32_t)(keep != 0);
+#endif
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
 #endif
