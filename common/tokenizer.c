@@ -103,6 +103,23 @@ tokenizer_t *tokenizer_new_byte(void) {
     return t;
 }
 
+tokenizer_t *tokenizer_new_for_config(const model_tokenizer_config_t *cfg, qerr_t *err) {
+    if (cfg->kind == MODEL_TOKENIZER_BYTE) {
+        tokenizer_t *t = tokenizer_new_byte();
+        if (!t)
+            qerr_set(err, QERR_NOMEM, "tokenizer: out of memory");
+        return t;
+    }
+    if (cfg->json[0])
+        return tokenizer_new_hf_json(cfg->json, err);
+    if (cfg->vocab[0] && cfg->merges[0])
+        return tokenizer_new_bpe_files(cfg->vocab, cfg->merges, err);
+    qerr_set(err, QERR_NOTFOUND,
+             "model.tokenizer: kind gpt2 names no tokenizer files (model.tokenizer.json, or "
+             ".vocab and .merges)");
+    return NULL;
+}
+
 void tokenizer_destroy(tokenizer_t **tp) {
     if (!tp || !*tp)
         return;

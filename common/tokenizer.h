@@ -15,6 +15,7 @@
 #define QUILLAN_TOKENIZER_H
 
 #include "error.h"
+#include "model_config.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -77,6 +78,12 @@ tokenizer_t *tokenizer_new_bpe_files(const char *vocab_json, const char *merges_
  * special decode as special. Same validation as tokenizer_new_bpe_files, errors naming the
  * file and JSON key. */
 tokenizer_t *tokenizer_new_hf_json(const char *tokenizer_json, qerr_t *err);
+
+/* The tokenizer a model config names: byte-level, or GPT-2 BPE from model.tokenizer.json or
+ * from .vocab + .merges. Returns NULL and fills err when out of memory, when a gpt2 config names
+ * no files (QERR_NOTFOUND, e.g. a quantized policy whose files were not carried along), or as
+ * the constructors above on bad files. */
+tokenizer_t *tokenizer_new_for_config(const model_tokenizer_config_t *cfg, qerr_t *err);
 
 /* Frees everything and sets *t to NULL; safe on NULL and on an already destroyed pointer. */
 void tokenizer_destroy(tokenizer_t **t);

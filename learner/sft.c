@@ -57,24 +57,6 @@ static double now_s(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static tokenizer_t *tokenizer_for(const model_config_t *mc, qerr_t *err) {
-    const model_tokenizer_config_t *t = &mc->tokenizer;
-    if (t->kind == MODEL_TOKENIZER_BYTE) {
-        tokenizer_t *tok = tokenizer_new_byte();
-        if (!tok)
-            qerr_set(err, QERR_NOMEM, "out of memory");
-        return tok;
-    }
-    if (t->json[0])
-        return tokenizer_new_hf_json(t->json, err);
-    if (!t->vocab[0])
-        return qerr_set(err, QERR_INVALID,
-                        "model.tokenizer: kind gpt2 needs vocab + merges or "
-                        "json"),
-               NULL;
-    return tokenizer_new_bpe_files(t->vocab, t->merges, err);
-}
-
 /* Tokenizes and checks every line of an SFT JSONL file. */
 static int dataset_load(dataset_t *d, const char *path, const tokenizer_t *tok,
                         const model_config_t *mc, qerr_t *err) {
@@ -718,7 +700,7 @@ static int rank_main(dp_comm_t *comm, void *arg, qerr_t *err) {
 static int shared_load(sft_shared_t *sh, qerr_t *err) {
     const quillan_config_t *cfg = sh->cfg;
     const model_config_t *mc = &cfg->model;
-    sh->tok = tokenizer_for(mc, err);
+    sh->tok = tokenizer_new_for_config(&mc->tokenizer, err);
     if (!sh->tok)
         return -1;
     if (!cfg->data.train[0])

@@ -226,24 +226,6 @@ static int pack_ternx(quillan_policy_t *p, qerr_t *err) {
     return 0;
 }
 
-static void load_tokenizer(quillan_policy_t *p) {
-    const model_tokenizer_config_t *t = &p->cfg.tokenizer;
-    qerr_t *err = &p->tok_err;
-    if (t->kind == MODEL_TOKENIZER_BYTE) {
-        p->tok = tokenizer_new_byte();
-        if (!p->tok)
-            qerr_set(err, QERR_NOMEM, "tokenizer: out of memory");
-    } else if (t->json[0]) {
-        p->tok = tokenizer_new_hf_json(t->json, err);
-    } else if (t->vocab[0] && t->merges[0]) {
-        p->tok = tokenizer_new_bpe_files(t->vocab, t->merges, err);
-    } else {
-        qerr_set(err, QERR_NOTFOUND,
-                 "the policy uses the GPT-2 tokenizer but its config names no tokenizer files "
-                 "(model.tokenizer.json, or .vocab and .merges)");
-    }
-}
-
 quillan_policy_t *eng_policy_new(qpolicy_t *q, qerr_t *err) {
     quillan_policy_t *p = calloc(1, sizeof *p);
     if (!p) {
@@ -273,7 +255,7 @@ quillan_policy_t *eng_policy_new(qpolicy_t *q, qerr_t *err) {
         policy_free(p);
         return NULL;
     }
-    load_tokenizer(p);
+    p->tok = tokenizer_new_for_config(&p->cfg.tokenizer, &p->tok_err);
     return p;
 }
 

@@ -748,3 +748,34 @@ Test(tokenizer_errors, bad_tokenizer_json_merges, .init = tmp_setup, .fini = tmp
         cr_assert(strstr(err.msg, cases[i][1]), "'%s' not in: %s", cases[i][1], err.msg);
     }
 }
+
+Test(tokenizer_config, builds_what_the_model_config_names, .init = tmp_setup,
+     .fini = tmp_teardown) {
+    model_tokenizer_config_t cfg = {.kind = MODEL_TOKENIZER_BYTE};
+    qerr_t err = {0};
+    tokenizer_t *t = tokenizer_new_for_config(&cfg, &err);
+    cr_assert_not_null(t, "byte: %s", err.msg);
+    cr_assert_eq(tokenizer_kind(t), TOKENIZER_KIND_BYTE);
+    tokenizer_destroy(&t);
+
+    cfg.kind = MODEL_TOKENIZER_GPT2;
+    t = tokenizer_new_for_config(&cfg, &err);
+    cr_assert_null(t, "a gpt2 config without files gave a tokenizer");
+    cr_assert_eq(err.code, QERR_NOTFOUND);
+    cr_assert(strstr(err.msg, "model.tokenizer") != NULL, "message: %s", err.msg);
+
+    json_t *v = toy_vocab();
+    toy_write("toy_vocab.json", "toy_merges.txt", v, TOY_MERGES);
+    json_decref(v);
+    snprintf(cfg.vocab, sizeof cfg.vocab, "%s", tmp_path("toy_vocab.json"));
+    snprintf(cfg.merges, sizeof cfg.merges, "%s", tmp_path("toy_merges.txt"));
+    t = tokenizer_new_for_config(&cfg, &err);
+    cr_assert_not_null(t, "vocab + merges: %s", err.msg);
+    cr_assert_eq(tokenizer_kind(t), TOKENIZER_KIND_GPT2_BPE);
+    cr_assert_eq(tokenizer_vocab_size(t), 262);
+    tokenizer_destroy(&t);
+
+    snprintf(cfg.json, sizeof cfg.json, "%s", tmp_path("missing_tokenizer.json"));
+    t = tokenizer_new_for_config(&cfg, &err);
+    cr_assert_null(t, "json takes precedence: a missing tokenizer.json must fail");
+}
