@@ -446,23 +446,6 @@ int learner_eval(learner_t *l, double *accuracy, qerr_t *err) {
 
 /* ---- construction ---- */
 
-static tokenizer_t *tokenizer_for(const model_config_t *mc, qerr_t *err) {
-    const model_tokenizer_config_t *t = &mc->tokenizer;
-    if (t->kind == MODEL_TOKENIZER_BYTE) {
-        tokenizer_t *tok = tokenizer_new_byte();
-        if (!tok)
-            qerr_set(err, QERR_NOMEM, "out of memory");
-        return tok;
-    }
-    if (t->json[0])
-        return tokenizer_new_hf_json(t->json, err);
-    if (!t->vocab[0]) {
-        qerr_set(err, QERR_INVALID, "model.tokenizer: kind gpt2 needs vocab + merges or json");
-        return NULL;
-    }
-    return tokenizer_new_bpe_files(t->vocab, t->merges, err);
-}
-
 /* The run settings the learner cannot serve, named by key. */
 static int config_check(const quillan_config_t *c, qerr_t *err) {
     if (c->learner.mode != CONFIG_MODE_RL)
@@ -729,7 +712,7 @@ learner_t *learner_new(const quillan_config_t *cfg, const char *resume, qerr_t *
     if (rc == 0) {
         /* The tokenizer before the model: a bad tokenizer path fails in milliseconds, not
          * after minutes of building a large model. */
-        l->tok = tokenizer_for(&c->model, err);
+        l->tok = tokenizer_new_for_config(&c->model.tokenizer, err);
         l->m = l->tok ? model_new(&c->model, err) : NULL;
         l->opt = l->m ? optim_new(&oc, l->m, err) : NULL;
         l->store = l->opt ? snapshot_store_new(&so, err) : NULL;
