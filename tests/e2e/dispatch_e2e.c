@@ -21,6 +21,7 @@
  * Exit status 0 means pass. */
 #include "dispatch_client.h"
 #include "dispatcher.h"
+#include "e2e.h"
 #include "log_codec.h"
 #include "log_pub.h"
 #include "loghub.h"
@@ -30,9 +31,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 #include <zmq.h>
 
@@ -52,62 +50,6 @@ static const dispatch_codec_limits_t limits = {.vocab_size = TOKENIZER_BYTE_VOCA
                                                .max_prompt_tokens = 64,
                                                .max_new_tokens = 8};
 
-static int failures;
-#define CHECK(cond, ...)                                                                           \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                        \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fputc('\n', stderr);                                                                   \
-            failures++;                                                                            \
-        }                                                                                          \
-    } while (0)
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static void sleep_s(double s) {
-    struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
-    nanosleep(&ts, NULL);
-}
-
-static void path_of(char *out, size_t cap, const char *dir, const char *name) {
-    snprintf(out, cap, "%s/%s", dir, name);
-}
-
-static int exists(const char *dir, const char *name) {
-    char p[512];
-    path_of(p, sizeof p, dir, name);
-    struct stat st;
-    return stat(p, &st) == 0;
-}
-
-static void file_append(const char *dir, const char *name, const char *text) {
-    char p[512];
-    path_of(p, sizeof p, dir, name);
-    FILE *f = fopen(p, "a");
-    if (f) {
-        fputs(text, f);
-        fclose(f);
-    }
-}
-
-static size_t lines_count(const char *dir, const char *name) {
-    char p[512];
-    path_of(p, sizeof p, dir, name);
-    FILE *f = fopen(p, "r");
-    size_t n = 0;
-    if (f == NULL)
-        return 0;
-    for (int c; (c = fgetc(f)) != EOF;)
-        n += c == '\n';
-    fclose(f);
-    return n;
-}
-
 /* ---- learner ---- */
 
 typedef struct {
@@ -124,8 +66,8 @@ static void state_write(learner_t *l) {
         exit(1);
     }
     char tmp[512], dst[512];
-    path_of(tmp, sizeof tmp, l->dir, "state.tmp");
-    path_of(dst, sizeof dst, l->dir, "state");
+    e2e_path_of(tmp, sizeof tmp, l->dir, "state.tmp");
+    e2e_path_of(dst, sizeof dst, l->dir, "state");
     FILE *f = fopen(tmp, "wb");
     if (f == NULL || fwrite(buf, 1, len, f) != len || fclose(f) != 0 || rename(tmp, dst) != 0) {
         fprintf(stderr, "learner: writing %s: %s\n", dst, strerror(errno));
@@ -146,34 +88,16 @@ static int on_group(void *ctx, const Quillan__TrajectoryGroup *g,
     snprintf(line, sizeof line, "%llu %llu %llu\n", (unsigned long long)g->prompt_id,
              (unsigned long long)g->epoch, (unsigned long long)info->lease_id);
     snprintf(name, sizeof name, "accepted.%s", l->phase);
-    file_append(l->dir, name, line);
+    e2e_file_append(l->dir, name, line);
     return 0;
-}
-
-static uint8_t *file_read(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (f == NULL)
-        return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    uint8_t *buf = malloc(n > 0 ? (size_t)n : 1);
-    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
-        free(buf);
-        buf = NULL;
-    }
-    fclose(f);
-    *len = (size_t)n;
-    return buf;
 }
 
 static int learner_main(const char *dir, const char *phase) {
     log_init("e2e-learner");
     log_set_level(LOG_WARN);
     bool restore = strcmp(phase, "restore") == 0;
-    char data[512], ep_path[512];
-    path_of(data, sizeof data, dir, "data.jsonl");
-    path_of(ep_path, sizeof ep_path, dir, "endpoint");
+    char data[512];
+    e2e_path_of(data, sizeof data, dir, "data.jsonl");
     qerr_t e;
     jsonl_reader_t *r = jsonl_reader_new(data, 0, &e);
     tokenizer_t *tok = tokenizer_new_byte();
@@ -189,10 +113,8 @@ static int learner_main(const char *dir, const char *phase) {
     size_t state_len = 0;
     if (restore) {
         size_t n = 0;
-        uint8_t *ep = file_read(ep_path, &n);
-        char sp[512];
-        path_of(sp, sizeof sp, dir, "state");
-        state = file_read(sp, &state_len);
+        char *ep = e2e_file_read(dir, "endpoint", &n);
+        state = (uint8_t *)e2e_file_read(dir, "state", &state_len);
         if (ep == NULL || state == NULL || n == 0 || n >= sizeof endpoint) {
             fprintf(stderr, "learner: no endpoint or state to restore from\n");
             return 1;
@@ -224,20 +146,20 @@ static int learner_main(const char *dir, const char *phase) {
     dispatcher_stats(l.d, &st);
     uint64_t restored = st.table.accepted;
     if (!restore)
-        file_append(dir, "endpoint", dispatcher_endpoint(l.d));
+        e2e_file_append(dir, "endpoint", dispatcher_endpoint(l.d));
     dispatcher_set_lease_limit(l.d, LEASE_LIMIT);
-    double start = now_s(), finished_at = 0;
-    while (now_s() - start < RUN_LIMIT_S) {
+    double start = e2e_now_s(), finished_at = 0;
+    while (e2e_now_s() - start < RUN_LIMIT_S) {
         if (dispatcher_poll(l.d, 20, &e) < 0) {
             fprintf(stderr, "learner: poll: %s\n", e.msg);
             return 1;
         }
         dispatcher_stats(l.d, &st);
-        if (st.workers_died > 0 && !exists(dir, "died"))
-            file_append(dir, "died", "1\n");
+        if (st.workers_died > 0 && !e2e_file_exists(dir, "died"))
+            e2e_file_append(dir, "died", "1\n");
         if (finished_at == 0 && dispatcher_finished(l.d))
-            finished_at = now_s();
-        if (finished_at > 0 && now_s() - finished_at > 0.3)
+            finished_at = e2e_now_s();
+        if (finished_at > 0 && e2e_now_s() - finished_at > 0.3)
             break; /* the last Acks are out */
     }
     if (finished_at == 0) {
@@ -250,7 +172,7 @@ static int learner_main(const char *dir, const char *phase) {
              (unsigned long long)st.table.duplicates, (unsigned long long)st.table.expired,
              (unsigned long long)st.table.released, (unsigned long long)st.table.relet,
              (unsigned long long)st.table.unknown, (unsigned long long)st.table.rejected);
-    file_append(dir, "final", text);
+    e2e_file_append(dir, "final", text);
     dispatcher_destroy(&l.d);
     zmq_ctx_term(zctx);
     jsonl_reader_destroy(&r);
@@ -297,7 +219,7 @@ static void on_work(void *ctx, const Quillan__RolloutRequest *rq, uint32_t timeo
     k->sampling.base.n_unknown_fields = 0;
     k->sampling.n_stop_tokens = 0;
     k->sampling.stop_tokens = NULL;
-    double now = now_s();
+    double now = e2e_now_s();
     if (!w->tricky) {
         k->ready_s = now + FAST_GROUP_S;
     } else if (w->first_lease == 0) {
@@ -305,7 +227,7 @@ static void on_work(void *ctx, const Quillan__RolloutRequest *rq, uint32_t timeo
         k->ready_s = now + TRICKY_HOLD_S;
     } else {
         k->ready_s = 0;
-        file_append(w->dir, "w2.holding", "1\n");
+        e2e_file_append(w->dir, "w2.holding", "1\n");
     }
 }
 
@@ -314,7 +236,7 @@ static void on_ack(void *ctx, uint64_t lease_id, Quillan__AckStatus status) {
     if (w->tricky && lease_id == w->first_lease && status != 0) {
         char text[32];
         snprintf(text, sizeof text, "%d\n", (int)status);
-        file_append(w->dir, "w2.dup", text);
+        e2e_file_append(w->dir, "w2.dup", text);
     }
 }
 
@@ -322,7 +244,7 @@ static void on_restart(void *ctx) {
     worker_t *w = ctx;
     char name[64];
     snprintf(name, sizeof name, "%s.restarts", w->name);
-    file_append(w->dir, name, "1\n");
+    e2e_file_append(w->dir, name, "1\n");
 }
 
 static int group_send(dispatch_client_t *c, const work_t *k) {
@@ -382,13 +304,13 @@ static int worker_main(const char *dir, const char *endpoint, const char *name, 
         fprintf(stderr, "%s: %s\n", name, e.msg);
         return 1;
     }
-    double start = now_s();
-    while (now_s() - start < RUN_LIMIT_S) { /* the driver ends it */
+    double start = e2e_now_s();
+    while (e2e_now_s() - start < RUN_LIMIT_S) { /* the driver ends it */
         if (dispatch_client_poll(c, 10, &e) < 0) {
             fprintf(stderr, "%s: poll: %s\n", name, e.msg);
             return 1;
         }
-        double now = now_s();
+        double now = e2e_now_s();
         for (size_t i = 0; i < w.n_work;) {
             if (w.work[i].ready_s > 0 && w.work[i].ready_s <= now) {
                 if (group_send(c, &w.work[i]) != 0)
@@ -406,48 +328,38 @@ static int worker_main(const char *dir, const char *endpoint, const char *name, 
 
 /* ---- driver ---- */
 
+/* This executable with up to five arguments (a NULL ends them early); output inherited. */
 static pid_t spawn(const char *self, const char *a1, const char *a2, const char *a3, const char *a4,
                    const char *a5) {
-    pid_t pid = fork();
-    if (pid == 0) {
-        execl(self, self, a1, a2, a3, a4, a5, (char *)NULL);
-        _exit(127);
-    }
-    return pid;
+    char *argv[] = {(char *)self, (char *)a1, (char *)a2, (char *)a3, (char *)a4, (char *)a5, NULL};
+    return e2e_spawn(argv, NULL, NULL);
 }
 
 /* Waits until cond(dir) holds; 0, or -1 after RUN_LIMIT_S. */
 static int wait_for(const char *dir, const char *name, size_t min_lines) {
-    double start = now_s();
-    while (now_s() - start < RUN_LIMIT_S) {
-        if (min_lines == 0 ? exists(dir, name) : lines_count(dir, name) >= min_lines)
+    double start = e2e_now_s();
+    while (e2e_now_s() - start < RUN_LIMIT_S) {
+        if (min_lines == 0 ? e2e_file_exists(dir, name)
+                           : e2e_file_lines(dir, name, NULL) >= min_lines)
             return 0;
-        sleep_s(0.01);
+        e2e_sleep_s(0.01);
     }
     fprintf(stderr, "FAIL: waited %.0f s for %s\n", RUN_LIMIT_S, name);
-    failures++;
+    e2e_failures++;
     return -1;
-}
-
-static int reap(pid_t pid, int sig) {
-    if (sig)
-        kill(pid, sig);
-    int status = 0;
-    waitpid(pid, &status, 0);
-    return status;
 }
 
 /* Reads "p e lease" lines; marks count[e][p] and lease ids. */
 static void lines_tally(const char *dir, const char *name, size_t max_lines,
                         int count[EPOCHS][N_PROMPTS], uint64_t *leases, size_t *n_leases) {
     char p[512];
-    path_of(p, sizeof p, dir, name);
+    e2e_path_of(p, sizeof p, dir, name);
     FILE *f = fopen(p, "r");
     if (f == NULL)
         return;
     unsigned long long pr, ep, le;
     for (size_t i = 0; i < max_lines && fscanf(f, "%llu %llu %llu", &pr, &ep, &le) == 3; i++) {
-        CHECK(pr < N_PROMPTS && ep < EPOCHS, "%s: unit (%llu, %llu)", name, pr, ep);
+        E2E_CHECK(pr < N_PROMPTS && ep < EPOCHS, "%s: unit (%llu, %llu)", name, pr, ep);
         if (pr < N_PROMPTS && ep < EPOCHS)
             count[ep][pr]++;
         leases[(*n_leases)++] = le;
@@ -464,18 +376,16 @@ static int run_main(const char *self) {
     for (int i = 0; i < N_PROMPTS; i++) {
         char line[96];
         snprintf(line, sizeof line, "{\"prompt\": \"%d+%d=\", \"answer\": \"%d\"}\n", i, i, 2 * i);
-        file_append(dir, "data.jsonl", line);
+        e2e_file_append(dir, "data.jsonl", line);
     }
     pid_t learner = spawn(self, "learner", dir, "fresh", NULL, NULL);
     if (wait_for(dir, "endpoint", 0) != 0) {
-        reap(learner, SIGKILL);
+        e2e_kill(learner);
         return 1;
     }
-    sleep_s(0.05);
+    e2e_sleep_s(0.05);
     size_t n = 0;
-    char ep_path[512];
-    path_of(ep_path, sizeof ep_path, dir, "endpoint");
-    uint8_t *ep = file_read(ep_path, &n);
+    char *ep = e2e_file_read(dir, "endpoint", &n);
     char endpoint[256] = "";
     if (ep && n < sizeof endpoint)
         memcpy(endpoint, ep, n);
@@ -486,67 +396,69 @@ static int run_main(const char *self) {
     /* w2: duplicate, then holding a lease -> SIGKILL; the learner must notice. */
     if (wait_for(dir, "w2.dup", 0) == 0 && wait_for(dir, "w2.holding", 0) == 0)
         fprintf(stderr, "driver: killing w2 while it holds a lease\n");
-    reap(w2, SIGKILL);
+    e2e_kill(w2);
     wait_for(dir, "died", 0);
-    size_t at = lines_count(dir, "accepted.fresh");
+    size_t at = e2e_file_lines(dir, "accepted.fresh", NULL);
     wait_for(dir, "accepted.fresh", at + 3);
-    int st = reap(learner, SIGKILL);
-    CHECK(WIFSIGNALED(st),
-          "the first learner ended before the kill (status %d): it finished "
-          "too early for the test",
-          st);
+    int st = e2e_kill(learner);
+    E2E_CHECK(st >= 128,
+              "the first learner ended before the kill (status %d): it finished "
+              "too early for the test",
+              st);
     fprintf(stderr, "driver: learner killed after %zu accepted groups; restarting\n",
-            lines_count(dir, "accepted.fresh"));
+            e2e_file_lines(dir, "accepted.fresh", NULL));
 
     learner = spawn(self, "learner", dir, "restore", NULL, NULL);
-    st = reap(learner, 0);
-    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the restored learner failed (status %d)", st);
-    reap(w1, SIGKILL);
+    st = e2e_wait_exit(learner, 2 * RUN_LIMIT_S);
+    E2E_CHECK(st == 0, "the restored learner failed (status %d)", st);
+    e2e_kill(w1);
 
     unsigned long long restored = 0, fin[7] = {0};
     char fp[512];
-    path_of(fp, sizeof fp, dir, "final");
+    e2e_path_of(fp, sizeof fp, dir, "final");
     FILE *f = fopen(fp, "r");
-    CHECK(f && fscanf(f, "%llu %llu %llu %llu %llu %llu %llu %llu", &restored, &fin[0], &fin[1],
-                      &fin[2], &fin[3], &fin[4], &fin[5], &fin[6]) == 8,
-          "no final counters");
+    E2E_CHECK(f && fscanf(f, "%llu %llu %llu %llu %llu %llu %llu %llu", &restored, &fin[0], &fin[1],
+                          &fin[2], &fin[3], &fin[4], &fin[5], &fin[6]) == 8,
+              "no final counters");
     if (f)
         fclose(f);
     int count[EPOCHS][N_PROMPTS] = {{0}};
     static uint64_t leases[4 * EPOCHS * N_PROMPTS];
     size_t n_leases = 0;
-    size_t fresh_lines = lines_count(dir, "accepted.fresh");
-    CHECK(restored > 0 && (restored == fresh_lines || restored + 1 == fresh_lines),
-          "the restored state counts %llu accepted groups, the first learner logged %zu", restored,
-          fresh_lines);
+    size_t fresh_lines = e2e_file_lines(dir, "accepted.fresh", NULL);
+    E2E_CHECK(restored > 0 && (restored == fresh_lines || restored + 1 == fresh_lines),
+              "the restored state counts %llu accepted groups, the first learner logged %zu",
+              restored, fresh_lines);
     lines_tally(dir, "accepted.fresh", (size_t)restored, count, leases, &n_leases);
     lines_tally(dir, "accepted.restore", SIZE_MAX, count, leases, &n_leases);
     for (int e = 0; e < EPOCHS; e++)
         for (int p = 0; p < N_PROMPTS; p++)
-            CHECK(count[e][p] == 1, "prompt %d of epoch %d accepted %d times", p, e, count[e][p]);
+            E2E_CHECK(count[e][p] == 1, "prompt %d of epoch %d accepted %d times", p, e,
+                      count[e][p]);
     for (size_t i = 0; i < n_leases; i++)
         for (size_t j = i + 1; j < n_leases; j++)
-            CHECK(leases[i] != leases[j], "group id %llu accepted twice",
-                  (unsigned long long)leases[i]);
-    CHECK(fin[0] == (unsigned long long)EPOCHS * N_PROMPTS, "accepted counter %llu", fin[0]);
-    CHECK(fin[1] >= 1, "no duplicate counted");
-    CHECK(fin[2] >= 1, "no lease timed out");
-    CHECK(fin[3] >= 1, "the dead worker's lease was not released");
-    CHECK(fin[4] >= 2, "re-leases: %llu", fin[4]);
-    CHECK(fin[6] == 0, "%llu groups rejected", fin[6]);
+            E2E_CHECK(leases[i] != leases[j], "group id %llu accepted twice",
+                      (unsigned long long)leases[i]);
+    E2E_CHECK(fin[0] == (unsigned long long)EPOCHS * N_PROMPTS, "accepted counter %llu", fin[0]);
+    E2E_CHECK(fin[1] >= 1, "no duplicate counted");
+    E2E_CHECK(fin[2] >= 1, "no lease timed out");
+    E2E_CHECK(fin[3] >= 1, "the dead worker's lease was not released");
+    E2E_CHECK(fin[4] >= 2, "re-leases: %llu", fin[4]);
+    E2E_CHECK(fin[6] == 0, "%llu groups rejected", fin[6]);
     char dup[8] = "";
-    path_of(fp, sizeof fp, dir, "w2.dup");
+    e2e_path_of(fp, sizeof fp, dir, "w2.dup");
     f = fopen(fp, "r");
-    CHECK(f && fgets(dup, sizeof dup, f) && atoi(dup) == QUILLAN__ACK_STATUS__ACK_STATUS_DUPLICATE,
-          "w2's late group was answered '%s', not DUPLICATE", dup);
+    E2E_CHECK(f && fgets(dup, sizeof dup, f) &&
+                  atoi(dup) == QUILLAN__ACK_STATUS__ACK_STATUS_DUPLICATE,
+              "w2's late group was answered '%s', not DUPLICATE", dup);
     if (f)
         fclose(f);
-    CHECK(exists(dir, "w1.restarts"), "w1 never noticed the learner restart");
+    E2E_CHECK(e2e_file_exists(dir, "w1.restarts"), "w1 never noticed the learner restart");
     fprintf(stderr,
             "dispatch e2e: %d units exactly once; restored %llu; duplicates %llu, expired %llu, "
             "released %llu, re-leases %llu, unknown %llu\n",
             EPOCHS * N_PROMPTS, restored, fin[1], fin[2], fin[3], fin[4], fin[5]);
-    if (failures == 0) {
+    if (e2e_failures == 0) {
         char cmd[600];
         snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
         if (system(cmd) != 0)
@@ -554,7 +466,7 @@ static int run_main(const char *self) {
     } else {
         fprintf(stderr, "files kept in %s\n", dir);
     }
-    return failures ? 1 : 0;
+    return e2e_failures ? 1 : 0;
 }
 
 /* ---- log hub ---- */
@@ -576,7 +488,7 @@ static int publisher_main(const char *endpoint) {
     for (int i = 0; i < (int)(RUN_LIMIT_S / 0.02); i++) { /* until the driver kills it */
         log_field_t f = {"i", (double)i};
         log_emit(LOG_INFO, "e2e.tick", &f, 1, NULL);
-        sleep_s(0.02);
+        e2e_sleep_s(0.02);
     }
     log_pub_destroy(&p);
     zmq_ctx_term(zctx);
@@ -606,20 +518,20 @@ static int loghub_main(const char *self) {
                               .incarnation_id = net_incarnation_new(),
                               .validate = log_codec_net_validate};
     net_socket_t *mon = net_socket_new(zctx, &spec, &o.net, &o.security, &e);
-    CHECK(mon != NULL, "%s", e.msg);
-    CHECK(zmq_setsockopt(net_socket_handle(mon), ZMQ_SUBSCRIBE, "", 0) == 0, "subscribe");
-    CHECK(net_socket_connect(mon, loghub_out_endpoint(h), &e) == 0, "%s", e.msg);
+    E2E_CHECK(mon != NULL, "%s", e.msg);
+    E2E_CHECK(zmq_setsockopt(net_socket_handle(mon), ZMQ_SUBSCRIBE, "", 0) == 0, "subscribe");
+    E2E_CHECK(net_socket_connect(mon, loghub_out_endpoint(h), &e) == 0, "%s", e.msg);
     pid_t pub = spawn(self, "publisher", loghub_in_endpoint(h), NULL, NULL, NULL);
     int got_pub = 0, got_self = 0;
-    double start = now_s(), next_self = 0;
-    while ((!got_pub || !got_self) && now_s() - start < 30.0 && !failures) {
-        if (now_s() >= next_self) {
+    double start = e2e_now_s(), next_self = 0;
+    while ((!got_pub || !got_self) && e2e_now_s() - start < 30.0 && !e2e_failures) {
+        if (e2e_now_s() >= next_self) {
             log_info("e2e.self", "the hub's own process logs");
-            next_self = now_s() + 0.1;
+            next_self = e2e_now_s() + 0.1;
         }
         net_msg_t *m = NULL;
         int rc = net_recv(mon, 50, &m, &e);
-        CHECK(rc >= 0, "monitor: %s", e.msg);
+        E2E_CHECK(rc >= 0, "monitor: %s", e.msg);
         if (rc != 1)
             continue;
         const Quillan__LogRecord *lr = net_msg_envelope(m)->log_record;
@@ -630,21 +542,21 @@ static int loghub_main(const char *self) {
             got_self = 1;
         net_msg_destroy(&m);
     }
-    reap(pub, SIGKILL);
-    CHECK(got_pub, "no record of the publisher process reached the monitor");
-    CHECK(got_self, "no record of the hub's own process reached the monitor");
+    e2e_kill(pub);
+    E2E_CHECK(got_pub, "no record of the publisher process reached the monitor");
+    E2E_CHECK(got_self, "no record of the hub's own process reached the monitor");
     loghub_stats_t s;
     loghub_stats(h, &s);
-    CHECK(s.forwarded >= 2, "forwarded %llu", (unsigned long long)s.forwarded);
-    CHECK(s.subscriptions >= 1, "subscriptions %llu", (unsigned long long)s.subscriptions);
+    E2E_CHECK(s.forwarded >= 2, "forwarded %llu", (unsigned long long)s.forwarded);
+    E2E_CHECK(s.subscriptions >= 1, "subscriptions %llu", (unsigned long long)s.subscriptions);
     fprintf(stderr, "log hub e2e: forwarded %llu, dropped %llu, subscriptions %llu\n",
             (unsigned long long)s.forwarded, (unsigned long long)s.dropped,
             (unsigned long long)s.subscriptions);
     net_socket_destroy(&mon);
     loghub_destroy(&h);
-    CHECK(h == NULL, "destroy NULLs the pointer");
+    E2E_CHECK(h == NULL, "destroy NULLs the pointer");
     zmq_ctx_term(zctx);
-    return failures ? 1 : 0;
+    return e2e_failures ? 1 : 0;
 }
 
 int main(int argc, char **argv) {

@@ -13,6 +13,7 @@
  * 5. the monitors must be alive throughout, show the records after the restart, count the
  *    garbage, print only JSON lines (--jsonl), show the learner restart (dashboard), and exit
  *    0 on SIGINT. Exit status 0 means pass. */
+#include "e2e.h"
 #include "json.h"
 #include "log.h"
 #include "log_pub.h"
@@ -20,93 +21,15 @@
 #include "net.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 #include <zmq.h>
 
 #define E2E_WAIT_S 60
-
-static int failures;
-#define CHECK(cond, ...)                                                                           \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                        \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fputc('\n', stderr);                                                                   \
-            failures++;                                                                            \
-        }                                                                                          \
-    } while (0)
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-/* A TCP port free right now on loopback. */
-static int free_port(void *zctx) {
-    void *s = zmq_socket(zctx, ZMQ_PUB);
-    char ep[128];
-    size_t len = sizeof ep;
-    int port = -1;
-    if (s && zmq_bind(s, "tcp://127.0.0.1:*") == 0 &&
-        zmq_getsockopt(s, ZMQ_LAST_ENDPOINT, ep, &len) == 0) {
-        const char *c = strrchr(ep, ':');
-        port = c ? atoi(c + 1) : -1;
-    }
-    int linger = 0;
-    zmq_setsockopt(s, ZMQ_LINGER, &linger, sizeof linger);
-    zmq_close(s);
-    return port;
-}
-
-static pid_t spawn(char *const argv[], const char *out, const char *err) {
-    pid_t pid = fork();
-    if (pid == 0) {
-        int fo = open(out, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        int fe = open(err, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        if (fo < 0 || fe < 0)
-            _exit(127);
-        dup2(fo, STDOUT_FILENO);
-        dup2(fe, STDERR_FILENO);
-        execv(argv[0], argv);
-        _exit(127);
-    }
-    return pid;
-}
-
-static char *file_read(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (f == NULL)
-        return strdup("");
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *s = malloc((size_t)n + 1);
-    size_t got = s ? fread(s, 1, (size_t)n, f) : 0;
-    if (s)
-        s[got] = '\0';
-    fclose(f);
-    return s;
-}
-
-static int file_has(const char *path, const char *needle) {
-    char *s = file_read(path);
-    int yes = s && strstr(s, needle) != NULL;
-    free(s);
-    return yes;
-}
-
-static int alive(pid_t pid) {
-    int st;
-    return waitpid(pid, &st, WNOHANG) == 0;
-}
 
 typedef struct {
     loghub_t *hub;
@@ -122,7 +45,7 @@ static int learner_start(void *zctx, learner_t *l, const char *in, const char *o
     o.publish_self = false;
     o.net.linger_ms = 0;
     l->hub = loghub_new(zctx, &o, &err);
-    CHECK(l->hub != NULL, "hub: %s", err.msg);
+    E2E_CHECK(l->hub != NULL, "hub: %s", err.msg);
     if (l->hub == NULL)
         return -1;
     net_options_t opt;
@@ -130,7 +53,7 @@ static int learner_start(void *zctx, learner_t *l, const char *in, const char *o
     opt.linger_ms = 0;
     net_security_t sec = {.mode = NET_SECURITY_NONE};
     l->pub = log_pub_new(zctx, in, &opt, &sec, "quillan-learner", net_incarnation_new(), &err);
-    CHECK(l->pub != NULL, "publisher: %s", err.msg);
+    E2E_CHECK(l->pub != NULL, "publisher: %s", err.msg);
     return l->pub ? 0 : -1;
 }
 
@@ -143,7 +66,7 @@ static void learner_stop(learner_t *l) {
  * time runs out). Returns the next step. */
 static int steps_until_seen(int step, const char *const files[], size_t n, const char *needle,
                             const char *text) {
-    double t0 = now_s();
+    double t0 = e2e_now_s();
     for (;;) {
         const log_field_t f[] = {{"step", step},
                                  {"reward/mean", 0.25 + 0.01 * step},
@@ -154,11 +77,11 @@ static int steps_until_seen(int step, const char *const files[], size_t n, const
         usleep(100 * 1000);
         size_t seen = 0;
         for (size_t i = 0; i < n; i++)
-            seen += file_has(files[i], needle) != 0;
+            seen += e2e_file_has(NULL, files[i], needle) != 0;
         if (seen == n)
             return step;
-        if (now_s() - t0 > E2E_WAIT_S) {
-            CHECK(0, "'%s' did not reach every monitor within %d s", needle, E2E_WAIT_S);
+        if (e2e_now_s() - t0 > E2E_WAIT_S) {
+            E2E_CHECK(0, "'%s' did not reach every monitor within %d s", needle, E2E_WAIT_S);
             return step;
         }
     }
@@ -170,7 +93,7 @@ static void garbage_send(void *zctx, const char *in) {
     void *s = zmq_socket(zctx, ZMQ_PUB);
     int linger = 0;
     zmq_setsockopt(s, ZMQ_LINGER, &linger, sizeof linger);
-    CHECK(zmq_connect(s, in) == 0, "garbage connect");
+    E2E_CHECK(zmq_connect(s, in) == 0, "garbage connect");
     /* Envelope{protocol_version = 999, log_record{event "x"}}: another version */
     const uint8_t version[] = {0x08, 0xe7, 0x07, 0x92, 0x03, 0x04, 0x2a, 0x02, 'x', 'y'};
     /* Envelope{protocol_version = 1, heartbeat{}}: a dispatch body on the log socket */
@@ -197,11 +120,11 @@ static void garbage_send(void *zctx, const char *in) {
 
 /* Every line of path is a JSON object with an event; returns the number of lines. */
 static size_t jsonl_check(const char *path) {
-    char *s = file_read(path);
+    char *s = e2e_file_read(NULL, path, NULL);
     size_t lines = 0, lineno = 0;
     for (char *p = s, *e; p && *p; p = e + 1) {
         e = strchr(p, '\n');
-        CHECK(e != NULL, "%s: last line has no newline", path);
+        E2E_CHECK(e != NULL, "%s: last line has no newline", path);
         if (e == NULL)
             break;
         lineno++;
@@ -209,8 +132,8 @@ static size_t jsonl_check(const char *path) {
         char what[64];
         snprintf(what, sizeof what, "line %zu", lineno);
         json_t *v = qjson_parse(p, (size_t)(e - p), what, &err);
-        CHECK(v != NULL && json_is_object(v) && json_is_string(json_object_get(v, "event")),
-              "%s: %s", path, v ? "not a record" : err.msg);
+        E2E_CHECK(v != NULL && json_is_object(v) && json_is_string(json_object_get(v, "event")),
+                  "%s: %s", path, v ? "not a record" : err.msg);
         json_decref(v);
         lines++;
     }
@@ -228,8 +151,8 @@ int main(int argc, char **argv) {
     log_set_stderr(0);
     void *zctx = zmq_ctx_new();
     char in[64], out[64];
-    snprintf(in, sizeof in, "tcp://127.0.0.1:%d", free_port(zctx));
-    snprintf(out, sizeof out, "tcp://127.0.0.1:%d", free_port(zctx));
+    snprintf(in, sizeof in, "tcp://127.0.0.1:%d", e2e_free_port());
+    snprintf(out, sizeof out, "tcp://127.0.0.1:%d", e2e_free_port());
     char jl_out[512], jl_err[512], db_out[512], db_err[512];
     snprintf(jl_out, sizeof jl_out, "%s/jsonl.out", dir);
     snprintf(jl_err, sizeof jl_err, "%s/jsonl.err", dir);
@@ -239,11 +162,12 @@ int main(int argc, char **argv) {
     /* 1. monitors before the hub */
     char *jl_argv[] = {(char *)q, "monitor", out, "--jsonl", NULL};
     char *db_argv[] = {(char *)q, "monitor", out, "--interval", "0.3", NULL};
-    pid_t jl = spawn(jl_argv, jl_out, jl_err), db = spawn(db_argv, db_out, db_err);
-    CHECK(jl > 0 && db > 0, "fork");
+    pid_t jl = e2e_spawn(jl_argv, jl_out, jl_err), db = e2e_spawn(db_argv, db_out, db_err);
+    E2E_CHECK(jl > 0 && db > 0, "fork");
     usleep(1500 * 1000);
-    CHECK(alive(jl) && alive(db), "a monitor died before the hub came up");
-    CHECK(file_has(db_out, "waiting for records"), "the dashboard does not say it is waiting");
+    E2E_CHECK(e2e_alive(jl) && e2e_alive(db), "a monitor died before the hub came up");
+    E2E_CHECK(e2e_file_has(NULL, db_out, "waiting for records"),
+              "the dashboard does not say it is waiting");
 
     /* 2. the hub and a learner's records */
     learner_t l = {0};
@@ -255,16 +179,16 @@ int main(int argc, char **argv) {
 
     /* 3. garbage */
     garbage_send(zctx, in);
-    CHECK(alive(jl) && alive(db), "a monitor died of garbage");
+    E2E_CHECK(e2e_alive(jl) && e2e_alive(db), "a monitor died of garbage");
     loghub_stats_t hs;
     loghub_stats(l.hub, &hs);
-    CHECK(hs.forwarded > 20, "the hub forwarded only %llu messages",
-          (unsigned long long)hs.forwarded);
+    E2E_CHECK(hs.forwarded > 20, "the hub forwarded only %llu messages",
+              (unsigned long long)hs.forwarded);
 
     /* 4. the learner dies and restarts on the same ports */
     learner_stop(&l);
     usleep(1500 * 1000);
-    CHECK(alive(jl) && alive(db), "a monitor died when the hub went away");
+    E2E_CHECK(e2e_alive(jl) && e2e_alive(db), "a monitor died when the hub went away");
     if (learner_start(zctx, &l, in, out) == 0) {
         int next = steps_until_seen(5000, jl_only, 1, "after restart", "after restart");
         steps_until_seen(next, db_only, 1, "restarts 1", "after restart");
@@ -272,36 +196,39 @@ int main(int argc, char **argv) {
     usleep(800 * 1000); /* one more dashboard frame */
 
     /* 5. verdicts */
-    CHECK(alive(jl) && alive(db), "a monitor died");
+    E2E_CHECK(e2e_alive(jl) && e2e_alive(db), "a monitor died");
     kill(jl, SIGINT);
     kill(db, SIGINT);
     int st_jl = 0, st_db = 0;
     waitpid(jl, &st_jl, 0);
     waitpid(db, &st_db, 0);
-    CHECK(WIFEXITED(st_jl) && WEXITSTATUS(st_jl) == 0, "--jsonl monitor status 0x%x", st_jl);
-    CHECK(WIFEXITED(st_db) && WEXITSTATUS(st_db) == 0, "dashboard monitor status 0x%x", st_db);
+    E2E_CHECK(WIFEXITED(st_jl) && WEXITSTATUS(st_jl) == 0, "--jsonl monitor status 0x%x", st_jl);
+    E2E_CHECK(WIFEXITED(st_db) && WEXITSTATUS(st_db) == 0, "dashboard monitor status 0x%x", st_db);
     size_t lines = jsonl_check(jl_out);
-    CHECK(lines >= 2, "only %zu JSON lines", lines);
-    char *e = file_read(jl_err);
+    E2E_CHECK(lines >= 2, "only %zu JSON lines", lines);
+    char *err_text = e2e_file_read(NULL, jl_err, NULL);
+    const char *e = err_text ? err_text : "";
     unsigned long long recs = 0, garbage = 0;
     const char *sum = strstr(e, "quillan monitor: ");
-    CHECK(sum && sscanf(sum, "quillan monitor: %llu records, %llu garbage", &recs, &garbage) == 2,
-          "no summary on stderr: %s", e);
-    CHECK(garbage > 0, "no garbage counted: %s", e);
-    CHECK(recs == lines, "%llu records but %zu lines", recs, lines);
-    free(e);
-    char *d = file_read(db_out);
-    const char *last = d;
-    for (const char *p = d; (p = strstr(p, "---- ")) != NULL; p++)
+    E2E_CHECK(sum &&
+                  sscanf(sum, "quillan monitor: %llu records, %llu garbage", &recs, &garbage) == 2,
+              "no summary on stderr: %s", e);
+    E2E_CHECK(garbage > 0, "no garbage counted: %s", e);
+    E2E_CHECK(recs == lines, "%llu records but %zu lines", recs, lines);
+    free(err_text);
+    char *d = e2e_file_read(NULL, db_out, NULL);
+    const char *last = d ? d : "";
+    for (const char *p = last; (p = strstr(p, "---- ")) != NULL; p++)
         last = p;
-    CHECK(strstr(last, "restarts 1") != NULL, "the last frame shows no learner restart:\n%s", last);
-    CHECK(strstr(last, "garbage 0 ") == NULL && strstr(last, "garbage ") != NULL,
-          "the last frame counts no garbage:\n%s", last);
+    E2E_CHECK(strstr(last, "restarts 1") != NULL, "the last frame shows no learner restart:\n%s",
+              last);
+    E2E_CHECK(strstr(last, "garbage 0 ") == NULL && strstr(last, "garbage ") != NULL,
+              "the last frame counts no garbage:\n%s", last);
     free(d);
     learner_stop(&l);
     zmq_ctx_term(zctx);
-    if (failures) {
-        fprintf(stderr, "%d failures (outputs in %s)\n", failures, dir);
+    if (e2e_failures) {
+        fprintf(stderr, "%d e2e_failures (outputs in %s)\n", e2e_failures, dir);
         return 1;
     }
     printf("PASS: monitors survived a late hub, %llu garbage messages and a learner restart; "

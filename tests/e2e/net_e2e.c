@@ -11,6 +11,7 @@
  * it must show up as exactly one disconnect, and the peer's reconnection carries the next good
  * message. Exit status 0 means pass. */
 #include "dispatch_codec.h"
+#include "e2e.h"
 #include "log.h"
 #include "net.h"
 
@@ -47,17 +48,6 @@ static const bad_t steps[] = {BAD_NONE, BAD_FRAMES,  BAD_VERSION,  BAD_DECODE,
 static const dispatch_codec_limits_t limits = {
     .vocab_size = 256, .max_group_size = 16, .max_prompt_tokens = 64, .max_new_tokens = 64};
 
-static int failures;
-#define CHECK(cond, ...)                                                                           \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                        \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fputc('\n', stderr);                                                                   \
-            failures++;                                                                            \
-        }                                                                                          \
-    } while (0)
-
 static void options_init(net_options_t *o) {
     net_options_init(o);
     o->control_max_msg_bytes = E2E_MAX_FRAME;
@@ -86,20 +76,20 @@ static void options_check(net_socket_t *s) {
     int64_t max = 0;
     size_t n = sizeof max;
     zmq_getsockopt(net_socket_handle(s), ZMQ_MAXMSGSIZE, &max, &n);
-    CHECK(max == E2E_MAX_FRAME, "ZMQ_MAXMSGSIZE %lld", (long long)max);
+    E2E_CHECK(max == E2E_MAX_FRAME, "ZMQ_MAXMSGSIZE %lld", (long long)max);
     int v = 0;
     n = sizeof v;
     zmq_getsockopt(net_socket_handle(s), ZMQ_HEARTBEAT_IVL, &v, &n);
-    CHECK(v == o.heartbeat_ivl_ms, "ZMQ_HEARTBEAT_IVL %d", v);
+    E2E_CHECK(v == o.heartbeat_ivl_ms, "ZMQ_HEARTBEAT_IVL %d", v);
     n = sizeof v;
     zmq_getsockopt(net_socket_handle(s), ZMQ_HEARTBEAT_TIMEOUT, &v, &n);
-    CHECK(v == o.heartbeat_timeout_ms, "ZMQ_HEARTBEAT_TIMEOUT %d", v);
+    E2E_CHECK(v == o.heartbeat_timeout_ms, "ZMQ_HEARTBEAT_TIMEOUT %d", v);
     n = sizeof v;
     zmq_getsockopt(net_socket_handle(s), ZMQ_LINGER, &v, &n);
-    CHECK(v == 0, "ZMQ_LINGER %d", v);
+    E2E_CHECK(v == 0, "ZMQ_LINGER %d", v);
     n = sizeof v;
     zmq_getsockopt(net_socket_handle(s), ZMQ_RCVHWM, &v, &n);
-    CHECK(v == o.rcvhwm, "ZMQ_RCVHWM %d", v);
+    E2E_CHECK(v == o.rcvhwm, "ZMQ_RCVHWM %d", v);
 }
 
 /* ---- peer ---- */
@@ -205,9 +195,9 @@ static int peer_main(const char *endpoint) {
         return 2;
     }
     options_check(s);
-    for (int step = 1; step <= N_STEPS && !failures; step++) {
-        CHECK(bad_send(net_socket_handle(s), steps[step - 1], (uint64_t)step) == 0,
-              "step %d: sending the bad message: %s", step, zmq_strerror(zmq_errno()));
+    for (int step = 1; step <= N_STEPS && !e2e_failures; step++) {
+        E2E_CHECK(bad_send(net_socket_handle(s), steps[step - 1], (uint64_t)step) == 0,
+                  "step %d: sending the bad message: %s", step, zmq_strerror(zmq_errno()));
         uint64_t ids[2] = {(uint64_t)step, (uint64_t)step};
         Quillan__Heartbeat hb = QUILLAN__HEARTBEAT__INIT;
         hb.n_lease_ids = 2;
@@ -215,17 +205,17 @@ static int peer_main(const char *endpoint) {
         Quillan__Envelope env = QUILLAN__ENVELOPE__INIT;
         env.body_case = QUILLAN__ENVELOPE__BODY_HEARTBEAT;
         env.heartbeat = &hb;
-        CHECK(send_until_acked(s, &env, (uint64_t)step) == 0, "step %d: never acked", step);
+        E2E_CHECK(send_until_acked(s, &env, (uint64_t)step) == 0, "step %d: never acked", step);
     }
     Quillan__WorkRequest done = QUILLAN__WORK_REQUEST__INIT;
     done.worker_id = "e2e-peer";
     Quillan__Envelope env = QUILLAN__ENVELOPE__INIT;
     env.body_case = QUILLAN__ENVELOPE__BODY_WORK_REQUEST;
     env.work_request = &done;
-    CHECK(send_until_acked(s, &env, E2E_DONE_LEASE) == 0, "the final message was never acked");
+    E2E_CHECK(send_until_acked(s, &env, E2E_DONE_LEASE) == 0, "the final message was never acked");
     net_socket_destroy(&s);
     zmq_ctx_term(zctx);
-    return failures ? 1 : 0;
+    return e2e_failures ? 1 : 0;
 }
 
 /* ---- router ---- */
@@ -262,12 +252,9 @@ static int router_main(const char *self) {
         return 2;
     }
     options_check(s);
-    pid_t pid = fork();
-    if (pid == 0) {
-        execl(self, self, "peer", net_socket_endpoint(s), (char *)NULL);
-        _exit(127);
-    }
-    CHECK(pid > 0, "fork: %s", strerror(errno));
+    char *peer_argv[] = {(char *)self, "peer", (char *)net_socket_endpoint(s), NULL};
+    pid_t pid = e2e_spawn(peer_argv, NULL, NULL);
+    E2E_CHECK(pid > 0, "fork: %s", strerror(errno));
 
     net_stats_t at[N_STEPS + 1]; /* counters when step's good message first arrived */
     int seen[N_STEPS + 1] = {0};
@@ -276,13 +263,13 @@ static int router_main(const char *self) {
     for (int poll = 0; poll < E2E_ROUTER_POLLS && !done && pid > 0; poll++) {
         net_msg_t *m = NULL;
         int rc = net_recv(s, 100, &m, &e);
-        CHECK(rc >= 0, "router: %s", e.msg);
+        E2E_CHECK(rc >= 0, "router: %s", e.msg);
         if (rc <= 0)
             continue;
         const Quillan__Envelope *env = net_msg_envelope(m);
         if (env->body_case == QUILLAN__ENVELOPE__BODY_HEARTBEAT) {
             uint64_t step = env->heartbeat->lease_ids[0];
-            CHECK(step >= 1 && step <= N_STEPS, "step %llu", (unsigned long long)step);
+            E2E_CHECK(step >= 1 && step <= N_STEPS, "step %llu", (unsigned long long)step);
             if (step >= 1 && step <= N_STEPS && !seen[step]) {
                 seen[step] = 1;
                 net_socket_stats(s, &at[step]);
@@ -298,8 +285,8 @@ static int router_main(const char *self) {
     int status = -1;
     if (pid > 0)
         waitpid(pid, &status, 0);
-    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "peer exit status 0x%x", status);
-    CHECK(done, "the peer never finished");
+    E2E_CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "peer exit status 0x%x", status);
+    E2E_CHECK(done, "the peer never finished");
 
     uint64_t expect[NET_DROP_COUNT] = {0};
     uint64_t expect_disconnects = 0;
@@ -309,19 +296,20 @@ static int router_main(const char *self) {
             expect_disconnects++;
         else if (bad != BAD_NONE)
             expect[drop_of[bad]]++;
-        CHECK(seen[step], "step %d: the good message never arrived", step);
+        E2E_CHECK(seen[step], "step %d: the good message never arrived", step);
         if (!seen[step])
             continue;
         for (int k = 0; k < NET_DROP_COUNT; k++)
-            CHECK(at[step].dropped[k] == expect[k], "step %d: %s drops %llu, expected %llu", step,
-                  net_drop_name((net_drop_t)k), (unsigned long long)at[step].dropped[k],
-                  (unsigned long long)expect[k]);
-        CHECK(at[step].disconnects == expect_disconnects,
-              "step %d: %llu disconnects, expected %llu", step,
-              (unsigned long long)at[step].disconnects, (unsigned long long)expect_disconnects);
+            E2E_CHECK(at[step].dropped[k] == expect[k], "step %d: %s drops %llu, expected %llu",
+                      step, net_drop_name((net_drop_t)k), (unsigned long long)at[step].dropped[k],
+                      (unsigned long long)expect[k]);
+        E2E_CHECK(at[step].disconnects == expect_disconnects,
+                  "step %d: %llu disconnects, expected %llu", step,
+                  (unsigned long long)at[step].disconnects, (unsigned long long)expect_disconnects);
     }
-    CHECK(at_done.disconnects == 1, "%llu disconnects by the end, expected 1 (the oversize frame)",
-          (unsigned long long)at_done.disconnects);
+    E2E_CHECK(at_done.disconnects == 1,
+              "%llu disconnects by the end, expected 1 (the oversize frame)",
+              (unsigned long long)at_done.disconnects);
     printf("e2e net: %d steps, drops frames=%llu version=%llu decode=%llu body=%llu "
            "invalid=%llu, disconnects=%llu, received=%llu sent=%llu\n",
            N_STEPS, (unsigned long long)at_done.dropped[NET_DROP_FRAMES],
@@ -333,7 +321,7 @@ static int router_main(const char *self) {
            (unsigned long long)at_done.sent);
     net_socket_destroy(&s);
     zmq_ctx_term(zctx);
-    return failures ? 1 : 0;
+    return e2e_failures ? 1 : 0;
 }
 
 int main(int argc, char **argv) {

@@ -21,24 +21,20 @@
  *              record of its log) and dropped, and the service still answers
  * Exit status 0 means pass. */
 #include "config.h"
+#include "e2e.h"
 #include "json.h"
 #include "log.h"
 #include "net.h"
 #include "reward_client.h"
 #include "reward_codec.h"
 
-#include <arpa/inet.h>
-#include <errno.h>
 #include <math.h>
-#include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 #include <zmq.h>
 
@@ -46,33 +42,12 @@
 #define SCORE_TOL 1e-12
 /* Polls of 100 ms waiting for a raw reply before the test gives up instead of hanging. */
 #define RAW_REPLY_POLLS 100
-
-static int failures;
-#define CHECK(cond, ...)                                                                           \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                        \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fputc('\n', stderr);                                                                   \
-            failures++;                                                                            \
-        }                                                                                          \
-    } while (0)
+/* Seconds a service may take to stop on SIGTERM before it is killed and the stop fails. */
+#define STOP_LIMIT_S 30.0
 
 static const char *reward_bin, *python_script, *gen_dir, *log_dir;
 
 /* ---- processes ---- */
-
-/* A free TCP port on loopback (the kernel picks it; it is released for the service to take). */
-static int free_port(void) {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    Q_ASSERT(fd >= 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t n = sizeof a;
-    Q_ASSERT(bind(fd, (struct sockaddr *)&a, sizeof a) == 0);
-    Q_ASSERT(getsockname(fd, (struct sockaddr *)&a, &n) == 0);
-    close(fd);
-    return ntohs(a.sin_port);
-}
 
 static void endpoint_of(int port, char *buf, size_t cap) {
     snprintf(buf, cap, "tcp://127.0.0.1:%d", port);
@@ -80,20 +55,10 @@ static void endpoint_of(int port, char *buf, size_t cap) {
 
 /* Starts argv[0] with stdout and stderr appended to LOG_DIR/<log>; returns its pid. */
 static pid_t spawn(char *const argv[], const char *log) {
-    char path[1024];
-    snprintf(path, sizeof path, "%s/%s", log_dir, log);
-    pid_t pid = fork();
+    char path[E2E_PATH_MAX];
+    e2e_path_of(path, sizeof path, log_dir, log);
+    pid_t pid = e2e_spawn(argv, path, path);
     Q_ASSERT(pid >= 0);
-    if (pid == 0) {
-        FILE *f = fopen(path, "a");
-        if (f) {
-            dup2(fileno(f), 1);
-            dup2(fileno(f), 2);
-        }
-        execv(argv[0], argv);
-        fprintf(stderr, "exec %s: %s\n", argv[0], strerror(errno));
-        _exit(127);
-    }
     return pid;
 }
 
@@ -123,20 +88,6 @@ static pid_t start_python(int port, const char *log, const char *answer_key) {
         "/usr/bin/python3", (char *)python_script, "--bind",           bind, "--gen-dir",
         (char *)gen_dir,    "--answer-key",        (char *)answer_key, NULL};
     return spawn(argv, log);
-}
-
-/* SIGTERM, then the exit status (0 = a clean stop). */
-static int stop_process(pid_t pid) {
-    kill(pid, SIGTERM);
-    int st = 0;
-    if (waitpid(pid, &st, 0) != pid)
-        return -1;
-    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-}
-
-static void kill_process(pid_t pid) {
-    kill(pid, SIGKILL);
-    waitpid(pid, NULL, 0);
 }
 
 /* ---- client config ---- */
@@ -203,19 +154,19 @@ static const reward_kv_t md_answer[] = {{"answer", "\"12\""}, {"level", "1"}};
 static const reward_kv_t md_no_answer[] = {{"level", "1"}};
 
 static void expect_totals(const reward_result_t *r, const double *want, const char *what) {
-    CHECK(r->n_samples == N_COMPLETIONS, "%s: %zu results", what, r->n_samples);
+    E2E_CHECK(r->n_samples == N_COMPLETIONS, "%s: %zu results", what, r->n_samples);
     for (size_t i = 0; i < r->n_samples && i < N_COMPLETIONS; i++) {
-        CHECK(r->total[i].has, "%s: sample %zu has no reward", what, i);
-        CHECK(fabs(r->total[i].value - want[i]) <= SCORE_TOL, "%s: sample %zu: %g, expected %g",
-              what, i, r->total[i].value, want[i]);
+        E2E_CHECK(r->total[i].has, "%s: sample %zu has no reward", what, i);
+        E2E_CHECK(fabs(r->total[i].value - want[i]) <= SCORE_TOL, "%s: sample %zu: %g, expected %g",
+                  what, i, r->total[i].value, want[i]);
     }
 }
 
 static void expect_no_reward(const reward_result_t *r, const char *what) {
-    CHECK(r->n_samples == N_COMPLETIONS, "%s: %zu results", what, r->n_samples);
+    E2E_CHECK(r->n_samples == N_COMPLETIONS, "%s: %zu results", what, r->n_samples);
     for (size_t i = 0; i < r->n_samples; i++)
-        CHECK(!r->total[i].has, "%s: sample %zu got %g instead of no reward", what, i,
-              r->total[i].value);
+        E2E_CHECK(!r->total[i].has, "%s: sample %zu got %g instead of no reward", what, i,
+                  r->total[i].value);
 }
 
 /* Scores with answers, then without; exact-match scores expected. */
@@ -227,14 +178,14 @@ static void exact_scenario(reward_client_t *c, const char *what) {
     qerr_t e;
     reward_batch_t b = batch_make(x, md_answer, Q_ARRAY_LEN(md_answer));
     int rc = reward_client_score(c, &b, &r, &e);
-    CHECK(rc == 0, "%s: %s", what, e.msg);
+    E2E_CHECK(rc == 0, "%s: %s", what, e.msg);
     if (rc == 0) {
         expect_totals(&r, want, what);
-        CHECK(r.n_services == 1 && r.parts[0].has && r.parts[0].value == 1, "%s: parts", what);
+        E2E_CHECK(r.n_services == 1 && r.parts[0].has && r.parts[0].value == 1, "%s: parts", what);
     }
     b = batch_make(x, md_no_answer, Q_ARRAY_LEN(md_no_answer));
     rc = reward_client_score(c, &b, &r, &e);
-    CHECK(rc == 0, "%s (no answer): %s", what, e.msg);
+    E2E_CHECK(rc == 0, "%s (no answer): %s", what, e.msg);
     if (rc == 0)
         expect_no_reward(&r, what);
     reward_result_free(&r);
@@ -337,26 +288,26 @@ static void raw_send_one(net_socket_t *s, const void *data, size_t len) {
 /* ---- scenarios ---- */
 
 static void scenario_builtin(void) {
-    int port = free_port();
+    int port = e2e_free_port();
     pid_t pid = start_builtin(port, "reward_e2e_builtin.log", NULL);
     reward_client_t *c = client_for(services_one(port, "builtin", 1), 5, 3, 0.2, 1);
     exact_scenario(c, "quillan-reward");
     reward_client_destroy(&c);
-    CHECK(c == NULL, "destroy nulls the pointer");
+    E2E_CHECK(c == NULL, "destroy nulls the pointer");
 
     /* A REQ client: [""][Envelope] on the wire, answered through the delimiter. */
     void *zctx = zmq_ctx_new();
     char ep[64];
     endpoint_of(port, ep, sizeof ep);
     net_socket_t *req = raw_socket(zctx, ZMQ_REQ, ep);
-    CHECK(raw_roundtrip(req, 77) == 1, "a REQ client is answered");
+    E2E_CHECK(raw_roundtrip(req, 77) == 1, "a REQ client is answered");
     net_socket_destroy(&req);
     zmq_ctx_term(zctx);
-    CHECK(stop_process(pid) == 0, "quillan-reward stops cleanly on SIGTERM");
+    E2E_CHECK(e2e_stop(pid, STOP_LIMIT_S) == 0, "quillan-reward stops cleanly on SIGTERM");
 }
 
 static void scenario_python(void) {
-    int port = free_port();
+    int port = e2e_free_port();
     pid_t pid = start_python(port, "reward_e2e_python.log", "answer");
     reward_client_t *c = client_for(services_one(port, "python", 1), 5, 3, 0.2, 1);
     exact_scenario(c, "python");
@@ -371,16 +322,16 @@ static void scenario_python(void) {
     const void *three[] = {"a", "b", "c"};
     size_t three_len[] = {1, 1, 1};
     raw_send_frames(raw, three, three_len, 3);
-    CHECK(raw_roundtrip(raw, 5) == 1, "python service answers after garbage");
+    E2E_CHECK(raw_roundtrip(raw, 5) == 1, "python service answers after garbage");
     net_socket_destroy(&raw);
     zmq_ctx_term(zctx);
     exact_scenario(c, "python after garbage");
     reward_client_destroy(&c);
-    CHECK(stop_process(pid) == 0, "python service stops cleanly on SIGTERM");
+    E2E_CHECK(e2e_stop(pid, STOP_LIMIT_S) == 0, "python service stops cleanly on SIGTERM");
 }
 
 static void scenario_combined(void) {
-    int pc = free_port(), pp = free_port();
+    int pc = e2e_free_port(), pp = e2e_free_port();
     /* quillan-reward: exact + numeric, so "It is 12" scores 1 there and 0 in Python. */
     static const char *const sets[] = {"reward.builtin.numeric.weight=1", NULL};
     pid_t c_pid = start_builtin(pc, "reward_e2e_combined_c.log", sets);
@@ -391,8 +342,8 @@ static void scenario_combined(void) {
              "{address: 'tcp://127.0.0.1:%d', weight: 2, name: py}]",
              pc, pp);
     reward_client_t *c = client_for(services, 5, 3, 0.2, 1);
-    CHECK(reward_client_n_services(c) == 2, "two services");
-    CHECK(!strcmp(reward_client_service_name(c, 1), "py"), "service names");
+    E2E_CHECK(reward_client_n_services(c) == 2, "two services");
+    E2E_CHECK(!strcmp(reward_client_service_name(c, 1), "py"), "service names");
     reward_sample_t x[N_COMPLETIONS];
     reward_result_t r;
     reward_result_init(&r);
@@ -401,19 +352,19 @@ static void scenario_combined(void) {
     static const double want[N_COMPLETIONS] = {0.5 * 2 + 2 * 1, 0.5 * 2 + 2 * 1, 0.5 * 1, 0};
     reward_batch_t b = batch_make(x, md_answer, Q_ARRAY_LEN(md_answer));
     int rc = reward_client_score(c, &b, &r, &e);
-    CHECK(rc == 0, "combined: %s", e.msg);
+    E2E_CHECK(rc == 0, "combined: %s", e.msg);
     if (rc == 0) {
         expect_totals(&r, want, "combined");
-        CHECK(r.parts[0 * N_COMPLETIONS + 2].value == 1 &&
-                  r.parts[1 * N_COMPLETIONS + 2].value == 0,
-              "unweighted parts per service");
+        E2E_CHECK(r.parts[0 * N_COMPLETIONS + 2].value == 1 &&
+                      r.parts[1 * N_COMPLETIONS + 2].value == 0,
+                  "unweighted parts per service");
     }
     reward_client_destroy(&c);
-    stop_process(p_pid);
+    e2e_stop(p_pid, STOP_LIMIT_S);
 
     /* Python now reads another field, absent here: its "no reward" voids the whole sample
      * although quillan-reward scores it. */
-    pp = free_port();
+    pp = e2e_free_port();
     p_pid = start_python(pp, "reward_e2e_combined_py.log", "solution");
     snprintf(services, sizeof services,
              "[{address: 'tcp://127.0.0.1:%d', weight: 0.5, name: c}, "
@@ -421,20 +372,20 @@ static void scenario_combined(void) {
              pc, pp);
     c = client_for(services, 5, 3, 0.2, 1);
     rc = reward_client_score(c, &b, &r, &e);
-    CHECK(rc == 0, "combined, python without answer: %s", e.msg);
+    E2E_CHECK(rc == 0, "combined, python without answer: %s", e.msg);
     if (rc == 0) {
         expect_no_reward(&r, "one service without a reward");
-        CHECK(r.parts[0].has && r.parts[0].value == 2, "quillan-reward still scored sample 0");
-        CHECK(!r.parts[N_COMPLETIONS].has, "python said no reward");
+        E2E_CHECK(r.parts[0].has && r.parts[0].value == 2, "quillan-reward still scored sample 0");
+        E2E_CHECK(!r.parts[N_COMPLETIONS].has, "python said no reward");
     }
     reward_result_free(&r);
     reward_client_destroy(&c);
-    CHECK(stop_process(p_pid) == 0, "python stops cleanly");
-    CHECK(stop_process(c_pid) == 0, "quillan-reward stops cleanly");
+    E2E_CHECK(e2e_stop(p_pid, STOP_LIMIT_S) == 0, "python stops cleanly");
+    E2E_CHECK(e2e_stop(c_pid, STOP_LIMIT_S) == 0, "quillan-reward stops cleanly");
 }
 
 static void scenario_restart(void) {
-    int port = free_port();
+    int port = e2e_free_port();
     pid_t pid = start_builtin(port, "reward_e2e_restart.log", NULL);
     /* Timeout 0.5 s, up to 20 retries with 0.2-0.5 s back-off: ~20 s for the restart. */
     reward_client_t *c = client_for(services_one(port, "builtin", 1), 0.5, 20, 0.2, 0.5);
@@ -442,26 +393,19 @@ static void scenario_restart(void) {
     reward_client_stats_t st0;
     reward_client_stats(c, &st0);
 
-    kill_process(pid);
+    e2e_kill(pid);
     /* The restart comes from a child that waits 1.5 s: longer than one timeout, so the call
      * below must time out at least once, retry on a fresh socket, and then succeed. */
     pid_t restarter = fork();
     Q_ASSERT(restarter >= 0);
     if (restarter == 0) {
-        struct timespec d = {1, 500000000};
-        nanosleep(&d, NULL);
+        e2e_sleep_s(1.5);
         char bind[64];
         endpoint_of(port, bind, sizeof bind);
         char *argv[] = {(char *)reward_bin, "--bind", bind, "--set", "logging.hub=false", NULL};
-        char path[1024];
-        snprintf(path, sizeof path, "%s/reward_e2e_restart.log", log_dir);
-        FILE *f = fopen(path, "a");
-        if (f) {
-            dup2(fileno(f), 1);
-            dup2(fileno(f), 2);
-        }
-        execv(argv[0], argv);
-        _exit(127);
+        char path[E2E_PATH_MAX];
+        e2e_path_of(path, sizeof path, log_dir, "reward_e2e_restart.log");
+        e2e_exec(argv, path, path);
     }
     static const double want[N_COMPLETIONS] = {1, 1, 0, 0};
     reward_sample_t x[N_COMPLETIONS];
@@ -470,21 +414,22 @@ static void scenario_restart(void) {
     qerr_t e;
     reward_batch_t b = batch_make(x, md_answer, Q_ARRAY_LEN(md_answer));
     int rc = reward_client_score(c, &b, &r, &e);
-    CHECK(rc == 0, "after the restart: %s", e.msg);
+    E2E_CHECK(rc == 0, "after the restart: %s", e.msg);
     if (rc == 0)
         expect_totals(&r, want, "after the restart");
     reward_client_stats_t st;
     reward_client_stats(c, &st);
-    CHECK(st.timeouts >= st0.timeouts + 1, "the call timed out while the service was down (%llu)",
-          (unsigned long long)(st.timeouts - st0.timeouts));
-    CHECK(st.attempts >= st0.attempts + 2, "and retried");
+    E2E_CHECK(st.timeouts >= st0.timeouts + 1,
+              "the call timed out while the service was down (%llu)",
+              (unsigned long long)(st.timeouts - st0.timeouts));
+    E2E_CHECK(st.attempts >= st0.attempts + 2, "and retried");
     reward_result_free(&r);
     reward_client_destroy(&c);
-    CHECK(stop_process(restarter) == 0, "the restarted service stops cleanly");
+    E2E_CHECK(e2e_stop(restarter, STOP_LIMIT_S) == 0, "the restarted service stops cleanly");
 }
 
 static void scenario_dead(void) {
-    int port = free_port(); /* nothing listens there */
+    int port = e2e_free_port(); /* nothing listens there */
     reward_client_t *c = client_for(services_one(port, "nobody", 1), 0.3, 2, 0.1, 0.2);
     reward_sample_t x[N_COMPLETIONS];
     reward_result_t r;
@@ -493,16 +438,16 @@ static void scenario_dead(void) {
     qerr_clear(&e);
     reward_batch_t b = batch_make(x, md_answer, Q_ARRAY_LEN(md_answer));
     int rc = reward_client_score(c, &b, &r, &e);
-    CHECK(rc == -1 && e.code == QERR_TIMEOUT, "a dead service fails the call: rc %d, %s", rc,
-          e.msg);
-    CHECK(strstr(e.msg, "nobody") != NULL, "the error names the service: %s", e.msg);
-    CHECK(r.total == NULL && r.parts == NULL && r.n_samples == 0,
-          "a failed call leaves no rewards behind");
+    E2E_CHECK(rc == -1 && e.code == QERR_TIMEOUT, "a dead service fails the call: rc %d, %s", rc,
+              e.msg);
+    E2E_CHECK(strstr(e.msg, "nobody") != NULL, "the error names the service: %s", e.msg);
+    E2E_CHECK(r.total == NULL && r.parts == NULL && r.n_samples == 0,
+              "a failed call leaves no rewards behind");
     reward_client_stats_t st;
     reward_client_stats(c, &st);
-    CHECK(st.attempts == 3 && st.timeouts == 3 && st.failed_calls == 1,
-          "1 + 2 retries, all timed out: attempts %llu timeouts %llu",
-          (unsigned long long)st.attempts, (unsigned long long)st.timeouts);
+    E2E_CHECK(st.attempts == 3 && st.timeouts == 3 && st.failed_calls == 1,
+              "1 + 2 retries, all timed out: attempts %llu timeouts %llu",
+              (unsigned long long)st.attempts, (unsigned long long)st.timeouts);
     reward_client_destroy(&c);
 }
 
@@ -559,7 +504,7 @@ static void *late_service(void *arg) {
 
 static void scenario_late(void) {
     late_ctx_t lc = {.zctx = zmq_ctx_new()};
-    endpoint_of(free_port(), lc.endpoint, sizeof lc.endpoint);
+    endpoint_of(e2e_free_port(), lc.endpoint, sizeof lc.endpoint);
     pthread_t th;
     Q_ASSERT(pthread_create(&th, NULL, late_service, &lc) == 0);
     char services[256];
@@ -572,15 +517,15 @@ static void scenario_late(void) {
     reward_batch_t b = batch_make(x, md_answer, Q_ARRAY_LEN(md_answer));
     int rc = reward_client_score(c, &b, &r, &e);
     pthread_join(th, NULL);
-    CHECK(lc.ok, "the service saw two attempts with different request ids");
-    CHECK(rc == 0, "late: %s", e.msg);
+    E2E_CHECK(lc.ok, "the service saw two attempts with different request ids");
+    E2E_CHECK(rc == 0, "late: %s", e.msg);
     static const double want[N_COMPLETIONS] = {0.25, 0.25, 0.25, 0.25};
     if (rc == 0)
         expect_totals(&r, want, "the current attempt's reply, not the late one");
     reward_client_stats_t st;
     reward_client_stats(c, &st);
-    CHECK(st.late_replies == 1, "one late reply discarded (%llu)",
-          (unsigned long long)st.late_replies);
+    E2E_CHECK(st.late_replies == 1, "one late reply discarded (%llu)",
+              (unsigned long long)st.late_replies);
     reward_result_free(&r);
     reward_client_destroy(&c);
     zmq_ctx_term(lc.zctx);
@@ -625,7 +570,7 @@ static void *error_service(void *arg) {
 
 static void scenario_error(void) {
     late_ctx_t lc = {.zctx = zmq_ctx_new()};
-    endpoint_of(free_port(), lc.endpoint, sizeof lc.endpoint);
+    endpoint_of(e2e_free_port(), lc.endpoint, sizeof lc.endpoint);
     pthread_t th;
     Q_ASSERT(pthread_create(&th, NULL, error_service, &lc) == 0);
     char services[256];
@@ -639,16 +584,16 @@ static void scenario_error(void) {
     reward_batch_t b = batch_make(x, md_answer, Q_ARRAY_LEN(md_answer));
     int rc = reward_client_score(c, &b, &r, &e);
     pthread_join(th, NULL);
-    CHECK(lc.ok, "the service's replies went out");
-    CHECK(rc == -1 && e.code == QERR_INVALID, "a failed request fails the call: rc %d, %s", rc,
-          e.msg);
-    CHECK(strstr(e.msg, "scorer crashed") && strstr(e.msg, "flaky"), "%s", e.msg);
-    CHECK(r.total == NULL, "no rewards from a failed request");
+    E2E_CHECK(lc.ok, "the service's replies went out");
+    E2E_CHECK(rc == -1 && e.code == QERR_INVALID, "a failed request fails the call: rc %d, %s", rc,
+              e.msg);
+    E2E_CHECK(strstr(e.msg, "scorer crashed") && strstr(e.msg, "flaky"), "%s", e.msg);
+    E2E_CHECK(r.total == NULL, "no rewards from a failed request");
     reward_client_stats_t st;
     reward_client_stats(c, &st);
-    CHECK(st.attempts == 2 && st.error_replies == 2 && st.timeouts == 0,
-          "UNAVAILABLE retried once: attempts %llu errors %llu", (unsigned long long)st.attempts,
-          (unsigned long long)st.error_replies);
+    E2E_CHECK(st.attempts == 2 && st.error_replies == 2 && st.timeouts == 0,
+              "UNAVAILABLE retried once: attempts %llu errors %llu",
+              (unsigned long long)st.attempts, (unsigned long long)st.error_replies);
     reward_client_destroy(&c);
     zmq_ctx_term(lc.zctx);
 }
@@ -682,7 +627,7 @@ static double field(const json_t *fields, const char *key) {
 }
 
 static void scenario_malformed(void) {
-    int port = free_port();
+    int port = e2e_free_port();
     char log_file[1024], set_log[1100];
     snprintf(log_file, sizeof log_file, "%s/reward_e2e_malformed.jsonl", log_dir);
     unlink(log_file);
@@ -693,7 +638,7 @@ static void scenario_malformed(void) {
     char ep[64];
     endpoint_of(port, ep, sizeof ep);
     net_socket_t *raw = raw_socket(zctx, ZMQ_DEALER, ep);
-    CHECK(raw_roundtrip(raw, 1) == 1, "a good request first");
+    E2E_CHECK(raw_roundtrip(raw, 1) == 1, "a good request first");
 
     /* Everything below goes on one connection, in order, before the final good request. */
     one_request_t o;
@@ -742,7 +687,7 @@ static void scenario_malformed(void) {
     size_t two_len[] = {good.len, 7};
     raw_send_frames(raw, two, two_len, 2);
 
-    CHECK(raw_roundtrip(raw, 3) == 1, "the service still answers after the bad messages");
+    E2E_CHECK(raw_roundtrip(raw, 3) == 1, "the service still answers after the bad messages");
     /* And the client API through a fresh connection. */
     reward_client_t *c = client_for(services_one(port, "builtin", 1), 5, 3, 0.2, 1);
     exact_scenario(c, "after malformed input");
@@ -753,21 +698,21 @@ static void scenario_malformed(void) {
     wire_buf_free(&rbuf);
     net_socket_destroy(&raw);
     zmq_ctx_term(zctx);
-    CHECK(stop_process(pid) == 0, "quillan-reward stops cleanly");
+    E2E_CHECK(e2e_stop(pid, STOP_LIMIT_S) == 0, "quillan-reward stops cleanly");
 
     json_t *f = stop_record(log_file);
-    CHECK(f != NULL, "a reward.stop record in %s", log_file);
+    E2E_CHECK(f != NULL, "a reward.stop record in %s", log_file);
     if (f) {
-        CHECK(field(f, "dropped_frames") == 1, "frames %g", field(f, "dropped_frames"));
-        CHECK(field(f, "dropped_version") == 1, "version %g", field(f, "dropped_version"));
-        CHECK(field(f, "dropped_decode") == 1, "decode %g", field(f, "dropped_decode"));
-        CHECK(field(f, "dropped_body") == 1, "body %g", field(f, "dropped_body"));
+        E2E_CHECK(field(f, "dropped_frames") == 1, "frames %g", field(f, "dropped_frames"));
+        E2E_CHECK(field(f, "dropped_version") == 1, "version %g", field(f, "dropped_version"));
+        E2E_CHECK(field(f, "dropped_decode") == 1, "decode %g", field(f, "dropped_decode"));
+        E2E_CHECK(field(f, "dropped_body") == 1, "body %g", field(f, "dropped_body"));
         /* no samples, and a payload frame */
-        CHECK(field(f, "dropped_invalid") == 2, "invalid %g", field(f, "dropped_invalid"));
-        CHECK(field(f, "unexpected") == 1, "unexpected %g", field(f, "unexpected"));
+        E2E_CHECK(field(f, "dropped_invalid") == 2, "invalid %g", field(f, "dropped_invalid"));
+        E2E_CHECK(field(f, "unexpected") == 1, "unexpected %g", field(f, "unexpected"));
         /* 2 raw round trips + 2 client calls */
-        CHECK(field(f, "requests") == 4, "requests %g", field(f, "requests"));
-        CHECK(field(f, "failed") == 0, "failed %g", field(f, "failed"));
+        E2E_CHECK(field(f, "requests") == 4, "requests %g", field(f, "requests"));
+        E2E_CHECK(field(f, "failed") == 0, "failed %g", field(f, "failed"));
         json_decref(f);
     }
 }
@@ -795,9 +740,9 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < Q_ARRAY_LEN(scenarios); i++) {
         if (strcmp(argv[1], scenarios[i].name) == 0) {
             scenarios[i].fn();
-            if (failures)
-                fprintf(stderr, "reward_e2e %s: %d failure(s)\n", argv[1], failures);
-            return failures ? 1 : 0;
+            if (e2e_failures)
+                fprintf(stderr, "reward_e2e %s: %d failure(s)\n", argv[1], e2e_failures);
+            return e2e_failures ? 1 : 0;
         }
     }
     fprintf(stderr, "reward_e2e: unknown scenario '%s'\n", argv[1]);

@@ -17,6 +17,7 @@
  * Exit status 0 means pass. */
 #include "diffusion.h"
 #include "dispatcher.h"
+#include "e2e.h"
 #include "log.h"
 #include "model.h"
 #include "qpolicy.h"
@@ -30,7 +31,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 #include <zmq.h>
 
@@ -43,23 +43,6 @@
 #define HB_IVL_S 0.2
 #define LIVENESS 5
 #define RUN_LIMIT_S 240.0
-
-static int failures;
-#define CHECK(cond, ...)                                                                           \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                        \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fprintf(stderr, "\n");                                                                 \
-            failures++;                                                                            \
-        }                                                                                          \
-    } while (0)
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 typedef struct {
     char id[64];
@@ -82,32 +65,33 @@ static int on_group(void *ctx, const Quillan__TrajectoryGroup *g,
     for (int i = 0; i < 2 && w == NULL; i++)
         if (!strcmp(s->w[i].id, info->worker_id))
             w = &s->w[i];
-    CHECK(w != NULL, "group from unknown worker '%s'", info->worker_id);
+    E2E_CHECK(w != NULL, "group from unknown worker '%s'", info->worker_id);
     if (w == NULL)
         return 0;
-    CHECK(g->policy_version == 1 || g->policy_version == 2, "version %llu",
-          (unsigned long long)g->policy_version);
-    CHECK(g->policy_version >= w->last_version, "%s went back from version %llu to %llu", w->id,
-          (unsigned long long)w->last_version, (unsigned long long)g->policy_version);
+    E2E_CHECK(g->policy_version == 1 || g->policy_version == 2, "version %llu",
+              (unsigned long long)g->policy_version);
+    E2E_CHECK(g->policy_version >= w->last_version, "%s went back from version %llu to %llu", w->id,
+              (unsigned long long)w->last_version, (unsigned long long)g->policy_version);
     w->last_version = g->policy_version;
-    CHECK(g->n_trajectories == G, "%zu trajectories", g->n_trajectories);
-    CHECK(g->gen_seconds > 0, "gen_seconds %g", g->gen_seconds);
-    CHECK(g->sampling && g->sampling->max_new_tokens == MAX_NEW, "sampling not returned");
+    E2E_CHECK(g->n_trajectories == G, "%zu trajectories", g->n_trajectories);
+    E2E_CHECK(g->gen_seconds > 0, "gen_seconds %g", g->gen_seconds);
+    E2E_CHECK(g->sampling && g->sampling->max_new_tokens == MAX_NEW, "sampling not returned");
     for (size_t i = 0; i < g->n_trajectories; i++) {
         const Quillan__Trajectory *t = g->trajectories[i];
         bool has = t->maybe_reward_case == QUILLAN__TRAJECTORY__MAYBE_REWARD_REWARD;
         if (g->prompt_id == NO_ANSWER_PROMPT) {
-            CHECK(!has, "prompt without answer got reward %g", t->reward);
+            E2E_CHECK(!has, "prompt without answer got reward %g", t->reward);
         } else {
-            CHECK(has, "prompt %llu sample %zu: no reward", (unsigned long long)g->prompt_id, i);
-            CHECK(!has || t->reward == 0.0 || t->reward == 1.0, "reward %g", t->reward);
-            CHECK(!has || t->n_reward_parts == 1, "%zu reward parts", t->n_reward_parts);
+            E2E_CHECK(has, "prompt %llu sample %zu: no reward", (unsigned long long)g->prompt_id,
+                      i);
+            E2E_CHECK(!has || t->reward == 0.0 || t->reward == 1.0, "reward %g", t->reward);
+            E2E_CHECK(!has || t->n_reward_parts == 1, "%zu reward parts", t->n_reward_parts);
         }
-        CHECK(t->routing != NULL, "no routing record");
-        CHECK(t->n_completion_tokens >= 1 && t->n_completion_tokens <= MAX_NEW, "%zu tokens",
-              t->n_completion_tokens);
+        E2E_CHECK(t->routing != NULL, "no routing record");
+        E2E_CHECK(t->n_completion_tokens >= 1 && t->n_completion_tokens <= MAX_NEW, "%zu tokens",
+                  t->n_completion_tokens);
         for (size_t k = 0; k < t->n_behaviour_logprobs; k++)
-            CHECK(t->behaviour_logprobs[k] <= 1e-3f, "log-prob %g", t->behaviour_logprobs[k]);
+            E2E_CHECK(t->behaviour_logprobs[k] <= 1e-3f, "log-prob %g", t->behaviour_logprobs[k]);
     }
     s->groups++;
     w->groups++;
@@ -118,55 +102,6 @@ static int on_group(void *ctx, const Quillan__TrajectoryGroup *g,
     if (s->outage)
         s->during_outage++;
     return 0;
-}
-
-static pid_t spawn(char *const argv[], const char *log_path) {
-    pid_t pid = fork();
-    if (pid == 0) {
-        FILE *f = freopen(log_path, "a", stderr);
-        (void)f;
-        execv(argv[0], argv);
-        _exit(127);
-    }
-    return pid;
-}
-
-static int wait_exit(pid_t pid, double limit_s) {
-    double t0 = now_s();
-    int status;
-    while (now_s() - t0 < limit_s) {
-        pid_t r = waitpid(pid, &status, WNOHANG);
-        if (r == pid)
-            return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-        usleep(20000);
-    }
-    kill(pid, SIGKILL);
-    waitpid(pid, &status, 0);
-    return -1;
-}
-
-static int free_port(void) {
-    void *ctx = zmq_ctx_new();
-    void *s = zmq_socket(ctx, ZMQ_ROUTER);
-    int port = -1;
-    char ep[128];
-    size_t n = sizeof ep;
-    if (zmq_bind(s, "tcp://127.0.0.1:*") == 0 && zmq_getsockopt(s, ZMQ_LAST_ENDPOINT, ep, &n) == 0)
-        port = atoi(strrchr(ep, ':') + 1);
-    zmq_close(s);
-    zmq_ctx_term(ctx);
-    return port;
-}
-
-static size_t count_in_file(const char *path, const char *needle) {
-    FILE *f = fopen(path, "r");
-    size_t n = 0;
-    char line[8192];
-    while (f && fgets(line, sizeof line, f))
-        n += strstr(line, needle) != NULL;
-    if (f)
-        fclose(f);
-    return n;
 }
 
 static int publish(snapshot_store_t *store, const model_t *m, uint64_t version) {
@@ -273,7 +208,7 @@ int main(void) {
     dispatcher_set_lease_limit(d, 8);
 
     char reward_ep[64], set_disp[300], set_w[300], set_rw[300];
-    snprintf(reward_ep, sizeof reward_ep, "tcp://127.0.0.1:%d", free_port());
+    snprintf(reward_ep, sizeof reward_ep, "tcp://127.0.0.1:%d", e2e_free_port());
     snprintf(set_disp, sizeof set_disp, "network.dispatcher=%s", dispatcher_endpoint(d));
     snprintf(set_w, sizeof set_w, "network.weights=%s", weights_server_endpoint(ws));
     snprintf(set_rw, sizeof set_rw, "reward.services.0.address=%s", reward_ep);
@@ -282,7 +217,7 @@ int main(void) {
     snprintf(reward_bin, sizeof reward_bin, "%s/reward/quillan-reward", QUILLAN_BINARY_DIR);
     snprintf(rollout_bin, sizeof rollout_bin, "%s/rollout/quillan-rollout", QUILLAN_BINARY_DIR);
     char *reward_argv[] = {reward_bin, "--bind", reward_ep, "--set", "logging.hub=false", NULL};
-    pid_t reward = spawn(reward_argv, rlog);
+    pid_t reward = e2e_spawn(reward_argv, NULL, rlog);
     pid_t workers[2];
     for (int i = 0; i < 2; i++) {
         snprintf(wlog[i], sizeof wlog[i], "%s/%s.log", dir, seen.w[i].id);
@@ -312,13 +247,13 @@ int main(void) {
                         "--set",
                         "reward.backoff_max_s=0.5",
                         NULL};
-        workers[i] = spawn(argv, wlog[i]);
+        workers[i] = e2e_spawn(argv, NULL, wlog[i]);
     }
 
     enum { PHASE_V1, PHASE_V2, PHASE_OUTAGE, PHASE_AFTER, PHASE_DONE } phase = PHASE_V1;
-    double t0 = now_s(), phase_t = 0;
+    double t0 = e2e_now_s(), phase_t = 0;
     int groups_at_restart = 0;
-    while (phase != PHASE_DONE && now_s() - t0 < RUN_LIMIT_S) {
+    while (phase != PHASE_DONE && e2e_now_s() - t0 < RUN_LIMIT_S) {
         zmq_pollitem_t items[2] = {{dispatcher_handle(d), 0, ZMQ_POLLIN, 0},
                                    {weights_server_handle(ws), 0, ZMQ_POLLIN, 0}};
         zmq_poll(items, 2, 20);
@@ -335,20 +270,19 @@ int main(void) {
             dispatcher_set_versions(d, 2, 2);
             phase = PHASE_V2;
         } else if (phase == PHASE_V2 && seen.w[0].groups_v2 > 0 && seen.w[1].groups_v2 > 0) {
-            kill(reward, SIGKILL);
-            waitpid(reward, NULL, 0);
+            e2e_kill(reward);
             seen.outage = true;
-            phase_t = now_s();
+            phase_t = e2e_now_s();
             phase = PHASE_OUTAGE;
             printf("reward service killed after %d groups\n", seen.groups);
-        } else if (phase == PHASE_OUTAGE && now_s() - phase_t > 0.5) {
-            phase_t = now_s(); /* look at the logs twice a second */
-            if (count_in_file(wlog[0], "rollout.reward_failed") +
-                    count_in_file(wlog[1], "rollout.reward_failed") ==
+        } else if (phase == PHASE_OUTAGE && e2e_now_s() - phase_t > 0.5) {
+            phase_t = e2e_now_s(); /* look at the logs twice a second */
+            if (e2e_file_lines(NULL, wlog[0], "rollout.reward_failed") +
+                    e2e_file_lines(NULL, wlog[1], "rollout.reward_failed") ==
                 0)
                 continue;
             seen.outage = false;
-            reward = spawn(reward_argv, rlog);
+            reward = e2e_spawn(reward_argv, NULL, rlog);
             groups_at_restart = seen.groups;
             phase = PHASE_AFTER;
             printf("reward service restarted\n");
@@ -356,40 +290,39 @@ int main(void) {
             phase = PHASE_DONE;
         }
     }
-    CHECK(phase == PHASE_DONE, "stuck in phase %d after %.0f s (%d groups)", (int)phase,
-          RUN_LIMIT_S, seen.groups);
-    CHECK(seen.during_outage <= 2 * CREDITS,
-          "%d groups accepted while the reward service was down (at most %d scored before)",
-          seen.during_outage, 2 * CREDITS);
+    E2E_CHECK(phase == PHASE_DONE, "stuck in phase %d after %.0f s (%d groups)", (int)phase,
+              RUN_LIMIT_S, seen.groups);
+    E2E_CHECK(seen.during_outage <= 2 * CREDITS,
+              "%d groups accepted while the reward service was down (at most %d scored before)",
+              seen.during_outage, 2 * CREDITS);
     for (int i = 0; i < 2; i++) {
         kill(workers[i], SIGTERM);
         /* Keep serving while the workers stop, so nothing blocks on us. */
-        double ts = now_s();
-        while (now_s() - ts < 0.5) {
+        double ts = e2e_now_s();
+        while (e2e_now_s() - ts < 0.5) {
             dispatcher_poll(d, 20, &err);
             weights_server_poll(ws, 0, &err);
         }
-        int rc = wait_exit(workers[i], 30.0);
-        CHECK(rc == 0, "worker %s exited with %d", seen.w[i].id, rc);
+        int rc = e2e_wait_exit(workers[i], 30.0);
+        E2E_CHECK(rc == 0, "worker %s exited with %d", seen.w[i].id, rc);
         printf("%s: %d groups, %d at version 2\n", seen.w[i].id, seen.w[i].groups,
                seen.w[i].groups_v2);
     }
-    kill(reward, SIGTERM);
-    CHECK(wait_exit(reward, 10.0) == 0, "reward service did not stop cleanly");
+    E2E_CHECK(e2e_stop(reward, 10.0) == 0, "reward service did not stop cleanly");
 
     size_t deltas = 0, reward_failed = 0;
     for (int i = 0; i < 2; i++) {
-        deltas += count_in_file(wlog[i], "(delta)");
-        reward_failed += count_in_file(wlog[i], "rollout.reward_failed");
-        CHECK(count_in_file(wlog[i], "\"rollout.group\"") > 0, "%s logged no rollout.group",
-              wlog[i]);
+        deltas += e2e_file_lines(NULL, wlog[i], "(delta)");
+        reward_failed += e2e_file_lines(NULL, wlog[i], "rollout.reward_failed");
+        E2E_CHECK(e2e_file_lines(NULL, wlog[i], "\"rollout.group\"") > 0,
+                  "%s logged no rollout.group", wlog[i]);
     }
-    CHECK(deltas >= 1, "no worker applied version 2 as a delta");
-    CHECK(reward_failed >= 1, "no failed reward call was logged during the outage");
+    E2E_CHECK(deltas >= 1, "no worker applied version 2 as a delta");
+    E2E_CHECK(reward_failed >= 1, "no failed reward call was logged during the outage");
     dispatcher_stats_t ds;
     dispatcher_stats(d, &ds);
-    CHECK(ds.table.rejected == 0, "%llu groups rejected by the dispatcher",
-          (unsigned long long)ds.table.rejected);
+    E2E_CHECK(ds.table.rejected == 0, "%llu groups rejected by the dispatcher",
+              (unsigned long long)ds.table.rejected);
     printf("groups %d (version 2: %d), deltas %zu, failed reward calls logged %zu, rejected %llu\n",
            seen.groups, seen.groups_v2, deltas, reward_failed,
            (unsigned long long)ds.table.rejected);
@@ -401,9 +334,9 @@ int main(void) {
     jsonl_reader_destroy(&r);
     tokenizer_destroy(&tok);
     model_destroy(&m);
-    if (failures)
-        fprintf(stderr, "%d check(s) failed; logs in %s\n", failures, dir);
+    if (e2e_failures)
+        fprintf(stderr, "%d check(s) failed; logs in %s\n", e2e_failures, dir);
     else
         printf("PASS (logs in %s)\n", dir);
-    return failures ? 1 : 0;
+    return e2e_failures ? 1 : 0;
 }

@@ -20,24 +20,19 @@
  * `client late` must get everything too. Exit status 0 means pass. */
 #include "dispatch_client.h"
 #include "dispatcher.h"
+#include "e2e.h"
 #include "loghub.h"
 #include "net_security.h"
 #include "reward_client.h"
 #include "snapshot_store.h"
 #include "weights_server.h"
 
-#include <arpa/inet.h>
 #include <errno.h>
-#include <fcntl.h>
-#include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 #include <zmq.h>
 
@@ -46,89 +41,17 @@
 #define SNAPSHOT_BYTES 20000
 #define RUN_LIMIT_S 120.0 /* a hung process fails the test instead of hanging it */
 #define BAD_REFUSALS 6    /* refusals the server must count before bad is judged */
+#define STOP_LIMIT_S 10.0 /* from SIGTERM to exit; a process still running then is killed */
 
 static const dispatch_codec_limits_t limits = {.vocab_size = TOKENIZER_BYTE_VOCAB,
                                                .max_group_size = G,
                                                .max_prompt_tokens = 64,
                                                .max_new_tokens = 8};
 
-static int failures;
-#define CHECK(cond, ...)                                                                           \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                        \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fputc('\n', stderr);                                                                   \
-            failures++;                                                                            \
-        }                                                                                          \
-    } while (0)
-
 static volatile sig_atomic_t stop_flag;
 static void on_term(int sig) {
     (void)sig;
     stop_flag = 1;
-}
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static void sleep_ms(int ms) {
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
-static void path_of(char *out, size_t cap, const char *dir, const char *name) {
-    snprintf(out, cap, "%s/%s", dir, name);
-}
-
-/* Replaces dir/name with text atomically (readers never see half a file). */
-static void file_put(const char *dir, const char *name, const char *text) {
-    char path[512], tmp[520];
-    path_of(path, sizeof path, dir, name);
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "w");
-    if (f == NULL)
-        return;
-    fputs(text, f);
-    fclose(f);
-    rename(tmp, path);
-}
-
-static void file_append(const char *dir, const char *name, const char *text) {
-    char path[512];
-    path_of(path, sizeof path, dir, name);
-    FILE *f = fopen(path, "a");
-    if (f) {
-        fputs(text, f);
-        fclose(f);
-    }
-}
-
-/* The file's contents (NUL-terminated, malloc'd) or NULL. */
-static char *file_get(const char *dir, const char *name) {
-    char path[512];
-    path_of(path, sizeof path, dir, name);
-    FILE *f = fopen(path, "rb");
-    if (f == NULL)
-        return NULL;
-    size_t cap = 1 << 16, n = 0;
-    char *buf = malloc(cap);
-    for (;;) {
-        size_t r = fread(buf + n, 1, cap - 1 - n, f);
-        n += r;
-        if (r == 0)
-            break;
-        if (n == cap - 1) {
-            cap *= 2;
-            buf = realloc(buf, cap);
-        }
-    }
-    buf[n] = '\0';
-    fclose(f);
-    return buf;
 }
 
 /* Parses "key value" lines of a stats file; returns the value of key or -1. */
@@ -148,7 +71,7 @@ static long long stat_of(const char *text, const char *key) {
 }
 
 static long long stat_file(const char *dir, const char *name, const char *key) {
-    char *t = file_get(dir, name);
+    char *t = e2e_file_read(dir, name, NULL);
     long long v = stat_of(t, key);
     free(t);
     return v;
@@ -156,9 +79,9 @@ static long long stat_file(const char *dir, const char *name, const char *key) {
 
 static void security_section(quillan_config_t *cfg, const char *dir, const char *client) {
     cfg->security.curve = true;
-    path_of(cfg->security.keys.server, sizeof cfg->security.keys.server, dir, "server");
-    path_of(cfg->security.keys.client, sizeof cfg->security.keys.client, dir, client);
-    path_of(cfg->security.allow_list, sizeof cfg->security.allow_list, dir, "allow_list");
+    e2e_path_of(cfg->security.keys.server, sizeof cfg->security.keys.server, dir, "server");
+    e2e_path_of(cfg->security.keys.client, sizeof cfg->security.keys.client, dir, client);
+    e2e_path_of(cfg->security.allow_list, sizeof cfg->security.allow_list, dir, "allow_list");
 }
 
 /* ---- server: dispatcher + weights server + log hub ---- */
@@ -192,7 +115,7 @@ static int server_main(const char *dir) {
         return 1;
     }
     char data[512];
-    path_of(data, sizeof data, dir, "data.jsonl");
+    e2e_path_of(data, sizeof data, dir, "data.jsonl");
     jsonl_reader_t *r = jsonl_reader_new(data, 0, &e);
     tokenizer_t *tok = tokenizer_new_byte();
     if (r == NULL || tok == NULL) {
@@ -244,16 +167,16 @@ static int server_main(const char *dir) {
     char text[8192];
     snprintf(text, sizeof text, "%s\n%s\n%s\n%s\n", dispatcher_endpoint(d),
              weights_server_endpoint(w), loghub_in_endpoint(h), loghub_out_endpoint(h));
-    file_put(dir, "endpoints", text);
-    double start = now_s(), last_tick = 0;
-    while (!stop_flag && now_s() - start < RUN_LIMIT_S) {
+    e2e_file_put(dir, "endpoints", text);
+    double start = e2e_now_s(), last_tick = 0;
+    while (!stop_flag && e2e_now_s() - start < RUN_LIMIT_S) {
         if (dispatcher_poll(d, 5, &e) < 0 || weights_server_poll(w, 5, &e) < 0) {
             fprintf(stderr, "server: poll: %s\n", e.msg);
             return 1;
         }
-        if (now_s() - last_tick < 0.05)
+        if (e2e_now_s() - last_tick < 0.05)
             continue;
-        last_tick = now_s();
+        last_tick = e2e_now_s();
         log_warn("sec.tick", "tick");
         dispatcher_stats_t ds;
         weights_server_stats_t ws;
@@ -271,7 +194,7 @@ static int server_main(const char *dir) {
                  (unsigned long long)(ds.net.dropped[NET_DROP_UNAUTHENTICATED] +
                                       ws.net.dropped[NET_DROP_UNAUTHENTICATED]),
                  accepted_from);
-        file_put(dir, "server.stats", text);
+        e2e_file_put(dir, "server.stats", text);
     }
     loghub_destroy(&h);
     weights_server_destroy(&w);
@@ -379,9 +302,9 @@ static void weights_step(net_socket_t *s, double *next_ask, uint64_t *version, u
             (*chunks)++;
         net_msg_destroy(&m);
     }
-    if (now_s() < *next_ask)
+    if (e2e_now_s() < *next_ask)
         return;
-    *next_ask = now_s() + 0.2;
+    *next_ask = e2e_now_s() + 0.2;
     Quillan__Envelope env = QUILLAN__ENVELOPE__INIT;
     Quillan__InfoRequest info = QUILLAN__INFO_REQUEST__INIT;
     Quillan__ChunkRequest chunk = QUILLAN__CHUNK_REQUEST__INIT;
@@ -399,7 +322,7 @@ static void weights_step(net_socket_t *s, double *next_ask, uint64_t *version, u
 static int client_main(const char *dir, const char *name) {
     log_init(name);
     log_set_level(LOG_ERROR);
-    char *eps = file_get(dir, "endpoints");
+    char *eps = e2e_file_read(dir, "endpoints", NULL);
     char ep[4][256];
     if (eps == NULL || sscanf(eps, "%255s %255s %255s %255s", ep[0], ep[1], ep[2], ep[3]) != 4) {
         fprintf(stderr, "client: no endpoints\n");
@@ -410,7 +333,7 @@ static int client_main(const char *dir, const char *name) {
     config_defaults(cfg);
     security_section(cfg, dir, name);
     qerr_t e;
-    char *reward_ep = file_get(dir, "reward_endpoint");
+    char *reward_ep = e2e_file_read(dir, "reward_endpoint", NULL);
     char set[512];
     snprintf(set, sizeof set, "reward.services=[{address: '%s', weight: 1, name: sec}]",
              reward_ep ? reward_ep : "");
@@ -455,8 +378,8 @@ static int client_main(const char *dir, const char *name) {
         .prompt = "1+1", .completion = "2", .finish_reason = REWARD_FINISH_STOP};
     reward_kv_t md = {"answer", "\"2\""};
     reward_batch_t batch = {"sec", &sample, 1, &md, 1};
-    double start = now_s();
-    while (!stop_flag && now_s() - start < RUN_LIMIT_S) {
+    double start = e2e_now_s();
+    while (!stop_flag && e2e_now_s() - start < RUN_LIMIT_S) {
         if (dispatch_client_poll(w.c, 10, &e) < 0) {
             fprintf(stderr, "client: poll: %s\n", e.msg);
             return 1;
@@ -490,7 +413,7 @@ static int client_main(const char *dir, const char *name) {
                  (unsigned long long)rewards);
         char file[64];
         snprintf(file, sizeof file, "%s.result", name);
-        file_put(dir, file, text);
+        e2e_file_put(dir, file, text);
     }
     net_socket_destroy(&ws);
     net_socket_destroy(&sub);
@@ -503,75 +426,33 @@ static int client_main(const char *dir, const char *name) {
 
 /* ---- driver ---- */
 
-static pid_t spawn(const char *log, char *const argv[]) {
-    pid_t pid = fork();
-    if (pid == 0) {
-        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
-        if (fd >= 0) {
-            dup2(fd, 2);
-            close(fd);
-        }
-        execv(argv[0], argv);
-        _exit(127);
-    }
-    return pid;
-}
-
 static pid_t spawn_self(const char *self, const char *dir, const char *role, const char *name) {
     char log[512];
     snprintf(log, sizeof log, "%s/%s.log", dir, name ? name : role);
     char *argv[] = {(char *)self, (char *)role, (char *)dir, (char *)name, NULL};
-    return spawn(log, argv);
-}
-
-static int reap(pid_t pid) {
-    if (pid <= 0)
-        return -1;
-    kill(pid, SIGTERM);
-    int status = 0;
-    double start = now_s();
-    while (waitpid(pid, &status, WNOHANG) == 0) {
-        if (now_s() - start > 10) {
-            kill(pid, SIGKILL);
-            waitpid(pid, &status, 0);
-            return -1;
-        }
-        sleep_ms(20);
-    }
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    return e2e_spawn(argv, NULL, log);
 }
 
 /* Waits until every key of file is at least min; 0, or -1 after RUN_LIMIT_S. */
 static int wait_stats(const char *dir, const char *file, const char *const *keys, size_t n,
                       long long min) {
-    double start = now_s();
-    while (now_s() - start < RUN_LIMIT_S) {
-        char *t = file_get(dir, file);
+    double start = e2e_now_s();
+    while (e2e_now_s() - start < RUN_LIMIT_S) {
+        char *t = e2e_file_read(dir, file, NULL);
         size_t ok = 0;
         for (size_t i = 0; i < n; i++)
             ok += stat_of(t, keys[i]) >= min;
         free(t);
         if (ok == n)
             return 0;
-        sleep_ms(50);
+        e2e_sleep_s(0.05);
     }
     return -1;
 }
 
-static int free_port(void) {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof a;
-    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) != 0 ||
-        getsockname(fd, (struct sockaddr *)&a, &len) != 0)
-        return -1;
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
 static void keys_make(const char *dir, const char *name) {
     char prefix[512];
-    path_of(prefix, sizeof prefix, dir, name);
+    e2e_path_of(prefix, sizeof prefix, dir, name);
     net_keypair_t kp;
     qerr_t e;
     if (net_keypair_generate(&kp, &e) != 0 || net_keypair_write(prefix, &kp, &e) != 0) {
@@ -581,7 +462,7 @@ static void keys_make(const char *dir, const char *name) {
 }
 
 static int log_has(const char *dir, const char *file, const char *a, const char *b) {
-    char *t = file_get(dir, file);
+    char *t = e2e_file_read(dir, file, NULL);
     int found = 0;
     for (char *line = t ? strtok(t, "\n") : NULL; line && !found; line = strtok(NULL, "\n"))
         found = strstr(line, a) && strstr(line, b);
@@ -597,101 +478,105 @@ static int run_main(const char *self, const char *reward_bin) {
     keys_make(dir, "good");
     keys_make(dir, "bad");
     keys_make(dir, "late");
-    char *good = file_get(dir, "good.pub"), *late = file_get(dir, "late.pub");
-    char *bad = file_get(dir, "bad.pub");
+    char *good = e2e_file_read(dir, "good.pub", NULL), *late = e2e_file_read(dir, "late.pub", NULL);
+    char *bad = e2e_file_read(dir, "bad.pub", NULL);
     char bad_key[NET_KEY_Z85_LEN + 1] = "";
     sscanf(strchr(bad, '\n') + 1, "%40s", bad_key);
     char text[1024];
     snprintf(text, sizeof text, "# admitted workers\n%s", good);
-    file_put(dir, "allow_list", text);
+    e2e_file_put(dir, "allow_list", text);
     for (int i = 0; i < N_PROMPTS; i++) {
         snprintf(text, sizeof text, "{\"prompt\": \"%d+%d=\", \"answer\": \"%d\"}\n", i, i, 2 * i);
-        file_append(dir, "data.jsonl", text);
+        e2e_file_append(dir, "data.jsonl", text);
     }
-    int port = free_port();
+    int port = e2e_free_port();
     snprintf(text, sizeof text, "tcp://127.0.0.1:%d", port);
-    file_put(dir, "reward_endpoint", text);
+    e2e_file_put(dir, "reward_endpoint", text);
     snprintf(text, sizeof text,
              "security:\n  curve: true\n  keys:\n    server: %s/server\n    client: %s/good\n"
              "  allow_list: %s/allow_list\nlogging:\n  hub: false\n",
              dir, dir, dir);
-    file_put(dir, "reward.yaml", text);
+    e2e_file_put(dir, "reward.yaml", text);
 
     pid_t server = spawn_self(self, dir, "server", NULL);
     char reward_cfg[512], reward_bind[64], reward_log[512];
-    path_of(reward_cfg, sizeof reward_cfg, dir, "reward.yaml");
-    path_of(reward_log, sizeof reward_log, dir, "reward.log");
+    e2e_path_of(reward_cfg, sizeof reward_cfg, dir, "reward.yaml");
+    e2e_path_of(reward_log, sizeof reward_log, dir, "reward.log");
     snprintf(reward_bind, sizeof reward_bind, "tcp://127.0.0.1:%d", port);
     char *rargv[] = {(char *)reward_bin, "--config", reward_cfg, "--bind", reward_bind, NULL};
-    pid_t reward = spawn(reward_log, rargv);
-    double start = now_s();
+    pid_t reward = e2e_spawn(rargv, NULL, reward_log);
+    double start = e2e_now_s();
     char *eps = NULL;
-    while ((eps = file_get(dir, "endpoints")) == NULL && now_s() - start < RUN_LIMIT_S)
-        sleep_ms(50);
+    while ((eps = e2e_file_read(dir, "endpoints", NULL)) == NULL &&
+           e2e_now_s() - start < RUN_LIMIT_S)
+        e2e_sleep_s(0.05);
     free(eps);
-    CHECK(eps != NULL, "the server never wrote its endpoints");
+    E2E_CHECK(eps != NULL, "the server never wrote its endpoints");
 
     pid_t c_bad = spawn_self(self, dir, "client", "bad");
     pid_t c_good = spawn_self(self, dir, "client", "good");
     static const char *const all[] = {"accepted", "chunks", "records", "rewards"};
-    CHECK(wait_stats(dir, "good.result", all, 4, 1) == 0,
-          "the listed client did not get groups accepted, a chunk, records and rewards");
+    E2E_CHECK(wait_stats(dir, "good.result", all, 4, 1) == 0,
+              "the listed client did not get groups accepted, a chunk, records and rewards");
     static const char *const refused[] = {"refused"};
-    CHECK(wait_stats(dir, "server.stats", refused, 1, BAD_REFUSALS) == 0,
-          "the server did not count the unlisted client's refusals");
-    while (!log_has(dir, "reward.log", "net.zap.refused", bad_key) && now_s() - start < RUN_LIMIT_S)
-        sleep_ms(50);
-    CHECK(reap(c_bad) == 0, "client bad did not exit cleanly");
-    CHECK(reap(c_good) == 0, "client good did not exit cleanly");
-    char *br = file_get(dir, "bad.result");
-    CHECK(br != NULL, "client bad wrote no result");
+    E2E_CHECK(wait_stats(dir, "server.stats", refused, 1, BAD_REFUSALS) == 0,
+              "the server did not count the unlisted client's refusals");
+    while (!log_has(dir, "reward.log", "net.zap.refused", bad_key) &&
+           e2e_now_s() - start < RUN_LIMIT_S)
+        e2e_sleep_s(0.05);
+    E2E_CHECK(e2e_stop(c_bad, STOP_LIMIT_S) == 0, "client bad did not exit cleanly");
+    E2E_CHECK(e2e_stop(c_good, STOP_LIMIT_S) == 0, "client good did not exit cleanly");
+    char *br = e2e_file_read(dir, "bad.result", NULL);
+    E2E_CHECK(br != NULL, "client bad wrote no result");
     for (size_t i = 0; br && i < 4; i++)
-        CHECK(stat_of(br, all[i]) == 0, "the unlisted client got %s: %lld", all[i],
-              stat_of(br, all[i]));
-    CHECK(stat_of(br, "leases") == 0, "the unlisted client got a lease");
+        E2E_CHECK(stat_of(br, all[i]) == 0, "the unlisted client got %s: %lld", all[i],
+                  stat_of(br, all[i]));
+    E2E_CHECK(stat_of(br, "leases") == 0, "the unlisted client got a lease");
     free(br);
-    char *ss = file_get(dir, "server.stats");
-    CHECK(ss && strstr(ss, "good,") != NULL, "no group accepted from good: %s", ss ? ss : "");
-    CHECK(ss && strstr(ss, "bad") == NULL, "a group of bad was accepted: %s", ss ? ss : "");
+    char *ss = e2e_file_read(dir, "server.stats", NULL);
+    E2E_CHECK(ss && strstr(ss, "good,") != NULL, "no group accepted from good: %s", ss ? ss : "");
+    E2E_CHECK(ss && strstr(ss, "bad") == NULL, "a group of bad was accepted: %s", ss ? ss : "");
     free(ss);
-    CHECK(log_has(dir, "server.log", "net.zap.refused", bad_key),
-          "the server did not log the refusal of bad's key");
-    CHECK(log_has(dir, "server.log", "net.zap.refused", "127.0.0.1"),
-          "the server's refusal log names no peer address");
-    CHECK(log_has(dir, "reward.log", "net.zap.refused", bad_key),
-          "the reward service did not log the refusal of bad's key");
+    E2E_CHECK(log_has(dir, "server.log", "net.zap.refused", bad_key),
+              "the server did not log the refusal of bad's key");
+    E2E_CHECK(log_has(dir, "server.log", "net.zap.refused", "127.0.0.1"),
+              "the server's refusal log names no peer address");
+    E2E_CHECK(log_has(dir, "reward.log", "net.zap.refused", bad_key),
+              "the reward service did not log the refusal of bad's key");
 
     /* SIGHUP reload: late is admitted once its key is appended. */
-    file_append(dir, "allow_list", late);
+    e2e_file_append(dir, "allow_list", late);
     kill(server, SIGHUP);
     kill(reward, SIGHUP);
     static const char *const reloads[] = {"reloads"};
-    CHECK(wait_stats(dir, "server.stats", reloads, 1, 1) == 0, "the server did not reload");
-    CHECK(stat_file(dir, "server.stats", "keys") == 2, "the reloaded list does not hold 2 keys");
-    while (!log_has(dir, "reward.log", "net.zap.reload", "2 key") && now_s() - start < RUN_LIMIT_S)
-        sleep_ms(50);
-    CHECK(log_has(dir, "reward.log", "net.zap.reload", "2 key"), "the reward service did not "
-                                                                 "reload");
+    E2E_CHECK(wait_stats(dir, "server.stats", reloads, 1, 1) == 0, "the server did not reload");
+    E2E_CHECK(stat_file(dir, "server.stats", "keys") == 2,
+              "the reloaded list does not hold 2 keys");
+    while (!log_has(dir, "reward.log", "net.zap.reload", "2 key") &&
+           e2e_now_s() - start < RUN_LIMIT_S)
+        e2e_sleep_s(0.05);
+    E2E_CHECK(log_has(dir, "reward.log", "net.zap.reload", "2 key"), "the reward service did not "
+                                                                     "reload");
     pid_t c_late = spawn_self(self, dir, "client", "late");
-    CHECK(wait_stats(dir, "late.result", all, 4, 1) == 0,
-          "the client admitted by the reload did not get everything");
-    CHECK(reap(c_late) == 0, "client late did not exit cleanly");
-    CHECK(stat_file(dir, "server.stats", "unauthenticated") == 0,
-          "messages without a User-Id reached a server socket");
-    CHECK(reap(reward) == 0, "quillan-reward did not exit cleanly");
-    CHECK(reap(server) == 0, "the server did not exit cleanly");
+    E2E_CHECK(wait_stats(dir, "late.result", all, 4, 1) == 0,
+              "the client admitted by the reload did not get everything");
+    E2E_CHECK(e2e_stop(c_late, STOP_LIMIT_S) == 0, "client late did not exit cleanly");
+    E2E_CHECK(stat_file(dir, "server.stats", "unauthenticated") == 0,
+              "messages without a User-Id reached a server socket");
+    E2E_CHECK(e2e_stop(reward, STOP_LIMIT_S) == 0, "quillan-reward did not exit cleanly");
+    E2E_CHECK(e2e_stop(server, STOP_LIMIT_S) == 0, "the server did not exit cleanly");
     free(good);
     free(late);
     free(bad);
-    if (failures == 0) {
+    if (e2e_failures == 0) {
         snprintf(text, sizeof text, "rm -rf '%s'", dir);
         if (system(text) != 0)
             fprintf(stderr, "could not remove %s\n", dir);
         printf("security e2e: pass\n");
     } else {
-        fprintf(stderr, "security e2e: %d failure(s); logs kept in %s\n", failures, dir);
+        fprintf(stderr, "security e2e: %d failure(s); logs kept in %s\n", e2e_failures, dir);
     }
-    return failures ? 1 : 0;
+    return e2e_failures ? 1 : 0;
 }
 
 int main(int argc, char **argv) {

@@ -16,6 +16,7 @@
  *   5. after "publish" (v4), v1 is evicted (NOT_FOUND) and v4 arrives as a delta of v3;
  *   6. a chunk request past the last chunk is counted as malformed by the server.
  * Exit status 0 means pass. */
+#include "e2e.h"
 #include "log.h"
 #include "snapshot_client.h"
 #include "snapshot_store.h"
@@ -39,17 +40,6 @@
 #define E2E_EDIT_ONE_IN 50
 #define E2E_FETCH_MS 30000
 #define E2E_TIMEOUT_MS 300
-
-static int failures;
-#define CHECK(cond, ...)                                                                           \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                        \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fputc('\n', stderr);                                                                   \
-            failures++;                                                                            \
-        }                                                                                          \
-    } while (0)
 
 /* ---- the shared generator ---- */
 
@@ -285,24 +275,24 @@ static snapshot_client_t *client_open(void *zctx, const char *endpoint, const ch
     o.request_timeout_ms = E2E_TIMEOUT_MS;
     qerr_t err;
     snapshot_client_t *c = snapshot_client_new(zctx, &o, &err);
-    CHECK(c, "%s", err.msg);
+    E2E_CHECK(c, "%s", err.msg);
     return c;
 }
 
 /* Checks that s is version with the generator's bytes. */
 static void expect_version(const snapshot_t *s, uint64_t version, const char *what) {
-    CHECK(s, "%s: no snapshot", what);
+    E2E_CHECK(s, "%s: no snapshot", what);
     if (s == NULL)
         return;
-    CHECK(snapshot_version(s) == version, "%s: version %llu, expected %llu", what,
-          (unsigned long long)snapshot_version(s), (unsigned long long)version);
+    E2E_CHECK(snapshot_version(s) == version, "%s: version %llu, expected %llu", what,
+              (unsigned long long)snapshot_version(s), (unsigned long long)version);
     size_t n = 0;
     const uint8_t *data = snapshot_data(s, &n);
     uint8_t *want = version_bytes(version);
-    CHECK(n == E2E_LEN && memcmp(data, want, E2E_LEN) == 0, "%s: bytes differ from v%llu", what,
-          (unsigned long long)version);
-    CHECK(snapshot_tensor_count(s) == 1 && strcmp(snapshot_tensor(s, 0)->name, "blob") == 0,
-          "%s: tensor table", what);
+    E2E_CHECK(n == E2E_LEN && memcmp(data, want, E2E_LEN) == 0, "%s: bytes differ from v%llu", what,
+              (unsigned long long)version);
+    E2E_CHECK(snapshot_tensor_count(s) == 1 && strcmp(snapshot_tensor(s, 0)->name, "blob") == 0,
+              "%s: tensor table", what);
     free(want);
 }
 
@@ -310,7 +300,7 @@ static snapshot_t *fetch(snapshot_client_t *c, uint64_t version, const snapshot_
                          const char *what) {
     qerr_t err = {0};
     snapshot_t *s = snapshot_client_fetch(c, version, base, E2E_FETCH_MS, &err);
-    CHECK(s, "%s: %s", what, err.msg);
+    E2E_CHECK(s, "%s: %s", what, err.msg);
     return s;
 }
 
@@ -360,33 +350,34 @@ static int client_main(const char *self) {
     /* 1. v1 in full, v2 as a delta, equal to a full pull of v2. */
     snapshot_t *v1 = fetch(c, 1, NULL, "v1 full");
     expect_version(v1, 1, "v1 full");
-    CHECK(v1 && snapshot_is_old_policy(v1), "v1 was published as the old policy");
+    E2E_CHECK(v1 && snapshot_is_old_policy(v1), "v1 was published as the old policy");
     snapshot_t *v2d = fetch(c, 2, v1, "v2 delta");
     expect_version(v2d, 2, "v2 delta");
     snapshot_client_stats(c, &st);
-    CHECK(st.full_transfers == 1 && st.delta_transfers == 1, "full %llu delta %llu",
-          (unsigned long long)st.full_transfers, (unsigned long long)st.delta_transfers);
+    E2E_CHECK(st.full_transfers == 1 && st.delta_transfers == 1, "full %llu delta %llu",
+              (unsigned long long)st.full_transfers, (unsigned long long)st.delta_transfers);
     uint64_t delta_bytes = st.bytes - E2E_LEN;
-    CHECK(delta_bytes > 0 && delta_bytes < E2E_LEN / 10, "the delta moved %llu bytes",
-          (unsigned long long)delta_bytes);
+    E2E_CHECK(delta_bytes > 0 && delta_bytes < E2E_LEN / 10, "the delta moved %llu bytes",
+              (unsigned long long)delta_bytes);
 
     /* 2. A lost chunk is asked again: the full pull of v2 still arrives whole. */
     proxy_arm(&px, 3, 0);
     snapshot_t *v2f = fetch(c, 2, NULL, "v2 full with a lost chunk");
     expect_version(v2f, 2, "v2 full with a lost chunk");
     snapshot_client_stats(c, &st);
-    CHECK(st.rerequests >= 1, "rerequests %llu", (unsigned long long)st.rerequests);
-    CHECK(v2d && v2f && memcmp(snapshot_digest(v2d), snapshot_digest(v2f), 32) == 0,
-          "delta and full pulls of v2 agree");
+    E2E_CHECK(st.rerequests >= 1, "rerequests %llu", (unsigned long long)st.rerequests);
+    E2E_CHECK(v2d && v2f && memcmp(snapshot_digest(v2d), snapshot_digest(v2f), 32) == 0,
+              "delta and full pulls of v2 agree");
 
     /* 3. A corrupted chunk of the v3 delta fails the digest; the retry succeeds. */
     proxy_arm(&px, 0, 1);
     snapshot_t *v3 = fetch(c, 0, v2d, "v3 delta with a corrupted chunk");
     expect_version(v3, 3, "v3 delta with a corrupted chunk");
     snapshot_client_stats(c, &st);
-    CHECK(st.digest_failures == 1, "digest_failures %llu", (unsigned long long)st.digest_failures);
-    CHECK(st.delta_transfers == 3, "both attempts at v3 were deltas: %llu",
-          (unsigned long long)st.delta_transfers);
+    E2E_CHECK(st.digest_failures == 1, "digest_failures %llu",
+              (unsigned long long)st.digest_failures);
+    E2E_CHECK(st.delta_transfers == 3, "both attempts at v3 were deltas: %llu",
+              (unsigned long long)st.delta_transfers);
     proxy_arm(&px, 0, 0);
 
     /* 4. A late joiner gets the latest in full. */
@@ -395,23 +386,24 @@ static int client_main(const char *self) {
     expect_version(l3, 3, "late joiner");
     snapshot_client_stats_t ls;
     snapshot_client_stats(late, &ls);
-    CHECK(ls.full_transfers == 1 && ls.delta_transfers == 0, "late joiner: full %llu delta %llu",
-          (unsigned long long)ls.full_transfers, (unsigned long long)ls.delta_transfers);
+    E2E_CHECK(ls.full_transfers == 1 && ls.delta_transfers == 0,
+              "late joiner: full %llu delta %llu", (unsigned long long)ls.full_transfers,
+              (unsigned long long)ls.delta_transfers);
 
     /* 5. v4: v1 is evicted, v4 comes as a delta of v3. */
-    CHECK(command(to, from, "publish", answer, sizeof(answer)) == 0 &&
-              strcmp(answer, "published 4\n") == 0,
-          "server answered '%s'", answer);
+    E2E_CHECK(command(to, from, "publish", answer, sizeof(answer)) == 0 &&
+                  strcmp(answer, "published 4\n") == 0,
+              "server answered '%s'", answer);
     qerr_t err = {0};
     snapshot_t *gone = snapshot_client_fetch(c, 1, NULL, E2E_FETCH_MS, &err);
-    CHECK(gone == NULL && err.code == QERR_NOTFOUND, "evicted v1: code %s: %s",
-          qerr_code_name(err.code), err.msg);
+    E2E_CHECK(gone == NULL && err.code == QERR_NOTFOUND, "evicted v1: code %s: %s",
+              qerr_code_name(err.code), err.msg);
     snapshot_unref(&gone);
     snapshot_t *v4 = fetch(late, 0, l3, "v4 delta");
     expect_version(v4, 4, "v4 delta");
     snapshot_client_stats(late, &ls);
-    CHECK(ls.delta_transfers == 1, "v4 came as a delta: %llu",
-          (unsigned long long)ls.delta_transfers);
+    E2E_CHECK(ls.delta_transfers == 1, "v4 came as a delta: %llu",
+              (unsigned long long)ls.delta_transfers);
     /* v1 is still usable here although the server evicted it: the worker holds it. */
     expect_version(v1, 1, "v1 held after eviction");
 
@@ -427,14 +419,14 @@ static int client_main(const char *self) {
                               .incarnation_id = net_incarnation_new()};
     net_security_t sec = {NET_SECURITY_NONE};
     net_socket_t *raw = net_socket_new(zctx, &spec, &no, &sec, &err);
-    CHECK(raw && net_socket_connect(raw, endpoint, &err) == 0, "%s", err.msg);
+    E2E_CHECK(raw && net_socket_connect(raw, endpoint, &err) == 0, "%s", err.msg);
     Quillan__ChunkRequest cr = QUILLAN__CHUNK_REQUEST__INIT;
     cr.version = 4;
     cr.index = 1000000;
     Quillan__Envelope env = QUILLAN__ENVELOPE__INIT;
     env.body_case = QUILLAN__ENVELOPE__BODY_CHUNK_REQUEST;
     env.chunk_request = &cr;
-    CHECK(raw && net_send(raw, NULL, &env, NULL, 0, NULL, &err) == 0, "%s", err.msg);
+    E2E_CHECK(raw && net_send(raw, NULL, &env, NULL, 0, NULL, &err) == 0, "%s", err.msg);
     unsigned long long malformed = 0, delta_infos = 0, chunks = 0;
     for (int i = 0; i < 100 && malformed == 0; i++) {
         usleep(20000);
@@ -443,13 +435,13 @@ static int client_main(const char *self) {
                    &chunks) != 3)
             break;
     }
-    CHECK(malformed == 1, "server counted %llu malformed requests", malformed);
-    CHECK(delta_infos >= 4, "server answered %llu delta infos", delta_infos);
+    E2E_CHECK(malformed == 1, "server counted %llu malformed requests", malformed);
+    E2E_CHECK(delta_infos >= 4, "server answered %llu delta infos", delta_infos);
 
     command(to, from, "quit", NULL, 0);
     int status = 0;
     waitpid(pid, &status, 0);
-    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "server status %d", status);
+    E2E_CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "server status %d", status);
     atomic_store(&px.stop, 1);
     pthread_join(th, NULL);
     net_socket_destroy(&raw);
@@ -464,9 +456,9 @@ static int client_main(const char *self) {
     zmq_ctx_term(zctx);
     fclose(to);
     fclose(from);
-    if (failures)
-        fprintf(stderr, "%d check(s) failed\n", failures);
-    return failures ? 1 : 0;
+    if (e2e_failures)
+        fprintf(stderr, "%d check(s) failed\n", e2e_failures);
+    return e2e_failures ? 1 : 0;
 }
 
 int main(int argc, char **argv) {
