@@ -115,8 +115,8 @@ tokenizer_t *tokenizer_new_for_config(const model_tokenizer_config_t *cfg, qerr_
     if (cfg->vocab[0] && cfg->merges[0])
         return tokenizer_new_bpe_files(cfg->vocab, cfg->merges, err);
     qerr_set(err, QERR_NOTFOUND,
-             "model.tokenizer: kind gpt2 names no tokenizer files (model.tokenizer.json, or "
-             ".vocab and .merges)");
+             "model.tokenizer: kind gpt2 names no tokenizer files (it needs json, or vocab + "
+             "merges)");
     return NULL;
 }
 
