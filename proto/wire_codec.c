@@ -201,8 +201,7 @@ struct wire_msg {
 size_t wire_decode_budget(size_t max_frame_bytes) {
     if (max_frame_bytes > SIZE_MAX / WIRE_DECODE_RATIO)
         return SIZE_MAX;
-    size_t b = WIRE_DECODE_RATIO * max_frame_bytes;
-    return b > WIRE_DECODE_BUDGET_DEFAULT ? b : WIRE_DECODE_BUDGET_DEFAULT;
+    return WIRE_DECODE_RATIO * max_frame_bytes;
 }
 
 /* ---- version peek ---- */

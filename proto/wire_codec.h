@@ -33,7 +33,8 @@
 /* Default byte budget of one decode: the peak of live protobuf-c allocations (plus 16 bytes of
  * bookkeeping per allocation). 16 x the 4 MiB control frame: varint-packed token and routing
  * arrays grow up to 4x when unpacked into uint32 arrays, sub-messages cost their struct. It is
- * also the floor of wire_decode_budget, so small frames keep room for any legitimate message. */
+ * the default of net_options_t.decode_budget_bytes, the floor under wire_decode_budget's
+ * figure, so small frames keep room for any legitimate message. */
 #define WIRE_DECODE_BUDGET_DEFAULT ((size_t)64 << 20)
 
 /* Decoder bytes allowed per wire byte of a frame at its size limit. Large legitimate messages
@@ -42,9 +43,9 @@
  * of empty sub-messages need ~108 and still fail. */
 #define WIRE_DECODE_RATIO 8u
 
-/* The decode budget for Envelope frames of at most max_frame_bytes: the larger of
- * WIRE_DECODE_BUDGET_DEFAULT and WIRE_DECODE_RATIO x max_frame_bytes, saturating at SIZE_MAX.
- * Any legitimate Envelope that fits the frame then fits the budget. */
+/* Decoder bytes that Envelope frames of at most max_frame_bytes may need: WIRE_DECODE_RATIO x
+ * max_frame_bytes, saturating at SIZE_MAX. Any legitimate Envelope that fits the frame fits
+ * it; net_options_decode_budget puts its floor under it. */
 size_t wire_decode_budget(size_t max_frame_bytes);
 
 /* BLAKE2b-256 digest length of snapshots. */

@@ -541,14 +541,20 @@ static void ratio_print(const char *what, size_t len, size_t peak) {
 }
 
 Test(net, decode_budget_follows_max_msg_bytes) {
-    cr_assert_eq(wire_decode_budget(4u << 20), WIRE_DECODE_BUDGET_DEFAULT);
-    cr_assert_eq(wire_decode_budget(0), WIRE_DECODE_BUDGET_DEFAULT);
+    cr_assert_eq(wire_decode_budget(4u << 20), (size_t)WIRE_DECODE_RATIO << 22);
+    cr_assert_eq(wire_decode_budget(0), 0);
     cr_assert_eq(wire_decode_budget((size_t)32 << 20), (size_t)WIRE_DECODE_RATIO << 25);
     cr_assert_eq(wire_decode_budget((size_t)1 << 30), (size_t)WIRE_DECODE_RATIO << 30);
     cr_assert_eq(wire_decode_budget(SIZE_MAX / 2), SIZE_MAX);
 
     cr_assert_eq(net_options_decode_budget(&opt, WIRE_PROTOCOL_DISPATCH),
                  WIRE_DECODE_BUDGET_DEFAULT);
+    /* The floor is decode_budget_bytes alone: a lower one lets the scaled figure through. */
+    opt.decode_budget_bytes = (size_t)16 << 20;
+    cr_assert_eq(net_options_decode_budget(&opt, WIRE_PROTOCOL_DISPATCH),
+                 wire_decode_budget(4u << 20));
+    cr_assert_eq(net_options_decode_budget(&opt, WIRE_PROTOCOL_WEIGHTS), (size_t)16 << 20);
+    opt.decode_budget_bytes = WIRE_DECODE_BUDGET_DEFAULT;
     opt.control_max_msg_bytes = (int64_t)32 << 20;
     for (int p = 0; p < WIRE_PROTOCOL_COUNT; p++)
         cr_assert_eq(net_options_decode_budget(&opt, (wire_protocol_t)p),
